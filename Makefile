@@ -1,0 +1,29 @@
+# `make test` and `make demo` build .venv from nothing; nothing relies on packages installed by hand.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo venv bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --durations=15 tests
+
+demo: $(STAMP)
+	$(VENV)/bin/structprune demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/graph_speed.py
+	$(PY) benchmarks/regularize_speed.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,162 @@
+"""Channel sets on tensor values and the two ways they move between tensors.
+
+A channel state is (dims, idxs, roots): ``dims`` are ascending tensor dimensions, ``idxs`` are flat
+row-major positions over those dimensions, ``roots`` the root index each position came from.
+Data-movement ops are described by an element correspondence (which source element each target element
+reads); arithmetic ops by letters (einsum-style names per dimension). Both are pure functions, tested
+on their own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class Blocked(Exception):
+    """These channels cannot be removed: they reach a constant, a model output, or an op we cannot map."""
+
+
+@dataclass
+class ChannelState:
+    dims: tuple[int, ...]
+    idxs: torch.Tensor
+    roots: torch.Tensor
+
+    def __post_init__(self):
+        order = torch.argsort(self.idxs)
+        self.idxs, self.roots = self.idxs[order], self.roots[order]
+
+
+def empty_long() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long)
+
+
+def channel_labels(shape: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
+    """Tensor of ``shape`` whose value is each element's flat channel index over ``dims``."""
+    label = torch.zeros((), dtype=torch.long)
+    for dim in dims:
+        view = [1] * len(shape)
+        view[dim] = shape[dim]
+        label = label * shape[dim] + torch.arange(shape[dim]).view(view)
+    return torch.broadcast_to(label, shape)
+
+
+def varying_dims(label: torch.Tensor, defined: torch.Tensor | None = None) -> tuple[int, ...]:
+    """Dims along which ``label`` changes, looking only at ``defined`` elements (label >= 0 by default)."""
+    defined = label >= 0 if defined is None else defined
+    dims = []
+    for dim in range(label.dim()):
+        if label.shape[dim] < 2:
+            continue
+        top = torch.where(defined, label, torch.iinfo(torch.long).min).amax(dim=dim, keepdim=True)
+        if bool((defined & (label != top)).any()):
+            dims.append(dim)
+    return tuple(dims)
+
+
+def reduce_to(tensor: torch.Tensor, dims: tuple[int, ...], how: str = "amax") -> torch.Tensor:
+    """Reduce every dim not in ``dims`` and flatten the rest (row-major)."""
+    others = tuple(d for d in range(tensor.dim()) if d not in dims)
+    if others:
+        tensor = getattr(tensor, how)(dim=others)
+    return tensor.reshape(-1)
+
+
+def lookup_roots(state: ChannelState, channels: torch.Tensor) -> torch.Tensor:
+    pos = torch.searchsorted(state.idxs, channels)
+    return state.roots[pos.clamp(max=max(len(state.idxs) - 1, 0))]
+
+
+def forward_through(correspondence: torch.Tensor, source_shape, state: ChannelState) -> ChannelState | None:
+    """Source -> target, where ``correspondence[e]`` is the flat source element target element e reads (-1: none)."""
+    source_channel = channel_labels(tuple(source_shape), state.dims).reshape(-1)
+    label = torch.where(correspondence >= 0, source_channel[correspondence.clamp(min=0)], -1)
+    dims = varying_dims(label)
+    table = reduce_to(label, dims)
+    hit = torch.isin(table, state.idxs)
+    positions = torch.nonzero(hit).reshape(-1)
+    if len(positions) == 0:
+        return None
+    return ChannelState(dims, positions, lookup_roots(state, table[positions]))
+
+
+def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelState) -> ChannelState | None:
+    """Target -> source: a source element is removed when every target element reading it is removed."""
+    target_shape = tuple(correspondence.shape)
+    shape = tuple(source_shape)
+    numel = 1
+    for size in shape:
+        numel *= size
+    flat = correspondence.reshape(-1)
+    valid = flat >= 0
+    readers = flat[valid]
+    target_channel = channel_labels(target_shape, state.dims).reshape(-1)[valid]
+    removed = torch.isin(target_channel, state.idxs)
+    read = torch.zeros(numel, dtype=torch.long).index_add_(0, readers, torch.ones_like(readers))
+    gone = torch.zeros(numel, dtype=torch.long).index_add_(0, readers, removed.long())
+    low = torch.full((numel,), numel + 1, dtype=torch.long).scatter_reduce_(0, readers, target_channel, "amin")
+    high = torch.full((numel,), -1, dtype=torch.long).scatter_reduce_(0, readers, target_channel, "amax")
+    is_read = (read > 0).view(shape)
+    dims = tuple(sorted(set(varying_dims(low.view(shape), is_read)) | set(varying_dims(high.view(shape), is_read))))
+    # a source position goes when something reads its slice and every reader of it is removed
+    all_gone = torch.where(read > 0, gone == read, True).view(shape)
+    removed_source = reduce_to(all_gone, dims, "all") & reduce_to(is_read, dims, "any") if dims else None
+    if removed_source is None:
+        return None
+    positions = torch.nonzero(removed_source).reshape(-1)
+    if len(positions) == 0:
+        return None
+    big = torch.iinfo(torch.long).max
+    root_of_target = torch.where(removed, lookup_roots(state, target_channel.clamp(min=0)), big)
+    roots = torch.full((numel,), big, dtype=torch.long).scatter_reduce_(0, readers, root_of_target, "amin")
+    return ChannelState(dims, positions, reduce_to(roots.view(shape), dims, "amin")[positions])
+
+
+def through_letters(state: ChannelState, source_letters, source_shape, target_letters, target_shape):
+    """Map channels between operands that name their dims with letters (einsum, matmul, reductions).
+
+    A letter missing from the target (contracted, reduced, broadcast) is projected away: a coarser channel
+    is removed only when every finer channel under it is.
+    """
+    state_letters = [source_letters[d] for d in state.dims]
+    sizes = [source_shape[d] for d in state.dims]
+    kept = []
+    for position, letter in enumerate(state_letters):
+        if letter in target_letters:
+            target_dim = target_letters.index(letter)
+            if target_shape[target_dim] == sizes[position]:
+                kept.append((target_dim, position))
+    if not kept:
+        return None
+    kept.sort()
+    coords = _unravel(state.idxs, sizes)
+    kept_positions = [p for _, p in kept]
+    kept_sizes = [sizes[p] for p in kept_positions]
+    coarse = _ravel(coords[:, kept_positions], kept_sizes)
+    fiber = 1
+    for position, size in enumerate(sizes):
+        if position not in kept_positions:
+            fiber *= size
+    unique, inverse, counts = torch.unique(coarse, return_inverse=True, return_counts=True)
+    complete = counts == fiber
+    if not bool(complete.any()):
+        return None
+    big = torch.iinfo(torch.long).max
+    roots = torch.full((len(unique),), big, dtype=torch.long).scatter_reduce_(0, inverse, state.roots, "amin")
+    return ChannelState(tuple(d for d, _ in kept), unique[complete], roots[complete])
+
+
+def _unravel(flat: torch.Tensor, sizes) -> torch.Tensor:
+    coords = []
+    for size in reversed(sizes):
+        coords.append(flat % size)
+        flat = flat // size
+    return torch.stack(list(reversed(coords)), dim=1) if coords else flat.view(-1, 0)
+
+
+def _ravel(coords: torch.Tensor, sizes) -> torch.Tensor:
+    flat = torch.zeros(coords.shape[0], dtype=torch.long)
+    for column, size in enumerate(sizes):
+        flat = flat * size + coords[:, column]
+    return flat

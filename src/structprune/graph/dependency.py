@@ -1,0 +1,651 @@
+"""DependencyGraph: trace once, then find the coupled channels of any layer by walking channel states."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..layers.base import BasePruningFunc, as_index_tensor, validate_idxs
+from ..layers.declarations import DEFAULT_PRUNERS, ParameterPruner, find_pruner, tensor_dims
+from . import ops
+from .channels import Blocked, ChannelState, through_letters
+from .group import Dependency, Group, Node
+from .trace import Call, Tracer, _flatten
+
+OUT, IN = "out", "in"
+
+
+class _Value:
+    __slots__ = ("key", "shape", "producer", "consumers", "leaf")
+
+    def __init__(self, key, shape):
+        self.key = key
+        self.shape = tuple(shape)
+        self.producer = None  # (call, output index)
+        self.consumers = []  # (call, input index)
+        self.leaf = None  # the tensor, for values with no producer
+
+
+def is_out_channel_pruning_fn(fn) -> bool:
+    return getattr(fn, "__name__", "") in ("prune_out_channels",) or "out_channels" in getattr(fn, "__name__", "")
+
+
+def is_in_channel_pruning_fn(fn) -> bool:
+    return getattr(fn, "__name__", "") in ("prune_in_channels",) or "in_channels" in getattr(fn, "__name__", "")
+
+
+class DependencyGraph:
+    """Coupled-channel analysis of a model, built from one traced forward pass."""
+
+    def __init__(self):
+        self.REGISTERED_PRUNERS: dict = dict(DEFAULT_PRUNERS)
+        self.CUSTOMIZED_PRUNERS: dict = {}
+        self.module2node: dict = {}
+        self.module2name: dict = {}
+        self._history: list = []
+        self.IGNORED_LAYERS: list = []
+        self.ignored_params: list = []
+        self._all_groups_cache: dict = {}
+
+    # -- registration --------------------------------------------------------------------------------
+    def register_customized_layer(self, layer_type_or_instance, layer_pruner: BasePruningFunc):
+        """Teach the graph a layer: a type (all its instances) or one module instance."""
+        self.CUSTOMIZED_PRUNERS[layer_type_or_instance] = layer_pruner
+        self.REGISTERED_PRUNERS[layer_type_or_instance] = layer_pruner
+
+    def get_pruner_of_module(self, module) -> BasePruningFunc | None:
+        if isinstance(module, nn.Parameter):
+            node = self.module2node.get(module)
+            return node.pruner if node is not None else ParameterPruner()
+        return find_pruner(module, self.REGISTERED_PRUNERS)
+
+    def get_out_channels(self, module_or_node):
+        module = module_or_node.module if isinstance(module_or_node, Node) else module_or_node
+        pruner = self.get_pruner_of_module(module)
+        return None if pruner is None else pruner.get_out_channels(module)
+
+    def get_in_channels(self, module_or_node):
+        module = module_or_node.module if isinstance(module_or_node, Node) else module_or_node
+        pruner = self.get_pruner_of_module(module)
+        return None if pruner is None else pruner.get_in_channels(module)
+
+    is_out_channel_pruning_fn = staticmethod(is_out_channel_pruning_fn)
+    is_in_channel_pruning_fn = staticmethod(is_in_channel_pruning_fn)
+
+    # -- building ------------------------------------------------------------------------------------
+    def build_dependency(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        forward_fn: Callable | None = None,
+        output_transform: Callable | None = None,
+        unwrapped_parameters=None,
+        customized_pruners: dict | None = None,
+        ignored_layers=None,
+        ignored_params=None,
+        verbose: bool = True,
+    ) -> "DependencyGraph":
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                "build_dependency needs autograd to trace the model, but gradients are disabled "
+                "(torch.no_grad() or torch.inference_mode()); build the graph outside that context"
+            )
+        self.model = model
+        self.verbose = verbose
+        for layer, pruner in (customized_pruners or {}).items():
+            self.register_customized_layer(layer, pruner)
+        self.IGNORED_LAYERS = list(ignored_layers or [])
+        self.ignored_params = list(ignored_params or [])
+        self.module2name = {module: name for name, module in model.named_modules()}
+        self._param_names = {param: name for name, param in model.named_parameters(remove_duplicate=False)}
+        self._unwrapped_dims = _normalise_unwrapped(unwrapped_parameters)
+        self._trace(model, example_inputs, forward_fn, output_transform)
+        self._all_groups_cache = {}
+        return self
+
+    def _is_declared(self, module) -> bool:
+        return find_pruner(module, self.REGISTERED_PRUNERS) is not None
+
+    def _trace(self, model, example_inputs, forward_fn, output_transform):
+        tracer = Tracer(self._is_declared)
+        was_training = model.training
+        model.eval()  # tracing must not move BatchNorm running statistics
+
+        def forward():
+            if forward_fn is not None:
+                return forward_fn(model, example_inputs)
+            if isinstance(example_inputs, dict):
+                return model(**example_inputs)
+            if isinstance(example_inputs, (tuple, list)):
+                return model(*example_inputs)
+            return model(example_inputs)
+
+        try:
+            output = tracer.run(model, forward)
+        finally:
+            model.train(was_training)
+        if output_transform is not None:
+            output = output_transform(output)
+        leaves = [tensor for _, tensor in _flatten(output, []) if isinstance(tensor, torch.Tensor)]
+        roots = [tensor for tensor in leaves if tensor.grad_fn is not None]
+        if not roots:
+            raise RuntimeError(
+                f"no parameter of {type(model).__name__} reaches its outputs ({len(leaves)} tensor outputs, "
+                f"none with a grad_fn): check requires_grad on the parameters and that the forward uses them"
+            )
+        self._tracer = tracer
+        self._output_keys = {(t.grad_fn, t.output_nr) for t in roots}
+        self._collect(tracer, list(self._output_keys))
+
+    def _collect(self, tracer: Tracer, output_keys: list):
+        """Walk back from the outputs once, iteratively, keeping only calls that reach them."""
+        self.values: dict = {}
+        self.calls: list[Call] = []
+        seen_calls = set()
+        stack = list(output_keys)
+        param_owner = {}
+        for module in self.module2name:
+            if self._is_declared(module):
+                for param in module.parameters():
+                    param_owner.setdefault(param, module)
+        self._declared_params = param_owner
+        buffers = {buf for buf in self.model.buffers()}
+        while stack:
+            key = stack.pop()
+            if key in self.values:
+                continue
+            call = tracer.producer(key)
+            value = _Value(key, ())
+            self.values[key] = value
+            if call is None:
+                continue
+            if id(call) not in seen_calls:
+                seen_calls.add(id(call))
+                self.calls.append(call)
+                for input_key in call.inputs:
+                    if input_key is not None and input_key not in self.values:
+                        stack.append(input_key)
+        self.calls.sort(key=lambda call: call.order)
+        self._calls_of = {}
+        for call in self.calls:
+            if call.kind == "module":
+                self._calls_of.setdefault(call.target, []).append(call)
+        for call in self.calls:
+            for index, key in enumerate(call.outputs):
+                if key in self.values:
+                    self.values[key].producer = (call, index)
+                    self.values[key].shape = tuple(call.out_shapes[index])
+            for index, key in enumerate(call.inputs):
+                value = self.values.get(key)
+                if value is None:
+                    continue
+                value.consumers.append((call, index))
+                value.shape = tuple(call.in_shapes[index])
+        leaf_tensors = {id(t): t for t in tracer.keep_alive}
+        self._leaf_kind = {}
+        for key, value in self.values.items():
+            if value.producer is None and key[0] == "leaf":
+                tensor = leaf_tensors.get(key[1])
+                value.leaf = tensor
+        self._build_nodes()
+
+    def _build_nodes(self):
+        self.module2node = {}
+        for call in self.calls:
+            if call.kind == "module" and call.target not in self.module2node:
+                module = call.target
+                self.module2node[module] = Node(module, self.module2name.get(module, call.name),
+                                                self.get_pruner_of_module(module))
+        named = self._param_names
+        for value in self.values.values():
+            tensor = value.leaf
+            if isinstance(tensor, nn.Parameter) and tensor not in self._declared_params and tensor in named:
+                dim = self._unwrapped_dims.get(tensor)
+                self.module2node[tensor] = Node(tensor, named[tensor], ParameterPruner(dim if dim is not None else -1), dim)
+        self._link_nodes()
+
+    def _link_nodes(self):
+        """Module-level inputs/outputs: nearest nodes across function calls (for inspection and drawing)."""
+        upstream: dict = {}
+
+        def nodes_feeding(key):
+            found, stack, seen = [], [key], set()
+            while stack:
+                current = stack.pop()
+                if current in seen or current not in self.values:
+                    continue
+                seen.add(current)
+                if current in upstream:
+                    found.extend(upstream[current])
+                    continue
+                value = self.values[current]
+                if value.producer is None:
+                    if value.leaf is not None and value.leaf in self.module2node:
+                        found.append(self.module2node[value.leaf])
+                    continue
+                call = value.producer[0]
+                if call.kind == "module":
+                    found.append(self.module2node[call.target])
+                else:
+                    stack.extend(k for k in call.inputs if k is not None)
+            return found
+
+        for call in self.calls:
+            if call.kind != "module":
+                continue
+            node = self.module2node[call.target]
+            for key in call.inputs:
+                if key is None:
+                    continue
+                for source in nodes_feeding(key):
+                    if source is not node and source not in node.inputs:
+                        node.inputs.append(source)
+                        source.outputs.append(node)
+
+    # -- groups ----------------------------------------------------------------------------------------
+    def get_pruning_group(self, module, pruning_fn, idxs) -> Group:
+        """Every (layer, side, indices) that must go with removing ``idxs`` via ``pruning_fn`` on ``module``."""
+        node = self.module2node.get(module)
+        if node is None:
+            raise KeyError(
+                f"{self._name(module)} is not in the dependency graph: it is not a declared layer type or it "
+                f"does not take part in the traced forward; register a customized pruner for its type"
+            )
+        idxs = as_index_tensor(idxs)
+        side = OUT if is_out_channel_pruning_fn(pruning_fn) else IN
+        if node.pruner.is_coupled(module) if not isinstance(module, nn.Parameter) else True:
+            side = OUT
+        total = self._channels(node, side)
+        if total is not None:
+            validate_idxs(module, idxs, total, side + "put", name=node.name)
+        return self._discover(node, side, idxs, pruning_fn)
+
+    def _channels(self, node, side):
+        pruner = node.pruner
+        module = node.module
+        return pruner.get_out_channels(module) if side == OUT else pruner.get_in_channels(module)
+
+    def _discover(self, node: Node, side: str, idxs: torch.Tensor, trigger) -> Group:
+        deps: dict = {}
+        order: list = []
+        blocked: list[str] = []
+        states: dict = {}
+        queue: deque = deque()
+
+        def add_dep(target: Node, target_side: str, state: ChannelState):
+            key = (target, target_side)
+            if key not in deps:
+                deps[key] = state
+                order.append(key)
+            else:
+                deps[key] = _merge(deps[key], state)[0]
+
+        def push(value_key, state: ChannelState):
+            if value_key is None:
+                return
+            slot = (value_key, state.dims)
+            if slot in states:
+                merged, grew = _merge(states[slot], state)
+                if not grew:
+                    return
+                states[slot] = merged
+            else:
+                states[slot] = state
+            queue.append(slot)
+
+        root_state = ChannelState((0,), idxs.clone(), idxs.clone())
+        add_dep(node, side, root_state)
+        try:
+            for value_key, state in self._layer_entry(node, side, root_state):
+                push(value_key, state)
+        except Blocked as reason:
+            blocked.append(str(reason))
+        steps = 0
+        limit = 64 * (len(self.values) + 1) * 8
+        while queue:
+            steps += 1
+            if steps > limit:
+                raise RuntimeError(f"group discovery from {node.name} did not converge after {steps} steps")
+            slot = queue.popleft()
+            state = states[slot]
+            value = self.values.get(slot[0])
+            if value is None:
+                continue
+            try:
+                for target, target_side, dep_state, more in self._visit(value, state):
+                    if target is not None:
+                        add_dep(target, target_side, dep_state)
+                    for next_key, next_state in more:
+                        push(next_key, next_state)
+            except Blocked as reason:
+                blocked.append(str(reason))
+        group = Group(self)
+        group.blocked = sorted(set(blocked))
+        root_fn = trigger
+        for target, target_side in order:
+            state = deps[(target, target_side)]
+            handler = self._handler(target, target_side)
+            group.add_dep(Dependency(root_fn, handler, node, target), state.idxs.tolist(), state.roots.tolist())
+        return group
+
+    def _handler(self, node: Node, side: str):
+        if isinstance(node.module, nn.Parameter):
+            return node.pruner.prune_out_channels
+        return node.pruner.prune_out_channels if side == OUT else node.pruner.prune_in_channels
+
+    def _visit(self, value: _Value, state: ChannelState):
+        """Yield (node, side, layer-state, [(value, state)...]) for everything touching ``value``."""
+        if value.key in self._output_keys:
+            raise Blocked(f"channels reach a model output {value.shape}; outputs keep their shape")
+        if value.producer is None:
+            yield from self._visit_leaf(value, state)
+        else:
+            call, index = value.producer
+            yield from self._visit_call(call, len(call.inputs) + index, state)
+        for call, index in value.consumers:
+            yield from self._visit_call(call, index, state)
+
+    def _visit_leaf(self, value: _Value, state: ChannelState):
+        tensor = value.leaf
+        node = self.module2node.get(tensor) if isinstance(tensor, nn.Parameter) else None
+        if node is None:
+            what = "a parameter of a declared layer used outside it" if tensor in self._declared_params else (
+                "a buffer" if isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.Parameter)
+                else "a constant or model input")
+            raise Blocked(f"channels reach {what} of shape {value.shape}")
+        if any(tensor is p for p in self.ignored_params):
+            raise Blocked(f"channels reach ignored parameter {node.name}")
+        if len(state.dims) != 1:
+            raise Blocked(f"parameter {node.name} would lose channels along several dims {state.dims}")
+        dim = state.dims[0]
+        if node.pruning_dim is None:
+            node.pruning_dim = dim
+            node.pruner = ParameterPruner(dim)
+        elif node.pruning_dim % len(value.shape) != dim:
+            raise Blocked(f"parameter {node.name} is pruned along dim {node.pruning_dim} but channels arrive on {dim}")
+        yield node, OUT, ChannelState((0,), state.idxs, state.roots), []
+
+    def _visit_call(self, call: Call, operand: int, state: ChannelState):
+        n_in = len(call.inputs)
+        if call.kind == "module":
+            yield from self._visit_module(call, operand, state)
+            return
+        for other, mapped in ops.relate(call, operand, state):
+            if other < n_in:
+                key = call.inputs[other]
+                if key is not None and key not in self.values:
+                    key = None
+            else:
+                dtype = call.output_dtypes[other - n_in] if call.output_dtypes else None
+                key = call.outputs[other - n_in] if dtype is None or dtype.is_floating_point else None
+                if key is not None and key not in self.values:
+                    continue  # an output nobody uses (and that is no model output)
+            if key is None:
+                if other < n_in:
+                    raise Blocked(f"channels reach a constant argument of '{call.name}'")
+                continue
+            yield None, None, None, [(key, mapped)]
+
+    def _visit_module(self, call: Call, operand: int, state: ChannelState):
+        module = call.target
+        node = self.module2node[module]
+        pruner = node.pruner
+        n_in = len(call.inputs)
+        out_dim, in_dim = self._tensor_dims(pruner, module, call)
+        coupled = pruner.is_coupled(module)
+        channel_inputs = pruner.channel_inputs if pruner.channel_inputs is not None else tuple(range(n_in))
+        channel_inputs = tuple(i for i in channel_inputs if i < n_in and call.inputs[i] is not None)
+        shapes = call.in_shapes + call.out_shapes
+        shape = shapes[operand]
+        if operand >= n_in:
+            entered_dim, side, is_channel = out_dim, OUT, operand - n_in == 0 or self._is_state_output(module, operand - n_in)
+        else:
+            entered_dim, side, is_channel = in_dim, IN, operand in channel_inputs
+        if entered_dim is None or not is_channel:
+            if operand >= n_in and operand - n_in > 0:
+                return  # secondary outputs such as attention weights carry no channels
+            if operand < n_in and operand not in channel_inputs:
+                raise Blocked(f"channels reach argument {operand} of {node.name}, which cannot be pruned")
+            return
+        entered_dim = entered_dim % len(shape)
+        if entered_dim in state.dims:
+            layer_state = _project(state, shape, entered_dim)
+            fiber = 1
+            for dim in state.dims:
+                fiber *= shape[dim] if dim != entered_dim else 1
+            if layer_state is None or len(layer_state.idxs) * fiber != len(state.idxs):
+                raise Blocked(f"{node.name} would lose part of a channel: channels arrive along dims {state.dims}")
+            side = OUT if coupled else side
+            # every call of the layer sees the change (shared layers, coupled norms)
+            yield node, side, layer_state, list(self._layer_entry(node, side, layer_state))
+            return
+        # channels on dims the layer does not mix (e.g. a Linear applied over tokens) pass through
+        more = []
+        for target in ([n_in] if operand < n_in else list(channel_inputs)):
+            tshape = shapes[target]
+            letters = _layer_letters(shape, entered_dim)
+            tletters = _layer_letters(tshape, (out_dim if target >= n_in else in_dim) % len(tshape), shape, letters)
+            mapped = through_letters(state, letters, shape, tletters, tshape)
+            if mapped is not None:
+                key = call.inputs[target] if target < n_in else call.outputs[target - n_in]
+                if key in self.values:
+                    more.append((key, mapped))
+        if more:
+            yield None, None, None, more
+
+    def _is_state_output(self, module, index) -> bool:
+        return isinstance(module, nn.LSTM) and not module.bidirectional and index in (1, 2)
+
+    def _tensor_dims(self, pruner, module, call):
+        out_dim, in_dim = tensor_dims(pruner, module)
+        if out_dim is None and call.out_shapes:
+            out_dim = _find_dim(call.out_shapes[0], pruner.get_out_channels(module))
+        if in_dim is None and call.in_shapes:
+            in_dim = _find_dim(call.in_shapes[0], pruner.get_in_channels(module))
+        return out_dim, in_dim
+
+    def _layer_entry(self, node: Node, side: str, state: ChannelState):
+        """Channel states on the tensors a layer produces/reads, for the root of a group."""
+        module = node.module
+        if isinstance(module, nn.Parameter):
+            for key, value in self.values.items():
+                if value.leaf is module:
+                    dim = node.pruning_dim if node.pruning_dim is not None else len(value.shape) - 1
+                    yield key, ChannelState((dim % len(value.shape),), state.idxs, state.roots)
+            return
+        pruner = node.pruner
+        coupled = pruner.is_coupled(module)
+        for call in self._calls_of.get(module, ()):
+            out_dim, in_dim = self._tensor_dims(pruner, module, call)
+            channel_inputs = pruner.channel_inputs if pruner.channel_inputs is not None else tuple(range(len(call.inputs)))
+            if (side == OUT or coupled) and call.outputs and out_dim is not None:
+                key = call.outputs[0]
+                if key in self.values:
+                    yield key, ChannelState((out_dim % len(call.out_shapes[0]),), state.idxs, state.roots)
+                if self._is_state_output(module, 1):
+                    for index in (1, 2):
+                        if index < len(call.outputs) and call.outputs[index] in self.values:
+                            shape = call.out_shapes[index]
+                            yield call.outputs[index], ChannelState((len(shape) - 1,), state.idxs, state.roots)
+            if (side == IN or coupled) and in_dim is not None:
+                for index in channel_inputs:
+                    if index < len(call.inputs) and call.inputs[index] in self.values:
+                        shape = call.in_shapes[index]
+                        yield call.inputs[index], ChannelState((in_dim % len(shape),), state.idxs, state.roots)
+
+    def get_all_groups(self, ignored_layers=None, root_module_types=None) -> Iterable[Group]:
+        """One group per independent set of coupled channels, rooted at the first layer that owns it."""
+        ignored = list(ignored_layers or []) + list(self.IGNORED_LAYERS)
+        types = tuple(root_module_types) if root_module_types else (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM)
+        covered = set()
+        for module, node in self.module2node.items():
+            if isinstance(module, nn.Parameter) or not isinstance(module, types):
+                continue
+            if _is_ignored(module, ignored) or (module, OUT) in covered:
+                continue
+            total = node.pruner.get_out_channels(module)
+            if not total:
+                continue
+            group = self._cached_group(node, total)
+            for item in group:
+                if is_out_channel_pruning_fn(item.dep.handler) or item.dep.target.pruner.is_coupled(item.dep.target.module) if not isinstance(item.dep.target.module, nn.Parameter) else True:
+                    covered.add((item.dep.target.module, OUT))
+            if group.blocked:
+                continue
+            if any(_is_ignored(item.dep.target.module, ignored) and is_out_channel_pruning_fn(item.dep.handler)
+                   for item in group):
+                continue
+            yield group
+
+    def _cached_group(self, node, total):
+        key = (node.module, total)
+        if key not in self._all_groups_cache:
+            self._all_groups_cache[key] = self._discover(
+                node, OUT, torch.arange(total), node.pruner.prune_out_channels)
+        return self._all_groups_cache[key]
+
+    def check_pruning_group(self, group: Group) -> bool:
+        """True when pruning the group leaves every layer with at least one channel and breaks nothing."""
+        if group.blocked:
+            return False
+        for item in group:
+            module = item.dep.target.module
+            pruner = item.dep.target.pruner
+            if is_out_channel_pruning_fn(item.dep.handler):
+                total = pruner.get_out_channels(module)
+            else:
+                total = pruner.get_in_channels(module)
+            if total is not None and len(set(item.idxs)) >= total:
+                return False
+        return True
+
+    # -- applying --------------------------------------------------------------------------------------
+    def _apply_group(self, group: Group):
+        for item in group:
+            module = item.dep.target.module
+            pruner = item.dep.target.pruner
+            total = pruner.get_out_channels(module) if is_out_channel_pruning_fn(item.dep.handler) else pruner.get_in_channels(module)
+            if total is not None:
+                validate_idxs(module, as_index_tensor(item.idxs), total, "output" if is_out_channel_pruning_fn(item.dep.handler) else "input", name=item.dep.target.name)
+        snapshot = _Snapshot([item.dep.target.module for item in group])
+        try:
+            for item in group:
+                item.dep(item.idxs)
+        except BaseException:
+            snapshot.restore()
+            raise
+        self._all_groups_cache = {}
+
+    def _record(self, node: Node, fn, idxs):
+        self._history.append((node.name, is_out_channel_pruning_fn(fn), [int(i) for i in idxs]))
+
+    def pruning_history(self) -> list:
+        return list(self._history)
+
+    def load_pruning_history(self, history):
+        named = dict(self.model.named_modules())
+        params = dict(self.model.named_parameters())
+        for name, is_out, idxs in history:
+            module = named.get(name, params.get(name))
+            if module is None:
+                raise KeyError(f"pruning history names '{name}', which the model does not have")
+            pruner = self.get_pruner_of_module(module)
+            fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
+            self.get_pruning_group(module, fn, idxs).prune(record_history=True)
+
+    def _name(self, module) -> str:
+        if isinstance(module, nn.Parameter):
+            return self._param_names.get(module, "parameter")
+        return self.module2name.get(module, type(module).__name__)
+
+
+def _merge(old: ChannelState, new: ChannelState):
+    idxs = torch.cat([old.idxs, new.idxs])
+    roots = torch.cat([old.roots, new.roots])
+    unique, inverse = torch.unique(idxs, return_inverse=True)
+    if len(unique) == len(old.idxs):
+        return old, False
+    big = torch.iinfo(torch.long).max
+    merged_roots = torch.full((len(unique),), big, dtype=torch.long).scatter_reduce_(0, inverse, roots, "amin")
+    return ChannelState(old.dims, unique, merged_roots), True
+
+
+def _project(state: ChannelState, shape, dim) -> ChannelState | None:
+    letters = [f"d{i}" for i in range(len(shape))]
+    mapped = through_letters(state, letters, shape, [letters[dim]], (shape[dim],))
+    return mapped
+
+
+def _layer_letters(shape, channel_dim, reference_shape=None, reference_letters=None):
+    letters = [f"d{i}" for i in range(len(shape))]
+    letters[channel_dim] = "channel"
+    if reference_letters is not None:
+        for dim in range(len(shape)):
+            if dim == channel_dim:
+                letters[dim] = "other-channel"
+            elif len(reference_shape) == len(shape) and reference_shape[dim] == shape[dim]:
+                letters[dim] = reference_letters[dim]
+    return letters
+
+
+def _find_dim(shape, channels):
+    if channels is None:
+        return None
+    candidates = [d for d, size in enumerate(shape) if size == channels]
+    if not candidates:
+        return None
+    return 1 if 1 in candidates else candidates[-1]
+
+
+def _is_ignored(module, ignored) -> bool:
+    for item in ignored:
+        if isinstance(item, type) and not isinstance(module, nn.Parameter) and isinstance(module, item):
+            return True
+        if item is module:
+            return True
+    return False
+
+
+def _normalise_unwrapped(unwrapped) -> dict:
+    result = {}
+    if not unwrapped:
+        return result
+    items = unwrapped.items() if isinstance(unwrapped, dict) else unwrapped
+    for param, dim in items:
+        result[param] = dim
+    return result
+
+
+class _Snapshot:
+    """Everything a pruning function may change on the given modules, to restore on failure."""
+
+    def __init__(self, modules):
+        self.entries = []
+        seen = set()
+        for module in modules:
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            if isinstance(module, nn.Parameter):
+                self.entries.append(("param", module, module.data, module.grad))
+                continue
+            for sub in module.modules():
+                for name, param in list(sub._parameters.items()):
+                    if param is not None:
+                        self.entries.append(("param", param, param.data, param.grad))
+                self.entries.append(("buffers", sub, dict(sub._buffers), None))
+                self.entries.append(("attrs", sub, {k: v for k, v in sub.__dict__.items()
+                                                     if not k.startswith("_")}, None))
+
+    def restore(self):
+        for kind, target, data, grad in self.entries:
+            if kind == "param":
+                target.data = data
+                target.grad = grad
+            elif kind == "buffers":
+                target._buffers.clear()
+                target._buffers.update(data)
+            else:
+                target.__dict__.update(data)

@@ -1,0 +1,158 @@
+"""Node, Dependency and Group: the torch_pruning-shaped view of coupled channels."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..layers.base import as_index_tensor
+
+
+class Node:
+    """A prunable thing in the graph: a declared module or an unwrapped parameter."""
+
+    def __init__(self, module, name: str, pruner, pruning_dim: int | None = None):
+        self.module = module
+        self.name = name
+        self.pruner = pruner
+        self.pruning_dim = pruning_dim
+        self.inputs: list[Node] = []
+        self.outputs: list[Node] = []
+        self.enable_index_mapping = True
+
+    @property
+    def type(self):
+        return type(self.module)
+
+    def __repr__(self):
+        return f"<Node: ({self.name} ({type(self.module).__name__}))>"
+
+
+class Dependency:
+    """Pruning ``trigger`` on ``source`` requires pruning ``handler`` on ``target``."""
+
+    def __init__(self, trigger, handler, source: Node, target: Node):
+        self.trigger = trigger
+        self.handler = handler
+        self.source = source
+        self.target = target
+
+    @property
+    def layer(self):
+        return self.target.module
+
+    @property
+    def pruning_fn(self):
+        return self.handler
+
+    def __call__(self, idxs):
+        return self.handler(self.target.module, idxs)
+
+    def is_triggered_by(self, pruning_fn) -> bool:
+        return pruning_fn == self.trigger
+
+    def __repr__(self):
+        return (f"[DEP] {_fn_name(self.trigger)} on {self.source.name} => "
+                f"{_fn_name(self.handler)} on {self.target.name}")
+
+    def __eq__(self, other):
+        return isinstance(other, Dependency) and (self.source, self.target, self.trigger, self.handler) == (
+            other.source, other.target, other.trigger, other.handler)
+
+    def __hash__(self):
+        return hash((id(self.source), id(self.target)))
+
+
+def _fn_name(fn) -> str:
+    owner = getattr(fn, "__self__", None)
+    base = getattr(fn, "__name__", str(fn))
+    return f"{type(owner).__name__}.{base}" if owner is not None else base
+
+
+class GroupItem(NamedTuple):
+    dep: Dependency
+    idxs: list
+    root_idxs: list
+
+    def __repr__(self):
+        return f"({self.dep}, {self.idxs})"
+
+
+class Group:
+    """Layers whose channels must be removed together, with the matching indices for each."""
+
+    def __init__(self, graph=None):
+        self._group: list[GroupItem] = []
+        self._DG = graph
+        self.blocked: list[str] = []
+
+    def add_dep(self, dep: Dependency, idxs, root_idxs=None):
+        idxs = [int(i) for i in idxs]
+        root_idxs = idxs if root_idxs is None else [int(i) for i in root_idxs]
+        self._group.append(GroupItem(dep, idxs, root_idxs))
+
+    add_and_merge = add_dep
+
+    def __getitem__(self, k) -> GroupItem:
+        return self._group[k]
+
+    def __iter__(self):
+        return iter(self._group)
+
+    def __len__(self):
+        return len(self._group)
+
+    @property
+    def items(self):
+        return self._group
+
+    def has_dep(self, dep: Dependency) -> bool:
+        return any(item.dep == dep for item in self._group)
+
+    def has_pruning_op(self, dep: Dependency, idxs) -> bool:
+        wanted = set(int(i) for i in idxs)
+        return any(
+            item.dep.target == dep.target and item.dep.handler == dep.handler and wanted <= set(item.idxs)
+            for item in self._group
+        )
+
+    @property
+    def root(self) -> GroupItem:
+        return self._group[0]
+
+    def prune(self, idxs=None, record_history: bool = True):
+        """Remove the group's channels (or, with ``idxs``, those root indices) from every coupled layer."""
+        if idxs is not None:
+            root = self._group[0].dep
+            fresh = self._DG.get_pruning_group(root.target.module, root.handler, idxs)
+            return fresh.prune(record_history=record_history)
+        if self.blocked:
+            raise RuntimeError(
+                f"cannot prune group rooted at {self._group[0].dep.target.name}: " + "; ".join(self.blocked)
+            )
+        self._DG._apply_group(self)
+        if record_history:
+            root = self._group[0]
+            self._DG._record(root.dep.target, root.dep.handler, root.idxs)
+
+    def details(self) -> str:
+        width = 30
+        lines = ["", "-" * width, " " * 8 + "Pruning Group", "-" * width]
+        for index, item in enumerate(self._group):
+            tag = "(root)" if index == 0 else ""
+            lines.append(f"[{index}] {item.dep}, len(idxs)={len(item.idxs)} {tag}".rstrip())
+            lines.append(f"    idxs={item.idxs}")
+        lines.append("-" * width)
+        return "\n".join(lines)
+
+    def __str__(self):
+        width = 30
+        lines = ["", "-" * width, " " * 8 + "Pruning Group", "-" * width]
+        for index, item in enumerate(self._group):
+            tag = "(root)" if index == 0 else ""
+            lines.append(f"[{index}] {item.dep}, len(idxs)={len(item.idxs)} {tag}".rstrip())
+        lines.append("-" * width)
+        return "\n".join(lines)
+
+    __repr__ = __str__

@@ -1,0 +1,322 @@
+"""What each torch function does to channels.
+
+Every recorded function call is classified once into a kind; each kind maps a channel state on one
+operand to states on the others (inputs first, then outputs). Movement ops (cat, split, view, permute,
+expand, indexing...) are replayed on integer labels, so their index maps are exact by construction.
+"""
+from __future__ import annotations
+
+import string
+from functools import lru_cache
+
+import torch
+
+from .channels import Blocked, ChannelState, backward_through, forward_through, through_letters
+from .trace import Call
+
+MOVEMENT = {
+    "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "split", "split_with_sizes",
+    "tensor_split", "chunk", "unbind", "narrow", "select", "__getitem__", "index_select", "view", "reshape",
+    "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose", "transpose_", "t", "T", "mT",
+    "movedim", "moveaxis", "swapaxes", "swapdims", "expand", "expand_as", "broadcast_to", "repeat",
+    "repeat_interleave", "tile", "flip", "roll", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    "native_channel_shuffle", "view_as", "reshape_as", "unfold", "gather", "take_along_dim", "squeeze_",
+    "unsqueeze_", "contiguous", "clone", "as_strided",
+}
+REDUCTIONS = {
+    "sum", "mean", "amax", "amin", "max", "min", "norm", "var", "std", "prod", "logsumexp", "nansum",
+    "nanmean", "var_mean", "std_mean", "median", "nanmedian",
+}
+MATMULS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum", "scaled_dot_product_attention",
+           "linear", "conv1d", "conv2d", "conv3d"}
+
+
+def relate(call: Call, operand: int, state: ChannelState) -> list[tuple[int, ChannelState]]:
+    """Channel states on every other operand of ``call`` implied by ``state`` on ``operand``."""
+    name = call.name
+    if name in MOVEMENT:
+        return _movement(call, operand, state)
+    if name in MATMULS:
+        return _lettered(call, operand, state, _matmul_letters(call))
+    if name in REDUCTIONS:
+        return _lettered(call, operand, state, _reduction_letters(call))
+    if _is_broadcast(call):
+        return _elementwise(call, operand, state)
+    return _lettered(call, operand, state, _same_size_letters(call))
+
+
+# -- elementwise -----------------------------------------------------------------------------------
+def _is_broadcast(call: Call) -> bool:
+    try:
+        shape = torch.broadcast_shapes(*call.in_shapes)
+    except RuntimeError:
+        return False
+    return all(tuple(out) == tuple(shape) for out in call.out_shapes)
+
+
+def _elementwise(call, operand, state):
+    shapes = call.in_shapes + call.out_shapes
+    out_shape = tuple(call.out_shapes[0])
+    n_in = len(call.in_shapes)
+    if tuple(shapes[operand]) == out_shape:
+        anchor = state
+    else:
+        anchor = forward_through(_broadcast_map(tuple(shapes[operand]), out_shape), shapes[operand], state)
+        if anchor is None:
+            return []
+    results = []
+    for other, shape in enumerate(shapes):
+        if other == operand:
+            continue
+        if tuple(shape) == out_shape:
+            results.append((other, anchor))
+        elif other < n_in:
+            mapped = backward_through(_broadcast_map(tuple(shape), out_shape), shape, anchor)
+            if mapped is not None:
+                results.append((other, mapped))
+    return results
+
+
+@lru_cache(maxsize=256)
+def _broadcast_map(shape, out_shape):
+    numel = 1
+    for size in shape:
+        numel *= size
+    return torch.broadcast_to(torch.arange(numel).view(shape), out_shape).contiguous()
+
+
+# -- movement --------------------------------------------------------------------------------------
+def _movement(call, operand, state):
+    results = _movement_unchecked(call, operand, state)
+    shapes = call.in_shapes + call.out_shapes
+    for other, mapped in results:
+        if not keeps_product(mapped, shapes[other]):
+            raise Blocked(
+                f"'{call.name}' regroups channels into dims {[shapes[other][d] for d in mapped.dims]}: the kept "
+                f"channels must form the same selection in every group (whole groups or the same index in each)"
+            )
+    return results
+
+
+def keeps_product(state: ChannelState, shape) -> bool:
+    """After removal, channels spread over several dims must still form a full grid (a valid shape)."""
+    if len(state.dims) < 2:
+        return True
+    sizes = [shape[d] for d in state.dims]
+    kept = torch.ones(sizes, dtype=torch.bool).reshape(-1)
+    kept[state.idxs] = False
+    kept = kept.view(sizes)
+    if not bool(kept.any()):
+        return True
+    grid = torch.ones(sizes, dtype=torch.bool)
+    for axis in range(len(sizes)):
+        others = tuple(d for d in range(len(sizes)) if d != axis)
+        along = kept.any(dim=others) if others else kept
+        view = [1] * len(sizes)
+        view[axis] = sizes[axis]
+        grid = grid & along.view(view)
+    return bool(torch.equal(grid, kept))
+
+
+def _movement_unchecked(call, operand, state):
+    n_in = len(call.inputs)
+    results = []
+    if operand < n_in:
+        for index, correspondence in enumerate(_correspondence(call, operand)):
+            mapped = forward_through(correspondence, call.in_shapes[operand], state)
+            if mapped is not None:
+                results.append((n_in + index, mapped))
+        return results
+    out_index = operand - n_in
+    for source in range(n_in):
+        if call.inputs[source] is None or not _is_float(call, source):
+            continue
+        correspondence = _correspondence(call, source)[out_index]
+        mapped = backward_through(correspondence, call.in_shapes[source], state)
+        if mapped is not None:
+            results.append((source, mapped))
+    return results
+
+
+def _is_float(call, index) -> bool:
+    dtype = call.input_dtypes[index]
+    return dtype is not None and (dtype.is_floating_point or dtype.is_complex)
+
+
+def _correspondence(call: Call, source: int) -> list[torch.Tensor]:
+    """Per output: which flat element of input ``source`` each output element reads (-1: another input)."""
+    cache = call.cache.setdefault("correspondence", {})
+    if source in cache:
+        return cache[source]
+    args, kwargs = _substitute(call, source)
+    try:
+        result = call.target(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - any failure means we cannot map this op
+        raise Blocked(f"cannot map channels through '{call.name}': {error}") from error
+    from .trace import _flatten
+
+    outputs = [tensor for _, tensor in _flatten(result, [])]
+    cache[source] = [tensor.reshape(tuple(shape)) for tensor, shape in zip(outputs, call.out_shapes)]
+    return cache[source]
+
+
+def _substitute(call, source):
+    """Replay arguments with integer labels on ``source`` and -1 on the other float tensors."""
+    replaced = {}
+    for index, slot in enumerate(call.input_slots):
+        shape = call.in_shapes[index]
+        if index == source:
+            numel = 1
+            for size in shape:
+                numel *= size
+            replaced[slot] = torch.arange(numel).view(shape)
+        elif _is_float(call, index):
+            replaced[slot] = torch.full(shape, -1, dtype=torch.long)
+    args, kwargs = _rebuild((call.args, call.kwargs), replaced, ())
+    return args, kwargs
+
+
+def _rebuild(obj, replaced, slot):
+    if slot in replaced:
+        return replaced[slot]
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_rebuild(item, replaced, slot + (i,)) for i, item in enumerate(obj))
+    if isinstance(obj, dict):
+        return {key: _rebuild(item, replaced, slot + (key,)) for key, item in obj.items()}
+    return obj
+
+
+# -- lettered ops ----------------------------------------------------------------------------------
+def _lettered(call, operand, state, letters):
+    if letters is None:
+        raise Blocked(f"'{call.name}' changes the shape of channels it does not name")
+    shapes = call.in_shapes + call.out_shapes
+    source_letters = letters[operand]
+    if source_letters is None:
+        raise Blocked(f"'{call.name}' operand {operand} cannot carry channels")
+    results = []
+    for other, other_letters in enumerate(letters):
+        if other == operand or other_letters is None:
+            continue
+        mapped = through_letters(state, source_letters, shapes[operand], other_letters, shapes[other])
+        if mapped is not None:
+            results.append((other, mapped))
+    if not results and letters[-1] is not None and operand < len(call.in_shapes):
+        _check_not_dropped(call, operand, state, source_letters, letters)
+    return results
+
+
+def _check_not_dropped(call, operand, state, source_letters, letters):
+    """A state whose letters vanish everywhere is fine only for contractions and reductions."""
+    if call.name in REDUCTIONS or call.name in MATMULS:
+        return
+    raise Blocked(f"'{call.name}' changes the size of the channel dim {state.dims}")
+
+
+def _right_aligned(shape, tail_letters, prefix):
+    batch = len(shape) - len(tail_letters)
+    return [f"{prefix}{len(shape) - i}" for i in range(batch)] + list(tail_letters)
+
+
+def _matmul_letters(call):
+    shapes = call.in_shapes
+    name = call.name
+    if name in ("matmul", "__matmul__", "mm", "bmm"):
+        return _mm_letters(shapes[0], shapes[1], call.out_shapes[0]) + [None] * (len(shapes) - 2)
+    if name == "__rmatmul__":  # x.__rmatmul__(y) computes y @ x
+        la, lb, out = _mm_letters(shapes[1], shapes[0], call.out_shapes[0])
+        return [lb, la, out]
+    if name == "linear":
+        x = _right_aligned(shapes[0], ["i"], "B")
+        result = [x, ["o", "i"]] + ([["o"]] if len(shapes) > 2 else [])
+        return result + [_right_aligned(call.out_shapes[0], ["o"], "B")]
+    if name in ("conv1d", "conv2d", "conv3d"):
+        groups = call.args[6] if len(call.args) > 6 else call.kwargs.get("groups", 1)
+        if groups != 1:
+            return None
+        spatial = len(shapes[0]) - 2
+        x = ["b", "i"] + [f"s{d}" for d in range(spatial)]
+        w = ["o", "i"] + [f"k{d}" for d in range(spatial)]
+        out = ["b", "o"] + [f"t{d}" for d in range(spatial)]
+        return [x, w] + ([["o"]] if len(shapes) > 2 else []) + [out]
+    if name == "scaled_dot_product_attention":
+        q, k, v = shapes[0], shapes[1], shapes[2]
+        if len(q) >= 3 and q[-3] != k[-3]:
+            return None  # grouped-query heads through enable_gqa: heads are not one-to-one
+        letters = [_right_aligned(q, ["L", "E"], "B"), _right_aligned(k, ["S", "E"], "B"),
+                   _right_aligned(v, ["S", "V"], "B")]
+        letters += [None] * (len(shapes) - 3)
+        return letters + [_right_aligned(call.out_shapes[0], ["L", "V"], "B")]
+    if name == "einsum":
+        return _einsum_letters(call)
+    return None
+
+
+def _mm_letters(a, b, out):
+    la = ["k"] if len(a) == 1 else _right_aligned(a, ["n", "k"], "B")
+    lb = ["k"] if len(b) == 1 else _right_aligned(b, ["k", "m"], "B")
+    tail = (["n"] if len(a) > 1 else []) + (["m"] if len(b) > 1 else [])
+    return [la, lb, _right_aligned(out, tail, "B")]
+
+
+def _einsum_letters(call):
+    equation = call.args[0] if call.args and isinstance(call.args[0], str) else None
+    if equation is None or "->" not in equation:
+        return None
+    lhs, rhs = equation.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    shapes = call.in_shapes
+    if len(terms) != len(shapes):
+        return None
+
+    def expand(term, ndim):
+        if "..." not in term:
+            return list(term)
+        head, tail = term.split("...")
+        count = ndim - len(head) - len(tail)
+        return list(head) + [f"E{count - i}" for i in range(count)] + list(tail)
+
+    letters = [expand(term, len(shape)) for term, shape in zip(terms, shapes)]
+    return letters + [expand(rhs, len(call.out_shapes[0]))]
+
+
+def _reduction_dims(call, ndim):
+    if call.name == "norm":
+        dim = call.kwargs.get("dim", call.args[2] if len(call.args) > 2 else None)
+    else:
+        dim = call.kwargs.get("dim", call.args[1] if len(call.args) > 1 else None)
+    if dim is None:
+        return set(range(ndim))
+    if isinstance(dim, int):
+        dim = (dim,)
+    return {d % ndim for d in dim}
+
+
+def _reduction_letters(call):
+    shape = call.in_shapes[0]
+    letters = list(string.ascii_letters[: len(shape)])
+    reduced = _reduction_dims(call, len(shape))
+    keep = call.kwargs.get("keepdim", call.args[2] if len(call.args) > 2 and call.name != "norm" else False)
+    out = [("_" if d in reduced else l) for d, l in enumerate(letters)] if keep else [
+        l for d, l in enumerate(letters) if d not in reduced]
+    outputs = [out if len(s) == len(out) else None for s in call.out_shapes]
+    return [letters] + [None] * (len(call.in_shapes) - 1) + outputs
+
+
+def _same_size_letters(call):
+    """Unknown op (pooling, interpolate, pad...): dims of unchanged size keep their channels."""
+    if not call.in_shapes or not call.out_shapes:
+        return None
+    shape = call.in_shapes[0]
+    letters = list(string.ascii_letters[: len(shape)])
+    outputs = []
+    for out_shape in call.out_shapes:
+        if len(out_shape) != len(shape):
+            outputs.append(None)
+            continue
+        outputs.append([l if out_shape[d] == shape[d] else f"{l}'" for d, l in enumerate(letters)])
+    if all(o is None for o in outputs):
+        return None
+    return [letters] + [None] * (len(call.in_shapes) - 1) + outputs

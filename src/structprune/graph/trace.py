@@ -1,0 +1,156 @@
+"""Record one forward pass: every module and torch-function call with its tensor inputs and outputs.
+
+Values are identified by the autograd node that produced them (``grad_fn``, ``output_nr``), so in-place
+ops, views and re-used tensors keep distinct identities. Module calls hide the functions they call
+internally: walking back from an output jumps from a module's output straight to its inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+
+@dataclass(eq=False)
+class Call:
+    """One call in the forward: a declared module, a torch function, or nothing (a leaf value)."""
+
+    kind: str  # "module" | "function"
+    target: Any  # module or function
+    name: str  # module path or op name
+    inputs: list  # value keys, None for non-tensors
+    in_shapes: list
+    outputs: list  # value keys of tensor outputs
+    out_shapes: list
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    input_slots: list = field(default_factory=list)  # (arg position or kwarg name, index inside a list)
+    input_dtypes: list = field(default_factory=list)
+    output_dtypes: list = field(default_factory=list)
+    cache: dict = field(default_factory=dict)  # index maps computed on demand, reused by every group
+    order: int = 0  # position in the forward, so nodes list in execution order
+
+    def __repr__(self):
+        return f"Call({self.kind}:{self.name})"
+
+
+def value_key(tensor: torch.Tensor, keep_alive: list):
+    """Hashable identity of a tensor value at this moment of the forward."""
+    grad_fn = tensor.grad_fn
+    if grad_fn is not None:
+        return (grad_fn, tensor.output_nr)
+    keep_alive.append(tensor)
+    return ("leaf", id(tensor))
+
+
+def _flatten(obj, out: list, slot=()):
+    """Collect (slot, tensor) pairs from nested args; slot records where a tensor sat."""
+    if isinstance(obj, torch.Tensor):
+        out.append((slot, obj))
+    elif isinstance(obj, (list, tuple)):
+        for index, item in enumerate(obj):
+            _flatten(item, out, slot + (index,))
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            _flatten(item, out, slot + (key,))
+    elif hasattr(obj, "to_tuple") and callable(obj.to_tuple):
+        _flatten(obj.to_tuple(), out, slot)
+    return out
+
+
+def _op_name(func) -> str:
+    name = getattr(func, "__name__", None)
+    if name == "__get__":
+        owner = getattr(func, "__self__", None)
+        name = getattr(owner, "__name__", "property")
+    return name or type(func).__name__
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, tracer: "Tracer"):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tracer = self.tracer
+        flat_in = _flatten((args, kwargs), [])
+        in_keys = [value_key(t, tracer.keep_alive) for _, t in flat_in]
+        in_shapes = [tuple(t.shape) for _, t in flat_in]
+        result = func(*args, **kwargs)
+        if not flat_in:
+            return result
+        # x[i] = y mutates x in place and returns None: the new value of x is the output
+        flat_out = _flatten(args[0] if _op_name(func) == "__setitem__" else result, [])
+        if any(t.requires_grad for _, t in flat_out):
+            # an op that returns its input unchanged (x.contiguous(), x.to(same)) is no new value
+            outputs = [(value_key(t, tracer.keep_alive), tuple(t.shape)) for _, t in flat_out]
+            if any(key in in_keys for key, _ in outputs):
+                return result
+            call = Call(
+                "function", func, _op_name(func), in_keys, in_shapes,
+                [key for key, _ in outputs], [shape for _, shape in outputs], args, kwargs,
+                [slot for slot, _ in flat_in], [t.dtype for _, t in flat_in], [t.dtype for _, t in flat_out],
+            )
+            call.order = tracer.next_order()
+            for key in call.outputs:
+                tracer.function_by_output.setdefault(key, call)
+        return result
+
+
+class Tracer:
+    """Runs the model once, recording calls of declared modules and of torch functions."""
+
+    def __init__(self, is_declared: Callable[[nn.Module], bool]):
+        self.is_declared = is_declared
+        self.module_by_output: dict = {}
+        self.function_by_output: dict = {}
+        self.keep_alive: list = []
+        self.calls: list[Call] = []
+        self._order = 0
+
+    def run(self, model: nn.Module, forward: Callable[[], Any]):
+        names = {module: name for name, module in model.named_modules()}
+        handles = []
+        pending: dict[int, list] = {}
+
+        def pre_hook(module, args, kwargs):
+            flat = _flatten((args, kwargs), [])
+            pending.setdefault(id(module), []).append(
+                ([value_key(t, self.keep_alive) for _, t in flat], [tuple(t.shape) for _, t in flat],
+                 [slot for slot, _ in flat], [t.dtype for _, t in flat])
+            )
+
+        def post_hook(module, args, kwargs, output):
+            keys, shapes, slots, dtypes = pending[id(module)].pop()
+            flat_out = [t for _, t in _flatten(output, [])]
+            call = Call("module", module, names.get(module, type(module).__name__), keys, shapes,
+                        [value_key(t, self.keep_alive) for t in flat_out], [tuple(t.shape) for t in flat_out],
+                        input_slots=slots, input_dtypes=dtypes, output_dtypes=[t.dtype for t in flat_out],
+                        order=self.next_order())
+            self.calls.append(call)
+            for key in call.outputs:
+                # the outer module's hook fires last and wins: nested declared layers stay hidden
+                self.module_by_output[key] = call
+
+        for module in model.modules():
+            if self.is_declared(module):
+                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
+        try:
+            with _Recorder(self):
+                output = forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return output
+
+    def next_order(self) -> int:
+        self._order += 1
+        return self._order
+
+    def producer(self, key):
+        return self.module_by_output.get(key) or self.function_by_output.get(key)

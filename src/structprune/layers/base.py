@@ -1,0 +1,136 @@
+"""The pruning-function protocol and its declaration-driven implementation."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .axes import Axis, set_tensor
+
+
+def as_index_tensor(idxs: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    if isinstance(idxs, torch.Tensor):
+        if idxs.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise TypeError(f"channel indices must be integers, got a {idxs.dtype} tensor")
+        return idxs.detach().to("cpu", torch.long).reshape(-1)
+    values = list(idxs)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) and not (
+            hasattr(value, "__index__") and not isinstance(value, float)
+        ):
+            raise TypeError(f"channel indices must be integers, got {value!r} ({type(value).__name__})")
+    return torch.tensor([int(v) for v in values], dtype=torch.long)
+
+
+class BasePruningFunc:
+    """How to remove channels from one layer type.
+
+    Subclass this for a layer the library does not know and register it with
+    ``DependencyGraph.register_customized_layer`` (or pass ``customized_pruners``). A subclass must give
+    ``prune_out_channels``, ``prune_in_channels``, ``get_out_channels`` and ``get_in_channels``;
+    declaring ``out_axes``/``in_axes`` instead gives all four, plus importance and regularization.
+    """
+
+    #: activation dimension carrying the layer's output / input channels (None: detect from sizes)
+    out_tensor_dim: int | None = None
+    in_tensor_dim: int | None = None
+    #: True when input and output channels are the same channels (norms, depthwise convs)
+    coupled: bool = False
+    #: positional inputs whose channels the layer reads (None: every tensor argument)
+    channel_inputs: tuple[int, ...] | None = None
+
+    def __init__(self, pruning_dim: int = 1):
+        self.pruning_dim = pruning_dim
+
+    # -- protocol -----------------------------------------------------------------------------------
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        return self._prune(layer, self.out_axes(layer), idxs, self.get_out_channels(layer), "output")
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        if self.is_coupled(layer):
+            return self.prune_out_channels(layer, idxs)
+        return self._prune(layer, self.in_axes(layer), idxs, self.get_in_channels(layer), "input")
+
+    def get_out_channels(self, layer: nn.Module) -> int | None:
+        raise NotImplementedError
+
+    def get_in_channels(self, layer: nn.Module) -> int | None:
+        raise NotImplementedError
+
+    def get_out_channel_groups(self, layer: nn.Module) -> int:
+        return 1
+
+    def get_in_channel_groups(self, layer: nn.Module) -> int:
+        return 1
+
+    # -- declarations -------------------------------------------------------------------------------
+    def out_axes(self, layer: nn.Module) -> list[Axis]:
+        return []
+
+    def in_axes(self, layer: nn.Module) -> list[Axis]:
+        return self.out_axes(layer) if self.is_coupled(layer) else []
+
+    def is_coupled(self, layer: nn.Module) -> bool:
+        return self.coupled
+
+    def update_attrs(self, layer: nn.Module) -> None:
+        """Make attributes such as ``out_channels`` agree with the new parameter shapes."""
+
+    # -- torch_pruning-compatible helpers ----------------------------------------------------------
+    def __call__(self, layer: nn.Module, idxs: Sequence[int], to_output: bool = True, inplace: bool = True):
+        if not inplace:
+            import copy
+
+            layer = copy.deepcopy(layer)
+        if to_output:
+            return self.prune_out_channels(layer, idxs)
+        return self.prune_in_channels(layer, idxs)
+
+    def check(self, layer: nn.Module, idxs: Sequence[int], to_output: bool) -> None:
+        idxs = as_index_tensor(idxs)
+        total = self.get_out_channels(layer) if to_output else self.get_in_channels(layer)
+        validate_idxs(layer, idxs, total, "output" if to_output else "input")
+
+    # -- implementation -----------------------------------------------------------------------------
+    def _prune(self, layer: nn.Module, axes: list[Axis], idxs, total: int | None, side: str) -> nn.Module:
+        idxs = as_index_tensor(idxs)
+        if total is not None:
+            validate_idxs(layer, idxs, total, side)
+        if len(idxs) == 0:
+            return layer
+        for axis in axes:
+            tensor = axis.tensor(layer)
+            if tensor is None:
+                continue
+            positions = axis.positions(idxs, tensor)
+            keep = _complement(positions, tensor.shape[axis.dim], tensor.device)
+            grad = tensor.grad if isinstance(tensor, nn.Parameter) else None
+            set_tensor(layer, axis.name, torch.index_select(tensor.data, axis.dim, keep).contiguous())
+            if grad is not None:
+                axis.tensor(layer).grad = torch.index_select(grad, axis.dim, keep).contiguous()
+        self.update_attrs(layer)
+        return layer
+
+
+def _complement(positions: torch.Tensor, size: int, device) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[positions] = False
+    return torch.nonzero(mask).reshape(-1).to(device)
+
+
+def validate_idxs(layer: nn.Module, idxs: torch.Tensor, total: int, side: str, name: str | None = None) -> None:
+    where = name or type(layer).__name__
+    if len(idxs) == 0:
+        return
+    if int(idxs.min()) < 0 or int(idxs.max()) >= total:
+        raise IndexError(
+            f"{where}: {side} channel index out of range: got {idxs.tolist()[:8]}... for {total} channels; "
+            f"indices must lie in [0, {total})"
+        )
+    if len(torch.unique(idxs)) != len(idxs):
+        raise ValueError(f"{where}: duplicated {side} channel indices {idxs.tolist()[:8]}...; pass each index once")
+    if len(idxs) >= total:
+        raise ValueError(
+            f"{where}: pruning all {total} {side} channels would leave an empty layer; keep at least one"
+        )

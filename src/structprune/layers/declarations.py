@@ -1,0 +1,423 @@
+"""One declaration per layer type: which dimensions carry its output and input channels.
+
+Pruning, importance, regularization and MAC counting all read these; nothing else in the library
+special-cases layer types.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .axes import Axis
+from .base import BasePruningFunc
+
+
+def _is_depthwise(layer) -> bool:
+    return layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
+
+
+class ConvPruner(BasePruningFunc):
+    out_tensor_dim = 1
+    in_tensor_dim = 1
+    channel_inputs = (0,)
+
+    def is_coupled(self, layer):
+        return _is_depthwise(layer)
+
+    def out_axes(self, layer):
+        return [Axis("weight", 0), Axis("bias", 0)]
+
+    def in_axes(self, layer):
+        if self.is_coupled(layer):
+            return self.out_axes(layer)
+        return [Axis("weight", 1)]
+
+    def get_out_channels(self, layer):
+        return layer.out_channels
+
+    def get_in_channels(self, layer):
+        return layer.in_channels
+
+    def get_out_channel_groups(self, layer):
+        return 1 if self.is_coupled(layer) else layer.groups
+
+    def get_in_channel_groups(self, layer):
+        return 1 if self.is_coupled(layer) else layer.groups
+
+    def update_attrs(self, layer):
+        layer.out_channels = layer.weight.shape[0]
+        per_group_in = layer.weight.shape[1]
+        if self.is_coupled(layer) or layer.groups == layer.in_channels:
+            layer.groups = layer.out_channels
+            layer.in_channels = layer.out_channels
+        else:
+            layer.in_channels = per_group_in * layer.groups
+
+
+class DepthwiseConvPruner(ConvPruner):
+    """Kept as a name for torch_pruning users; depthwise convs are detected by ConvPruner itself."""
+
+
+class ConvTransposePruner(ConvPruner):
+    """ConvTranspose stores weight as [in, out/groups, ...]: its output channels are dim 1."""
+
+    def out_axes(self, layer):
+        if self.is_coupled(layer):
+            return [Axis("weight", 0), Axis("bias", 0)]
+        return [Axis("weight", 1), Axis("bias", 0)]
+
+    def in_axes(self, layer):
+        if self.is_coupled(layer):
+            return self.out_axes(layer)
+        return [Axis("weight", 0)]
+
+    def update_attrs(self, layer):
+        layer.in_channels = layer.weight.shape[0]
+        if self.is_coupled(layer) or layer.groups == layer.out_channels:
+            layer.groups = layer.in_channels
+            layer.out_channels = layer.in_channels
+        else:
+            layer.out_channels = layer.weight.shape[1] * layer.groups
+
+
+class LinearPruner(BasePruningFunc):
+    out_tensor_dim = -1
+    in_tensor_dim = -1
+    channel_inputs = (0,)
+
+    def out_axes(self, layer):
+        return [Axis("weight", 0), Axis("bias", 0)]
+
+    def in_axes(self, layer):
+        return [Axis("weight", 1)]
+
+    def get_out_channels(self, layer):
+        return layer.out_features
+
+    def get_in_channels(self, layer):
+        return layer.in_features
+
+    def update_attrs(self, layer):
+        layer.out_features, layer.in_features = layer.weight.shape
+
+
+class BatchnormPruner(BasePruningFunc):
+    out_tensor_dim = 1
+    in_tensor_dim = 1
+    coupled = True
+    channel_inputs = (0,)
+
+    def out_axes(self, layer):
+        return [Axis("weight", 0), Axis("bias", 0), Axis("running_mean", 0), Axis("running_var", 0)]
+
+    def get_out_channels(self, layer):
+        return layer.num_features
+
+    get_in_channels = get_out_channels
+
+    def update_attrs(self, layer):
+        for name in ("weight", "running_mean"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None:
+                layer.num_features = tensor.shape[0]
+                return
+
+
+InstanceNormPruner = BatchnormPruner
+
+
+class GroupNormPruner(BasePruningFunc):
+    out_tensor_dim = 1
+    in_tensor_dim = 1
+    coupled = True
+    channel_inputs = (0,)
+
+    def out_axes(self, layer):
+        return [Axis("weight", 0), Axis("bias", 0)]
+
+    def get_out_channels(self, layer):
+        return layer.num_channels
+
+    get_in_channels = get_out_channels
+
+    def get_out_channel_groups(self, layer):
+        return layer.num_groups
+
+    get_in_channel_groups = get_out_channel_groups
+
+    def _prune(self, layer, axes, idxs, total, side):
+        from .base import as_index_tensor
+
+        removed = len(as_index_tensor(idxs))
+        if (layer.num_channels - removed) % layer.num_groups:
+            raise ValueError(
+                f"GroupNorm({layer.num_groups} groups, {layer.num_channels} channels): removing {removed} channels "
+                f"leaves a count not divisible by num_groups; remove the same number from each group"
+            )
+        result = super()._prune(layer, axes, idxs, total, side)
+        if not layer.affine:
+            layer.num_channels -= removed
+        return result
+
+    def update_attrs(self, layer):
+        if layer.affine:
+            layer.num_channels = layer.weight.shape[0]
+
+
+class LayernormPruner(BasePruningFunc):
+    """LayerNorm/RMSNorm over the last dims; channels are the first normalized dim."""
+
+    coupled = True
+    channel_inputs = (0,)
+
+    def __init__(self, pruning_dim: int = -1):
+        super().__init__(pruning_dim)
+
+    def out_axes(self, layer):
+        return [Axis("weight", 0), Axis("bias", 0)]
+
+    def get_out_channels(self, layer):
+        return layer.normalized_shape[0]
+
+    get_in_channels = get_out_channels
+
+    def _prune(self, layer, axes, idxs, total, side):
+        from .base import as_index_tensor
+
+        removed = len(as_index_tensor(idxs))
+        result = super()._prune(layer, axes, idxs, total, side)
+        if getattr(layer, "weight", None) is None:
+            shape = tuple(layer.normalized_shape)
+            layer.normalized_shape = (shape[0] - removed,) + shape[1:]
+        return result
+
+    def update_attrs(self, layer):
+        weight = getattr(layer, "weight", None)
+        if weight is not None:
+            layer.normalized_shape = tuple(weight.shape)
+
+
+def _layernorm_tensor_dim(layer) -> int:
+    return -len(layer.normalized_shape)
+
+
+class PReLUPruner(BasePruningFunc):
+    out_tensor_dim = 1
+    in_tensor_dim = 1
+    coupled = True
+    channel_inputs = (0,)
+
+    def out_axes(self, layer):
+        return [] if layer.num_parameters == 1 else [Axis("weight", 0)]
+
+    def get_out_channels(self, layer):
+        return None if layer.num_parameters == 1 else layer.num_parameters
+
+    get_in_channels = get_out_channels
+
+    def update_attrs(self, layer):
+        layer.num_parameters = layer.weight.shape[0]
+
+
+class EmbeddingPruner(BasePruningFunc):
+    out_tensor_dim = -1
+    channel_inputs = ()
+
+    def out_axes(self, layer):
+        return [Axis("weight", 1)]
+
+    def get_out_channels(self, layer):
+        return layer.embedding_dim
+
+    def get_in_channels(self, layer):
+        return None
+
+    def update_attrs(self, layer):
+        layer.embedding_dim = layer.weight.shape[1]
+
+
+class MultiheadAttentionPruner(BasePruningFunc):
+    """Embedding-dim pruning of nn.MultiheadAttention; every head must keep the same size."""
+
+    out_tensor_dim = -1
+    in_tensor_dim = -1
+    coupled = True
+    channel_inputs = (0, 1, 2)
+
+    def out_axes(self, layer):
+        if not layer._qkv_same_embed_dim:
+            axes = [Axis("q_proj_weight", 0), Axis("q_proj_weight", 1), Axis("k_proj_weight", 0),
+                    Axis("v_proj_weight", 0)]
+        else:
+            axes = [Axis("in_proj_weight", 0, blocks=3), Axis("in_proj_weight", 1)]
+        return axes + [
+            Axis("in_proj_bias", 0, blocks=3),
+            Axis("bias_k", 2),
+            Axis("bias_v", 2),
+            Axis("out_proj.weight", 0),
+            Axis("out_proj.weight", 1),
+            Axis("out_proj.bias", 0),
+        ]
+
+    def get_out_channels(self, layer):
+        return layer.embed_dim
+
+    get_in_channels = get_out_channels
+
+    def get_out_channel_groups(self, layer):
+        return layer.num_heads
+
+    get_in_channel_groups = get_out_channel_groups
+
+    def update_attrs(self, layer):
+        embed_dim = layer.out_proj.weight.shape[0]
+        if embed_dim % layer.num_heads:
+            raise ValueError(
+                f"MultiheadAttention: embed_dim {embed_dim} is not divisible by num_heads {layer.num_heads}; "
+                f"prune the same number of dims from every head (out_channel_groups=num_heads)"
+            )
+        layer.embed_dim = embed_dim
+        if layer._qkv_same_embed_dim:
+            layer.kdim = layer.vdim = embed_dim
+        layer.head_dim = embed_dim // layer.num_heads
+        layer.out_proj.in_features = layer.out_proj.out_features = embed_dim
+
+
+class LSTMPruner(BasePruningFunc):
+    """Hidden-size pruning of every layer of an LSTM (input size on the input side)."""
+
+    out_tensor_dim = -1
+    in_tensor_dim = -1
+    channel_inputs = (0,)
+
+    def _suffixes(self, layer):
+        return ["", "_reverse"] if layer.bidirectional else [""]
+
+    def out_axes(self, layer):
+        if layer.proj_size:
+            raise NotImplementedError("LSTM with proj_size is not supported; register a customized pruner")
+        axes = []
+        directions = len(self._suffixes(layer))
+        for index in range(layer.num_layers):
+            for suffix in self._suffixes(layer):
+                tag = f"_l{index}{suffix}"
+                axes += [Axis("weight_ih" + tag, 0, blocks=4), Axis("weight_hh" + tag, 0, blocks=4),
+                         Axis("weight_hh" + tag, 1), Axis("bias_ih" + tag, 0, blocks=4),
+                         Axis("bias_hh" + tag, 0, blocks=4)]
+                if index > 0:
+                    axes.append(Axis("weight_ih" + tag, 1, blocks=directions))
+        return axes
+
+    def in_axes(self, layer):
+        return [Axis("weight_ih_l0" + suffix, 1) for suffix in self._suffixes(layer)]
+
+    def get_out_channels(self, layer):
+        return layer.hidden_size * (2 if layer.bidirectional else 1)
+
+    def get_in_channels(self, layer):
+        return layer.input_size
+
+    def get_out_channel_groups(self, layer):
+        return 2 if layer.bidirectional else 1
+
+    def update_attrs(self, layer):
+        layer.hidden_size = layer.weight_hh_l0.shape[1]
+        layer.input_size = layer.weight_ih_l0.shape[1]
+        layer._flat_weights = [getattr(layer, name) for name in layer._flat_weights_names]
+        layer.flatten_parameters() if hasattr(layer, "flatten_parameters") else None
+
+
+class ParameterPruner(BasePruningFunc):
+    """A bare nn.Parameter used directly in forward (class tokens, position embeddings, layer scales)."""
+
+    coupled = True
+
+    def __init__(self, pruning_dim: int = -1):
+        super().__init__(pruning_dim)
+
+    def out_axes(self, layer):
+        return [Axis("data", self.pruning_dim)]
+
+    def prune_out_channels(self, tensor, idxs):
+        from .base import as_index_tensor, _complement, validate_idxs
+
+        idxs = as_index_tensor(idxs)
+        validate_idxs(tensor, idxs, tensor.shape[self.pruning_dim], "output", name="parameter")
+        keep = _complement(idxs, tensor.shape[self.pruning_dim], tensor.device)
+        grad = tensor.grad
+        tensor.data = tensor.data.index_select(self.pruning_dim, keep).contiguous()
+        if grad is not None:
+            tensor.grad = grad.index_select(self.pruning_dim, keep).contiguous()
+        return tensor
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, tensor):
+        return tensor.shape[self.pruning_dim]
+
+    get_in_channels = get_out_channels
+
+
+class ActivationPruner(BasePruningFunc):
+    """Layers with no channel parameters (kept for torch_pruning users writing custom tables)."""
+
+    coupled = True
+
+    def prune_out_channels(self, layer, idxs):
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer):
+        return None
+
+    get_in_channels = get_out_channels
+
+
+def tensor_dims(pruner: BasePruningFunc, layer: nn.Module) -> tuple[int | None, int | None]:
+    """Activation dims of (output, input) channels for a layer, resolving LayerNorm-like shapes."""
+    if isinstance(pruner, LayernormPruner):
+        dim = _layernorm_tensor_dim(layer)
+        return dim, dim
+    return pruner.out_tensor_dim, pruner.in_tensor_dim
+
+
+_CONV = ConvPruner()
+_CONV_T = ConvTransposePruner()
+_LINEAR = LinearPruner()
+_BN = BatchnormPruner()
+_GN = GroupNormPruner()
+_LN = LayernormPruner()
+_PRELU = PReLUPruner()
+_EMBED = EmbeddingPruner()
+_MHA = MultiheadAttentionPruner()
+_LSTM = LSTMPruner()
+
+#: Layer type -> pruning function. Lookup walks the MRO, so subclasses (timm's LayerNorm2d...) match.
+DEFAULT_PRUNERS: dict[type, BasePruningFunc] = {
+    nn.Conv1d: _CONV,
+    nn.Conv2d: _CONV,
+    nn.Conv3d: _CONV,
+    nn.ConvTranspose1d: _CONV_T,
+    nn.ConvTranspose2d: _CONV_T,
+    nn.ConvTranspose3d: _CONV_T,
+    nn.Linear: _LINEAR,
+    nn.modules.batchnorm._BatchNorm: _BN,
+    nn.modules.instancenorm._InstanceNorm: _BN,
+    nn.GroupNorm: _GN,
+    nn.LayerNorm: _LN,
+    nn.RMSNorm: _LN,
+    nn.PReLU: _PRELU,
+    nn.Embedding: _EMBED,
+    nn.MultiheadAttention: _MHA,
+    nn.LSTM: _LSTM,
+}
+
+
+def find_pruner(module: nn.Module, table: dict) -> BasePruningFunc | None:
+    """Most specific registered pruner for a module: instance first, then its class MRO."""
+    if module in table if not isinstance(module, type) else False:
+        return table[module]
+    for klass in type(module).__mro__:
+        if klass in table:
+            return table[klass]
+    return None

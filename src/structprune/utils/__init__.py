@@ -1,0 +1,20 @@
+"""Utilities: MAC/parameter counting, speed and memory benchmarks, pruning reports."""
+
+from . import benchmark, nested, op_counter, print_tool
+from .benchmark import measure_fps, measure_latency, measure_memory, measure_throughput
+from .nested import flatten_as_list
+from .op_counter import count_ops_and_params, count_params
+
+__all__ = [
+    "benchmark",
+    "nested",
+    "op_counter",
+    "print_tool",
+    "count_ops_and_params",
+    "count_params",
+    "flatten_as_list",
+    "measure_latency",
+    "measure_memory",
+    "measure_fps",
+    "measure_throughput",
+]

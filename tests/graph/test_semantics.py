@@ -1,0 +1,354 @@
+"""Channel semantics the dependency graph must get right, each pinned by the lossless-removal oracle."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import structprune as tp
+from oracle import assert_lossless, run
+
+torch.manual_seed(0)
+
+
+def targets(group):
+    return {(item.dep.target.name, item.dep.handler.__name__): item.idxs for item in group}
+
+
+class Residual(nn.Module):
+    def __init__(self, op="add"):
+        super().__init__()
+        self.op = op
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x) + self.b(x) if self.op == "add" else self.a(x) * self.b(x)
+        y = F.relu(self.bn(y)) * self.scale
+        return self.head(F.dropout(F.max_pool2d(F.interpolate(y, scale_factor=2), 2), 0.0))
+
+
+@pytest.mark.parametrize("op", ["add", "mul"])
+def test_residual_and_broadcast_parameter(op):
+    model = Residual(op)
+    x = torch.randn(2, 3, 8, 8)
+    group = assert_lossless(model, x, model.a, [1, 4, 6])
+    t = targets(group)
+    assert t[("a", "prune_out_channels")] == [1, 4, 6]
+    assert t[("b", "prune_out_channels")] == [1, 4, 6]
+    assert t[("bn", "prune_out_channels")] == [1, 4, 6]
+    assert t[("scale", "prune_out_channels")] == [1, 4, 6]
+    assert t[("head", "prune_in_channels")] == [1, 4, 6]
+    assert model.scale.shape == (5, 1, 1) and model.a.out_channels == 5 and model.head.in_channels == 5
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.c = nn.Conv2d(3, 5, 1)
+        self.mid = nn.Conv2d(10, 10, 1)
+        self.out = nn.Conv2d(15 + 8, 2, 1)
+        self.side = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        ab = torch.cat([self.a(x), self.b(x)], dim=1)  # 10
+        abc = torch.cat([self.mid(ab), self.c(x)], 1)  # cascaded: 15
+        twice = torch.cat([self.a(x), self.a(x)], dim=1)  # the same tensor twice: 8
+        spatial = torch.cat([self.side(x), self.side(x)], dim=2)  # non-channel axis
+        return self.out(torch.cat([abc, twice], 1)), spatial
+
+
+def test_concat_offsets_cascade_and_duplicates():
+    model = Concat()
+    x = torch.randn(1, 3, 5, 5)
+    group = assert_lossless(model, x, model.b, [0, 5])
+    assert targets(group)[("mid", "prune_in_channels")] == [4, 9]
+    group = assert_lossless(model, x, model.c, [2])
+    assert targets(group)[("out", "prune_in_channels")] == [12]
+    group = assert_lossless(model, x, model.a, [1])
+    t = targets(group)
+    assert t[("mid", "prune_in_channels")] == [1]
+    # abc is now 10 (mid) + 4 (c after pruning) = 14 wide; the duplicated block sits at 14..17 and 18..21
+    assert t[("out", "prune_in_channels")] == [15, 19]
+
+
+def test_concat_on_non_channel_axis_couples_nothing_extra():
+    model = Concat()
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 5, 5))
+    group = graph.get_pruning_group(model.side, tp.prune_conv_out_channels, [0])
+    # side feeds a model output directly: its channels are the output's
+    assert group.blocked
+    names = {item.dep.target.name for item in group}
+    assert names == {"side"}
+
+
+class Split(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 12, 1)
+        self.left = nn.Conv2d(4, 2, 1)
+        self.right = nn.Conv2d(8, 2, 1)
+        self.merge = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        # split sizes follow the consumers, as real code does, so the pruned model still splits right
+        n = self.left.in_channels
+        if self.how == "split":
+            a, b = torch.split(y, [n, self.right.in_channels], dim=1)
+        elif self.how == "narrow":
+            a, b = y.narrow(1, 0, n), y.narrow(1, n, self.right.in_channels)
+        else:
+            a, b = y[:, :n], y[:, n:]
+        return self.left(a) + self.right(b) + self.merge(torch.cat([b, a], 1))
+
+
+@pytest.mark.parametrize("how", ["split", "narrow", "slice"])
+def test_split_then_concat(how):
+    model = Split(how)
+    group = assert_lossless(model, torch.randn(1, 3, 4, 4), model.conv, [1, 6])
+    t = targets(group)
+    assert t[("left", "prune_in_channels")] == [1]
+    assert t[("right", "prune_in_channels")] == [2]
+    assert t[("merge", "prune_in_channels")] == [2, 9]
+
+
+def test_chunk_and_unbind():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.a = nn.Conv2d(4, 2, 1)
+            self.b = nn.Conv2d(4, 2, 1)
+            self.lin = nn.Linear(4, 3)
+            self.proj = nn.Linear(2, 6)
+
+        def forward(self, x):
+            a, b = self.conv(x).chunk(2, dim=1)
+            t = self.proj(x.mean((2, 3))[:, :2]).view(-1, 3, 2)  # [B, 3, 2]
+            u0, u1, u2 = t.unbind(1)
+            return self.a(a) + self.b(b), self.lin(torch.cat([u0, u2], -1)) + u1.sum()
+
+    model = M()
+    group = assert_lossless(model, torch.randn(2, 3, 4, 4), model.conv, [0, 5])
+    t = targets(group)
+    assert t[("a", "prune_in_channels")] == [0] and t[("b", "prune_in_channels")] == [1]
+
+
+class FlattenNet(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x):
+        y = F.adaptive_avg_pool2d(self.conv(x), 3)
+        if self.how == "flatten":
+            y = torch.flatten(y, 1)
+        elif self.how == "view":
+            y = y.view(y.size(0), -1)
+        else:
+            y = y.reshape(y.shape[0], -1)
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("how", ["flatten", "view", "reshape"])
+def test_flatten_maps_each_channel_to_hw_inputs(how):
+    model = FlattenNet(how)
+    group = assert_lossless(model, torch.randn(2, 3, 6, 6), model.conv, [1, 3])
+    assert targets(group)[("fc", "prune_in_channels")] == list(range(9, 18)) + list(range(27, 36))
+    assert model.fc.in_features == 18
+
+
+def test_permute_channels_last_and_tokens():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.norm = nn.LayerNorm(8)
+            self.fc = nn.Linear(8, 8)
+            self.back = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x).permute(0, 2, 3, 1)  # channels last
+            y = self.fc(y).permute(0, 3, 1, 2)
+            tokens = self.conv(x).flatten(2).transpose(1, 2)  # [B, N, C]
+            return self.back(y), self.norm(tokens)
+
+    model = M()
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 4, 4))
+    t = targets(graph.get_pruning_group(model.conv, tp.prune_conv_out_channels, [2, 3]))
+    assert t[("fc", "prune_in_channels")] == [2, 3]
+    assert t[("norm", "prune_out_channels")] == [2, 3]
+    # LayerNorm output is a model output: blocked, but the fc chain alone is lossless
+    group = assert_lossless(model, torch.randn(1, 3, 4, 4), model.fc, [0, 7])
+    assert targets(group)[("back", "prune_in_channels")] == [0, 7]
+
+
+def test_shared_layer_and_unwrapped_parameters():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(6, 8)
+            self.cls_token = nn.Parameter(torch.randn(1, 1, 8))
+            self.pos = nn.Parameter(torch.randn(1, 4, 8))
+            self.shared = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            t = self.embed(x)
+            t = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), t], 1) + self.pos
+            t = self.shared(self.shared(t))  # weight sharing: its out == its in
+            return self.head(t[:, 0])
+
+    model = M()
+    x = torch.randn(2, 3, 6)
+    graph = tp.DependencyGraph().build_dependency(model, x)
+    t = targets(graph.get_pruning_group(model.embed, tp.prune_linear_out_channels, [1]))
+    assert t[("cls_token", "prune_out_channels")] == [1] and t[("pos", "prune_out_channels")] == [1]
+    assert ("shared", "prune_out_channels") in t and ("shared", "prune_in_channels") in t
+    assert_lossless(model, x, model.embed, [1, 5])
+    assert model.cls_token.shape == (1, 1, 6) and model.pos.shape == (1, 4, 6)
+
+
+def test_unwrapped_parameter_dim_override():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.gamma = nn.Parameter(torch.ones(6))
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.out(self.fc(x) * self.gamma)
+
+    model = M()
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(2, 4), unwrapped_parameters=[(model.gamma, 0)])
+    assert graph.module2node[model.gamma].pruning_dim == 0
+    graph.get_pruning_group(model.fc, tp.prune_linear_out_channels, [0, 1]).prune()
+    assert model.gamma.shape == (4,) and model(torch.randn(2, 4)).shape == (2, 2)
+
+
+def test_repeat_kv_expand_on_head_axis():
+    class GQA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(16, 16)  # 4 heads x 4
+            self.k = nn.Linear(16, 8)  # 2 kv heads x 4
+            self.v = nn.Linear(16, 8)
+            self.o = nn.Linear(16, 16)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q = self.q(x).view(b, n, 4, 4).transpose(1, 2)
+            k = self.k(x).view(b, n, 2, 4).transpose(1, 2)
+            v = self.v(x).view(b, n, 2, 4).transpose(1, 2)
+            k = k[:, :, None].expand(b, 2, 2, n, 4).reshape(b, 4, n, 4)
+            v = v.repeat_interleave(2, dim=1)
+            att = F.scaled_dot_product_attention(q, k, v)
+            return self.o(att.transpose(1, 2).reshape(b, n, 16))
+
+    model = GQA()
+    x = torch.randn(1, 5, 16)
+    graph = tp.DependencyGraph().build_dependency(model, x)
+    # removing kv head 1 removes k, v rows 4..7, q heads 2 and 3 and their o columns
+    t = targets(graph.get_pruning_group(model.k, tp.prune_linear_out_channels, [4, 5, 6, 7]))
+    assert t[("q", "prune_out_channels")] == list(range(8, 16))
+    assert t[("v", "prune_out_channels")] == [4, 5, 6, 7]
+    assert t[("o", "prune_in_channels")] == list(range(8, 16))
+    # head dim 1 of every k head couples with dim 1 of every q head, not with v
+    t = targets(graph.get_pruning_group(model.k, tp.prune_linear_out_channels, [1, 5]))
+    assert t[("q", "prune_out_channels")] == [1, 5, 9, 13]
+    assert ("v", "prune_out_channels") not in t
+
+
+def test_matmul_couples_q_k_and_v_with_output_projection():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, 2, -1).permute(2, 0, 3, 1, 4)  # 2 heads, dim follows
+            att = (q @ k.transpose(-2, -1)).softmax(-1)
+            return self.proj((att @ v).transpose(1, 2).reshape(b, n, -1))
+
+    model = Attn()
+    x = torch.randn(1, 3, 8)
+    graph = tp.DependencyGraph().build_dependency(model, x)
+    # q/k/v rows are one grid [3, heads, dim]: v's dim 0 alone would leave q, k and v with unequal heads
+    assert graph.get_pruning_group(model.qkv, tp.prune_linear_out_channels, [16, 20]).blocked
+    # dim 1 of every head of q, k and v: proj loses input columns 1 and 5
+    group = assert_lossless(model, x, model.qkv, [1, 5, 9, 13, 17, 21], producers=True)
+    t = targets(group)
+    assert t[("qkv", "prune_out_channels")] == [1, 5, 9, 13, 17, 21] and t[("proj", "prune_in_channels")] == [1, 5]
+    # a whole head (head 1 of q, k and v; rows are now [3, 2, 3]) goes with its proj columns
+    graph = tp.DependencyGraph().build_dependency(model, x)
+    group = graph.get_pruning_group(model.qkv, tp.prune_linear_out_channels, [3, 4, 5, 9, 10, 11, 15, 16, 17])
+    assert not group.blocked and targets(group)[("proj", "prune_in_channels")] == [3, 4, 5]
+
+
+def test_channel_shuffle():
+    class Shuffle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.next = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            b, c, h, w = y.shape
+            y = y.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+            return self.next(y)
+
+    model = Shuffle()
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 3, 3))
+    # the view re-splits channels into 2 groups at run time: removing different local channels from each
+    # group would scramble the shuffle, so that is refused
+    assert graph.get_pruning_group(model.conv, tp.prune_conv_out_channels, [0, 5]).blocked
+    # the same local channel of both groups is fine: channel g*4+i moves to i*2+g
+    group = assert_lossless(model, torch.randn(1, 3, 3, 3), model.conv, [1, 5])
+    assert targets(group)[("next", "prune_in_channels")] == [2, 3]
+
+
+def test_tracing_under_no_grad_is_refused():
+    model = nn.Linear(3, 2)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no_grad"):
+        tp.DependencyGraph().build_dependency(model, torch.randn(1, 3))
+
+
+def test_no_parameter_reaching_output_is_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(RuntimeError, match="no parameter"):
+        tp.DependencyGraph().build_dependency(M(), torch.randn(1, 3))
+
+
+def test_inputs_as_dict_and_outputs_as_dict():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x, scale=1.0):
+            return {"logits": self.b(self.a(x) * scale), "aux": [self.a(x).sum()]}
+
+    model = M()
+    graph = tp.DependencyGraph().build_dependency(model, {"x": torch.randn(2, 3), "scale": 2.0})
+    t = targets(graph.get_pruning_group(model.a, tp.prune_linear_out_channels, [0]))
+    assert t[("b", "prune_in_channels")] == [0]

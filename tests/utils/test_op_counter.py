@@ -273,3 +273,13 @@ def test_module_counters_extensible():
         assert count_ops_and_params(model, torch.randn(2, 3))[0] == 6 + 18
     finally:
         del MODULE_COUNTERS[Scale]
+
+
+def test_lstm_packed_sequence_counts_real_steps():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    lstm = nn.LSTM(4, 5, batch_first=True)
+    packed = pack_padded_sequence(torch.randn(2, 3, 4), lengths=[3, 2], batch_first=True)
+    macs, _ = count_ops_and_params(lstm, packed)
+    # 3 + 2 real steps; padding is not computed.
+    assert macs == 5 * (4 * 5 * (4 + 5) + 3 * 5)

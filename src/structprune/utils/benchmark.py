@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
 from .nested import call_model, evaluating, first_tensor, flatten_as_list
@@ -237,10 +238,12 @@ def _cuda_peak(model: nn.Module, example_inputs: Any, device: torch.device) -> i
 
 def _to_device(obj: Any, device: torch.device) -> Any:
     """Copy the tensors of a nested tuple/list/dict input to ``device``."""
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, (torch.Tensor, PackedSequence)):
         return obj.to(device)
     if isinstance(obj, Mapping):
         return {key: _to_device(value, device) for key, value in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # named tuple
+        return type(obj)(*(_to_device(item, device) for item in obj))
     if isinstance(obj, (tuple, list)):
         return type(obj)(_to_device(item, device) for item in obj)
     return obj

@@ -51,10 +51,12 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
 
     A dict is passed as keyword arguments, a tuple or list as positional
     arguments and anything else (typically one tensor) as the only argument.
+    Named tuples such as ``PackedSequence`` are one structured value, not an
+    argument list, so they are passed whole.
     """
     if isinstance(example_inputs, Mapping):
         return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
+    if isinstance(example_inputs, (tuple, list)) and not hasattr(example_inputs, "_fields"):
         return model(*example_inputs)
     return model(example_inputs)
 

@@ -194,7 +194,7 @@ _RNN_CELL_COSTS = {
 }
 
 
-def _rnn_steps(inputs: torch.Tensor | PackedSequence, batch_first: bool) -> int:
+def _rnn_steps(inputs: torch.Tensor | PackedSequence) -> int:
     """Number of (time step, sequence) pairs processed by a recurrent layer."""
     if isinstance(inputs, PackedSequence):
         return inputs.data.shape[0]
@@ -211,7 +211,7 @@ def _rnn_macs(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> int:
     hidden = module.weight_ih_l0.shape[0] // gates
     layer_directions = module.num_layers * (2 if module.bidirectional else 1)
     per_step = matrix + layer_directions * elementwise * hidden
-    return _rnn_steps(_arg(args, kwargs, 0, "input"), module.batch_first) * per_step
+    return _rnn_steps(_arg(args, kwargs, 0, "input")) * per_step
 
 
 def _rnn_cell_macs(
@@ -423,7 +423,9 @@ class _MacTally:
         return sum(self.per_module.values())
 
 
-def _scope_hooks(tally: _MacTally, path: str, counter: ModuleCounter | None):
+def _scope_hooks(
+    tally: _MacTally, path: str, counter: ModuleCounter | None
+) -> tuple[Callable[..., None], Callable[..., None]]:
     """Pre/post forward hooks tracking the module scope and counting ``counter`` modules."""
 
     def pre_hook(module: nn.Module, args: tuple) -> None:

@@ -103,6 +103,7 @@ class DependencyGraph:
         self._unwrapped_dims = _normalise_unwrapped(unwrapped_parameters)
         self._trace(model, example_inputs, forward_fn, output_transform)
         self._all_groups_cache = {}
+        self._init_alive()
         return self
 
     def _is_declared(self, module) -> bool:
@@ -203,7 +204,8 @@ class DependencyGraph:
             tensor = value.leaf
             if isinstance(tensor, nn.Parameter) and tensor not in self._declared_params and tensor in named:
                 dim = self._unwrapped_dims.get(tensor)
-                self.module2node[tensor] = Node(tensor, named[tensor], ParameterPruner(dim if dim is not None else -1), dim)
+                dim = _guess_parameter_dim(tensor) if dim is None else dim % tensor.dim()
+                self.module2node[tensor] = Node(tensor, named[tensor], ParameterPruner(dim), dim)
         self._link_nodes()
 
     def _link_nodes(self):
@@ -260,7 +262,52 @@ class DependencyGraph:
         total = self._channels(node, side)
         if total is not None:
             validate_idxs(module, idxs, total, side + "put", name=node.name)
-        return self._discover(node, side, idxs, pruning_fn)
+        alive = self._alive.get((module, side))
+        original = alive[idxs] if alive is not None else idxs
+        return self._to_current(self._discover(node, side, original, pruning_fn))
+
+    # The trace describes the model as built; after pruning, its index maps still hold for the channels
+    # that remain. Groups are found in original numbering and shown in current numbering.
+    def _init_alive(self):
+        self._alive = {}
+        for module, node in self.module2node.items():
+            out_total = self._safe_channels(node, OUT)
+            if out_total is not None:
+                self._alive[(module, OUT)] = torch.arange(out_total)
+            if not isinstance(module, nn.Parameter) and not node.pruner.is_coupled(module):
+                in_total = self._safe_channels(node, IN)
+                if in_total is not None:
+                    self._alive[(module, IN)] = torch.arange(in_total)
+
+    def _safe_channels(self, node, side):
+        try:
+            return self._channels(node, side)
+        except (NotImplementedError, AttributeError):
+            return None
+
+    def _side_of(self, item) -> str:
+        module = item.dep.target.module
+        if isinstance(module, nn.Parameter) or item.dep.target.pruner.is_coupled(module):
+            return OUT
+        return OUT if is_out_channel_pruning_fn(item.dep.handler) else IN
+
+    def _to_current(self, original: Group) -> Group:
+        group = Group(self)
+        group.blocked = original.blocked
+        root_alive = self._alive.get((original[0].dep.target.module, self._side_of(original[0])))
+        for item in original:
+            alive = self._alive.get((item.dep.target.module, self._side_of(item)))
+            idxs = torch.tensor(item.idxs, dtype=torch.long)
+            roots = torch.tensor(item.root_idxs, dtype=torch.long)
+            if alive is not None:
+                idxs, keep = _current_positions(alive, idxs)
+                roots = roots[keep]
+            if root_alive is not None:
+                roots, keep = _current_positions(root_alive, roots)
+                idxs = idxs[keep]
+            if len(idxs) or item is original[0]:
+                group.add_dep(item.dep, idxs.tolist(), roots.tolist())
+        return group
 
     def _channels(self, node, side):
         pruner = node.pruner
@@ -360,11 +407,11 @@ class DependencyGraph:
         if len(state.dims) != 1:
             raise Blocked(f"parameter {node.name} would lose channels along several dims {state.dims}")
         dim = state.dims[0]
-        if node.pruning_dim is None:
-            node.pruning_dim = dim
-            node.pruner = ParameterPruner(dim)
-        elif node.pruning_dim % len(value.shape) != dim:
-            raise Blocked(f"parameter {node.name} is pruned along dim {node.pruning_dim} but channels arrive on {dim}")
+        if node.pruning_dim != dim:
+            raise Blocked(
+                f"parameter {node.name} {tuple(value.shape)} is pruned along dim {node.pruning_dim} but channels "
+                f"arrive on dim {dim}; pass unwrapped_parameters=[(param, {dim})] to choose"
+            )
         yield node, OUT, ChannelState((0,), state.idxs, state.roots), []
 
     def _visit_call(self, call: Call, operand: int, state: ChannelState):
@@ -439,12 +486,24 @@ class DependencyGraph:
         return isinstance(module, nn.LSTM) and not module.bidirectional and index in (1, 2)
 
     def _tensor_dims(self, pruner, module, call):
+        """Activation dims holding the layer's channels; declared dims are checked against the real sizes
+        because subclasses may lay tensors out differently (timm/torchvision LayerNorm2d permute inside)."""
+        if "dims" in call.cache:
+            return call.cache["dims"]
         out_dim, in_dim = tensor_dims(pruner, module)
-        if out_dim is None and call.out_shapes:
-            out_dim = _find_dim(call.out_shapes[0], pruner.get_out_channels(module))
-        if in_dim is None and call.in_shapes:
-            in_dim = _find_dim(call.in_shapes[0], pruner.get_in_channels(module))
+        if call.out_shapes:
+            out_dim = _checked_dim(call.out_shapes[0], out_dim, self._safe_count(pruner.get_out_channels, module))
+        if call.in_shapes:
+            in_dim = _checked_dim(call.in_shapes[0], in_dim, self._safe_count(pruner.get_in_channels, module))
+        call.cache["dims"] = (out_dim, in_dim)
         return out_dim, in_dim
+
+    @staticmethod
+    def _safe_count(getter, module):
+        try:
+            return getter(module)
+        except (NotImplementedError, AttributeError):
+            return None
 
     def _layer_entry(self, node: Node, side: str, state: ChannelState):
         """Channel states on the tensors a layer produces/reads, for the root of a group."""
@@ -488,7 +547,9 @@ class DependencyGraph:
             total = node.pruner.get_out_channels(module)
             if not total:
                 continue
-            group = self._cached_group(node, total)
+            group = self._cached_group(node)
+            if len(group[0].idxs) == 0:
+                continue
             for item in group:
                 if is_out_channel_pruning_fn(item.dep.handler) or item.dep.target.pruner.is_coupled(item.dep.target.module) if not isinstance(item.dep.target.module, nn.Parameter) else True:
                     covered.add((item.dep.target.module, OUT))
@@ -499,12 +560,12 @@ class DependencyGraph:
                 continue
             yield group
 
-    def _cached_group(self, node, total):
-        key = (node.module, total)
-        if key not in self._all_groups_cache:
-            self._all_groups_cache[key] = self._discover(
-                node, OUT, torch.arange(total), node.pruner.prune_out_channels)
-        return self._all_groups_cache[key]
+    def _cached_group(self, node):
+        module = node.module
+        if module not in self._all_groups_cache:
+            full = self._alive[(module, OUT)]
+            self._all_groups_cache[module] = self._discover(node, OUT, full, node.pruner.prune_out_channels)
+        return self._to_current(self._all_groups_cache[module])
 
     def check_pruning_group(self, group: Group) -> bool:
         """True when pruning the group leaves every layer with at least one channel and breaks nothing."""
@@ -536,7 +597,15 @@ class DependencyGraph:
         except BaseException:
             snapshot.restore()
             raise
-        self._all_groups_cache = {}
+        from ..adapters import sync_attributes
+
+        sync_attributes(self.model)
+        for item in group:
+            key = (item.dep.target.module, self._side_of(item))
+            if key in self._alive:
+                keep = torch.ones(len(self._alive[key]), dtype=torch.bool)
+                keep[torch.tensor(item.idxs, dtype=torch.long)] = False
+                self._alive[key] = self._alive[key][keep]
 
     def _record(self, node: Node, fn, idxs):
         self._history.append((node.name, is_out_channel_pruning_fn(fn), [int(i) for i in idxs]))
@@ -559,6 +628,15 @@ class DependencyGraph:
         if isinstance(module, nn.Parameter):
             return self._param_names.get(module, "parameter")
         return self.module2name.get(module, type(module).__name__)
+
+
+def _current_positions(alive: torch.Tensor, original: torch.Tensor):
+    """Positions of ``original`` indices among those still alive, and which of them are alive at all."""
+    if len(original) == 0:
+        return original, torch.ones(0, dtype=torch.bool)
+    pos = torch.searchsorted(alive, original).clamp(max=max(len(alive) - 1, 0))
+    keep = alive[pos] == original if len(alive) else torch.zeros(len(original), dtype=torch.bool)
+    return pos[keep], keep
 
 
 def _merge(old: ChannelState, new: ChannelState):
@@ -588,6 +666,20 @@ def _layer_letters(shape, channel_dim, reference_shape=None, reference_letters=N
             elif len(reference_shape) == len(shape) and reference_shape[dim] == shape[dim]:
                 letters[dim] = reference_letters[dim]
     return letters
+
+
+def _guess_parameter_dim(tensor) -> int:
+    """The only non-singleton dim, else the last one (token layouts such as [1, N, C] position embeddings)."""
+    wide = [d for d, size in enumerate(tensor.shape) if size > 1]
+    return wide[0] if len(wide) == 1 else tensor.dim() - 1
+
+
+def _checked_dim(shape, declared, channels):
+    if channels is None:
+        return declared
+    if declared is not None and -len(shape) <= declared < len(shape) and shape[declared] == channels:
+        return declared
+    return _find_dim(shape, channels)
 
 
 def _find_dim(shape, channels):

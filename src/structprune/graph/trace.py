@@ -61,6 +61,17 @@ def _flatten(obj, out: list, slot=()):
     return out
 
 
+def _freeze(obj):
+    """Copy containers so later mutation (DenseNet appends to the list it concatenated) cannot change them."""
+    if isinstance(obj, list):
+        return [_freeze(item) for item in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_freeze(item) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _freeze(item) for key, item in obj.items()}
+    return obj
+
+
 def _op_name(func) -> str:
     name = getattr(func, "__name__", None)
     if name == "__get__":
@@ -92,7 +103,7 @@ class _Recorder(TorchFunctionMode):
                 return result
             call = Call(
                 "function", func, _op_name(func), in_keys, in_shapes,
-                [key for key, _ in outputs], [shape for _, shape in outputs], args, kwargs,
+                [key for key, _ in outputs], [shape for _, shape in outputs], _freeze(args), _freeze(kwargs),
                 [slot for slot, _ in flat_in], [t.dtype for _, t in flat_in], [t.dtype for _, t in flat_out],
             )
             call.order = tracer.next_order()

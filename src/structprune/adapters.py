@@ -1,0 +1,53 @@
+"""Per-family attribute adapters: model attributes that must follow pruned shapes.
+
+Some models keep sizes in plain attributes that their forward reads (torchvision's ViT reshapes with
+``self.hidden_dim``; Hugging Face attention reshapes with ``self.head_dim``). After every pruning step
+each adapter whose ``applies`` matches a module recomputes those attributes from the layers' shapes.
+Add a family with ``register_adapter``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    applies: Callable[[nn.Module], bool]
+    sync: Callable[[nn.Module], None]
+
+
+def _class_named(*names: str) -> Callable[[nn.Module], bool]:
+    return lambda module: type(module).__name__ in names
+
+
+def _torchvision_vit(module) -> None:
+    module.hidden_dim = module.conv_proj.out_channels
+
+
+ADAPTERS: list[Adapter] = [
+    Adapter(
+        "torchvision VisionTransformer.hidden_dim",
+        lambda module: _class_named("VisionTransformer")(module) and hasattr(module, "conv_proj"),
+        _torchvision_vit,
+    ),
+]
+
+
+def register_adapter(adapter: Adapter) -> None:
+    ADAPTERS.append(adapter)
+
+
+def sync_attributes(model: nn.Module) -> list[str]:
+    """Run every matching adapter; returns what was synced (for logs and tests)."""
+    done = []
+    for module in model.modules():
+        for adapter in ADAPTERS:
+            if adapter.applies(module):
+                adapter.sync(module)
+                done.append(adapter.name)
+    return done
+

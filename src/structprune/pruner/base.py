@@ -1,0 +1,394 @@
+"""BasePruner: turn ratios, scopes, rounding, channel groups and head rules into pruned groups."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..graph.dependency import DependencyGraph, is_out_channel_pruning_fn
+from ..graph.group import Group
+from ..layers.base import as_index_tensor
+from .optim_state import apply_optimizer_plan, plan_optimizer_state
+from .schedulers import linear_scheduler
+
+DEFAULT_ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM)
+
+
+class BasePruner:
+    """Structural pruner driven by an importance criterion (also exported as MetaPruner).
+
+    ``pruning_ratio`` is the fraction of each group's original channels removed once all
+    ``iterative_steps`` have run. Channel counts after a step are ``floor(original * (1 - ratio))``,
+    at least one channel (or one channel group), rounded up to a multiple of ``round_to`` when given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs,
+        importance: Callable | None = None,
+        global_pruning: bool = False,
+        pruning_ratio: float = 0.5,
+        pruning_ratio_dict: dict | None = None,
+        max_pruning_ratio: float = 1.0,
+        iterative_steps: int = 1,
+        iterative_pruning_ratio_scheduler: Callable = linear_scheduler,
+        ignored_layers: list | None = None,
+        round_to: int | None = None,
+        isomorphic: bool = False,
+        in_channel_groups: dict | None = None,
+        out_channel_groups: dict | None = None,
+        num_heads: dict | None = None,
+        prune_num_heads: bool = False,
+        prune_head_dims: bool = True,
+        head_pruning_ratio: float = 0.0,
+        head_pruning_ratio_dict: dict | None = None,
+        customized_pruners: dict | None = None,
+        unwrapped_parameters=None,
+        root_module_types=DEFAULT_ROOT_TYPES,
+        forward_fn: Callable | None = None,
+        output_transform: Callable | None = None,
+        channel_groups: dict | None = None,
+        ch_sparsity: float | None = None,
+        ch_sparsity_dict: dict | None = None,
+        verify: bool = True,
+    ):
+        if ch_sparsity is not None:
+            warnings.warn("ch_sparsity is deprecated; use pruning_ratio", DeprecationWarning, stacklevel=2)
+            pruning_ratio = ch_sparsity
+        if ch_sparsity_dict is not None:
+            warnings.warn("ch_sparsity_dict is deprecated; use pruning_ratio_dict", DeprecationWarning, stacklevel=2)
+            pruning_ratio_dict = ch_sparsity_dict
+        if channel_groups:
+            warnings.warn("channel_groups is deprecated; use out_channel_groups", DeprecationWarning, stacklevel=2)
+            out_channel_groups = {**(out_channel_groups or {}), **channel_groups}
+        _check_ratio("pruning_ratio", pruning_ratio)
+        _check_ratio("head_pruning_ratio", head_pruning_ratio)
+        if not 0.0 < max_pruning_ratio <= 1.0:
+            raise ValueError(f"max_pruning_ratio must lie in (0, 1], got {max_pruning_ratio}")
+        if not isinstance(iterative_steps, int) or iterative_steps <= 0:
+            raise ValueError(f"iterative_steps must be a positive integer, got {iterative_steps!r}")
+        if round_to is not None and (not isinstance(round_to, int) or round_to <= 0):
+            raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+        for key, ratio in (pruning_ratio_dict or {}).items():
+            _check_ratio(f"pruning_ratio_dict[{_describe(key)}]", ratio)
+
+        self.model = model
+        self.example_inputs = example_inputs
+        self.importance = importance
+        self.global_pruning = global_pruning
+        self.pruning_ratio = pruning_ratio
+        self.max_pruning_ratio = max_pruning_ratio
+        self.iterative_steps = iterative_steps
+        self.iterative_pruning_ratio_scheduler = iterative_pruning_ratio_scheduler
+        self.round_to = round_to
+        self.isomorphic = isomorphic
+        self.prune_num_heads = prune_num_heads
+        self.prune_head_dims = prune_head_dims
+        self.head_pruning_ratio = head_pruning_ratio
+        self.root_module_types = tuple(root_module_types) if root_module_types else DEFAULT_ROOT_TYPES
+        self.forward_fn = forward_fn
+        self.output_transform = output_transform
+        self.verify = verify
+        self.current_step = 0
+
+        self.ignored_layers, ignored_params = _split_ignored(ignored_layers)
+        self.in_channel_groups = dict(in_channel_groups or {})
+        self.out_channel_groups = dict(out_channel_groups or {})
+        self.num_heads = dict(num_heads or {})
+
+        self.DG = DependencyGraph().build_dependency(
+            model, example_inputs, forward_fn=forward_fn, output_transform=output_transform,
+            unwrapped_parameters=unwrapped_parameters, customized_pruners=customized_pruners,
+            ignored_layers=self.ignored_layers, ignored_params=ignored_params,
+        )
+        self._init_scopes(pruning_ratio_dict, head_pruning_ratio_dict)
+        self.layer_init_out_ch = {}
+        self.layer_init_in_ch = {}
+        for module, node in self.DG.module2node.items():
+            if isinstance(module, nn.Parameter):
+                continue
+            self.layer_init_out_ch[module] = self.DG._safe_channels(node, "out")
+            self.layer_init_in_ch[module] = self.DG._safe_channels(node, "in")
+        self.init_num_heads = dict(self.num_heads)
+        self._initial_groups = None
+
+    # -- scopes and targets --------------------------------------------------------------------------
+    def _init_scopes(self, pruning_ratio_dict, head_pruning_ratio_dict):
+        steps = self.iterative_steps
+        schedule = self.iterative_pruning_ratio_scheduler
+        self.per_step_pruning_ratio = schedule(self.pruning_ratio, steps)
+        self.pruning_ratio_dict = {}
+        for key, ratio in (pruning_ratio_dict or {}).items():
+            modules = key if isinstance(key, (tuple, list)) else (key,)
+            expanded = []
+            for module in modules:
+                expanded.extend(m for m in module.modules() if m in self.DG.module2node) if isinstance(
+                    module, nn.Module) else expanded.append(module)
+            scope = tuple(expanded)
+            for module in scope:
+                self.pruning_ratio_dict[module] = (scope, schedule(ratio, steps))
+        self.per_step_head_pruning_ratio = schedule(self.head_pruning_ratio, steps)
+        self.head_pruning_ratio_dict = {
+            module: schedule(ratio, steps) for module, ratio in (head_pruning_ratio_dict or {}).items()
+        }
+
+    def get_target_pruning_ratio(self, module) -> float:
+        step = min(self.current_step, self.iterative_steps)
+        if module in self.pruning_ratio_dict:
+            return self.pruning_ratio_dict[module][1][step]
+        return self.per_step_pruning_ratio[step]
+
+    def get_target_head_pruning_ratio(self, module) -> float:
+        step = min(self.current_step, self.iterative_steps)
+        if module in self.head_pruning_ratio_dict:
+            return self.head_pruning_ratio_dict[module][step]
+        return self.per_step_head_pruning_ratio[step]
+
+    def reset(self) -> None:
+        self.current_step = 0
+
+    # -- hooks for sparse-training subclasses ---------------------------------------------------------
+    def update_regularizer(self) -> None:
+        """No regularizer here; GrowingRegPruner and friends rebuild theirs after a step."""
+
+    def regularize(self, model: nn.Module, *args, **kwargs) -> None:
+        """No-op: plain pruning adds nothing to the gradients."""
+
+    # -- groups ----------------------------------------------------------------------------------------
+    def _groups(self) -> list[Group]:
+        return list(self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                           root_module_types=self.root_module_types))
+
+    def estimate_importance(self, group: Group) -> torch.Tensor | None:
+        if self.importance is None:
+            raise ValueError("this pruner has no importance criterion; pass importance=tp.importance....")
+        return self.importance(group)
+
+    def _channel_groups(self, group: Group) -> int:
+        """Channels of a group must go symmetrically across this many blocks (grouped convs, heads)."""
+        count = 1
+        for item in group:
+            module = item.dep.target.module
+            if isinstance(module, nn.Parameter):
+                continue
+            pruner = item.dep.target.pruner
+            if is_out_channel_pruning_fn(item.dep.handler):
+                value = self.out_channel_groups.get(module, pruner.get_out_channel_groups(module))
+            else:
+                value = self.in_channel_groups.get(module, pruner.get_in_channel_groups(module))
+            if module in self.num_heads and self.prune_head_dims and not self.prune_num_heads:
+                value = max(value, self.num_heads[module])
+            count = max(count, value or 1)
+        return count
+
+    def _n_keep(self, module, current: int, ratio: float, channel_groups: int) -> int:
+        original = self.layer_init_out_ch.get(module) or current
+        keep = int(math.floor(original * (1 - ratio) + 1e-9))
+        unit = channel_groups
+        if self.round_to:
+            unit = unit * self.round_to // math.gcd(unit, self.round_to)
+        keep = max(unit, int(math.ceil(keep / unit)) * unit)
+        keep = max(keep, int(math.ceil(original * (1 - self.max_pruning_ratio))))
+        return min(current, keep)
+
+    # -- stepping --------------------------------------------------------------------------------------
+    def step(self, interactive: bool = False, optimizer=None):
+        """Advance the schedule by one step and prune; with ``interactive`` yield groups to prune yourself."""
+        self.current_step += 1
+        if self.current_step > self.iterative_steps:
+            warnings.warn("pruning schedule already finished; step() does nothing", stacklevel=2)
+            self.current_step = self.iterative_steps
+            return iter(()) if interactive else None
+        plan = self._plan_global() if self.global_pruning else self._plan_local()
+        if interactive:
+            return self._interactive(plan, optimizer)
+        for group in plan:
+            self._prune_group(group, optimizer)
+        self._after_step()
+        return None
+
+    def _interactive(self, plan, optimizer) -> Iterator[Group]:
+        for group in plan:
+            yield group
+        self._after_step()
+
+    def _prune_group(self, group: Group, optimizer=None) -> None:
+        plan = plan_optimizer_state(optimizer, group) if optimizer is not None else []
+        group.prune()
+        apply_optimizer_plan(plan)  # only once the model changed, so a failed prune leaves both intact
+
+    def _after_step(self) -> None:
+        if self.verify:
+            self._verify_forward()
+
+    def _verify_forward(self) -> None:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                if self.forward_fn is not None:
+                    self.forward_fn(model, self.example_inputs)
+                elif isinstance(self.example_inputs, dict):
+                    model(**self.example_inputs)
+                elif isinstance(self.example_inputs, (tuple, list)):
+                    model(*self.example_inputs)
+                else:
+                    model(self.example_inputs)
+        except Exception as error:
+            raise RuntimeError(
+                f"the pruned model no longer runs on the example inputs: {error}. A module attribute probably "
+                f"disagrees with the new shapes; register an adapter (structprune.adapters.register_adapter) "
+                f"for this model family or report it"
+            ) from error
+        finally:
+            model.train(was_training)
+
+    def _select(self, group: Group, imp: torch.Tensor, n_prune: int, channel_groups: int) -> torch.Tensor:
+        """Lowest-importance root channels, the same local positions in each of ``channel_groups`` blocks."""
+        total = len(imp)
+        if channel_groups > 1 and total % channel_groups == 0:
+            per_block = imp.view(channel_groups, -1).mean(0)
+            local = torch.argsort(per_block)[: n_prune // channel_groups]
+            block = total // channel_groups
+            return (local[None, :] + torch.arange(channel_groups)[:, None] * block).reshape(-1)
+        return torch.argsort(imp)[:n_prune]
+
+    def _plan_local(self) -> Iterator[Group]:
+        for group in self._groups():
+            root = group[0].dep.target.module
+            current = len(group[0].idxs)
+            channel_groups = self._channel_groups(group)
+            if current % channel_groups:
+                continue
+            ratio = self.get_target_pruning_ratio(root)
+            n_prune = current - self._n_keep(root, current, ratio, channel_groups)
+            if n_prune <= 0:
+                continue
+            imp = self.estimate_importance(group)
+            if imp is None or torch.isnan(imp).any():
+                continue
+            chosen = self._choose(group, imp, n_prune, channel_groups)
+            if chosen is not None:
+                yield chosen
+
+    def _choose(self, group, imp, n_prune, channel_groups):
+        """A prunable group for the lowest-scoring channels; regrouped symmetrically if the graph asks."""
+        root = group[0].dep
+        for blocks in _block_candidates(channel_groups, len(imp), n_prune):
+            idxs = self._select(group, imp.detach().cpu(), n_prune - n_prune % blocks, blocks)
+            if len(idxs) == 0:
+                return None
+            candidate = self.DG.get_pruning_group(root.target.module, root.handler, idxs.tolist())
+            if self.DG.check_pruning_group(candidate):
+                return candidate
+        return None
+
+    def _plan_global(self) -> Iterator[Group]:
+        entries = []
+        for group in self._groups():
+            imp = self.estimate_importance(group)
+            if imp is None or torch.isnan(imp).any():
+                continue
+            entries.append((group, imp.detach().cpu(), self._channel_groups(group)))
+        if not entries:
+            return
+        if self.isomorphic:
+            buckets: dict = {}
+            for entry in entries:
+                buckets.setdefault(_signature(entry[0]), []).append(entry)
+            for bucket in buckets.values():
+                yield from self._global_bucket(bucket)
+        else:
+            yield from self._global_bucket(entries)
+
+    def _global_bucket(self, entries):
+        scores = []
+        total_original = 0
+        total_current = 0
+        for group, imp, blocks in entries:
+            root = group[0].dep.target.module
+            total_original += self.layer_init_out_ch.get(root) or len(imp)
+            total_current += len(imp)
+            scores.append(imp.view(blocks, -1).mean(0) if blocks > 1 and len(imp) % blocks == 0 else imp)
+        ratio = self.per_step_pruning_ratio[min(self.current_step, self.iterative_steps)]
+        n_prune = total_current - int(total_original * (1 - ratio))
+        if n_prune <= 0:
+            return
+        flat = torch.cat([s.repeat(b) if b > 1 and len(i) % b == 0 else s
+                          for s, (_, i, b) in zip(scores, entries)])
+        threshold = torch.kthvalue(flat, min(n_prune, len(flat))).values
+        for (group, imp, blocks), score in zip(entries, scores):
+            root = group[0].dep.target.module
+            current = len(imp)
+            limit = current - self._n_keep(root, current, self.max_pruning_ratio, blocks)
+            wanted = int((score <= threshold).sum()) * (blocks if len(score) != current else 1)
+            n = min(wanted, limit)
+            if n <= 0:
+                continue
+            chosen = self._choose(group, imp, n, blocks)
+            if chosen is not None:
+                yield chosen
+
+    # -- manual and history --------------------------------------------------------------------------
+    def manual_prune_width(self, layer: nn.Module, pruning_fn, ratio_or_idxs) -> None:
+        """Prune a layer's group by a ratio (lowest importance first) or by explicit indices."""
+        if isinstance(ratio_or_idxs, float):
+            _check_ratio("ratio", ratio_or_idxs)
+            full = self.DG.get_pruning_group(layer, pruning_fn, [])
+            total = self.DG._channels(full[0].dep.target, "out" if is_out_channel_pruning_fn(pruning_fn) else "in")
+            group = self.DG.get_pruning_group(layer, pruning_fn, list(range(total)))
+            imp = self.estimate_importance(group)
+            idxs = torch.argsort(imp)[: int(total * ratio_or_idxs)].tolist()
+        else:
+            idxs = as_index_tensor(ratio_or_idxs).tolist()
+        self.DG.get_pruning_group(layer, pruning_fn, idxs).prune()
+
+    def pruning_history(self):
+        return self.DG.pruning_history()
+
+    def load_pruning_history(self, history) -> None:
+        self.DG.load_pruning_history(history)
+
+
+MetaPruner = BasePruner
+
+
+def _block_candidates(channel_groups: int, total: int, n_prune: int):
+    """Try the declared grouping first, then small symmetric groupings the graph may require (shuffles)."""
+    yield channel_groups
+    for blocks in (2, 3, 4, 8):
+        if blocks != channel_groups and total % blocks == 0 and blocks % channel_groups == 0 and n_prune >= blocks:
+            yield blocks
+
+
+def _signature(group: Group) -> tuple:
+    return tuple((type(item.dep.target.module).__name__, item.dep.handler.__name__) for item in group)
+
+
+def _check_ratio(name: str, ratio) -> None:
+    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {ratio!r}")
+
+
+def _describe(key) -> str:
+    return type(key).__name__ if not isinstance(key, (tuple, list)) else "(" + ", ".join(type(k).__name__ for k in key) + ")"
+
+
+def _split_ignored(ignored) -> tuple[list, list]:
+    layers, params = [], []
+    for item in ignored or []:
+        if isinstance(item, nn.Parameter):
+            params.append(item)
+        elif isinstance(item, nn.Module) or isinstance(item, type):
+            layers.append(item)
+        else:
+            raise TypeError(
+                f"ignored_layers accepts modules, module types and nn.Parameters; got {type(item).__name__} "
+                f"({item!r})"
+            )
+    return layers, params

@@ -1,0 +1,49 @@
+"""Slice optimizer state (SGD momentum, Adam moments) along the same axes a group prunes."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..graph.dependency import is_out_channel_pruning_fn
+from ..graph.group import Group
+
+
+def plan_optimizer_state(optimizer: torch.optim.Optimizer, group: Group) -> list:
+    """What to slice, computed before pruning while shapes still match the indices."""
+    plan = []
+    for item in group:
+        node = item.dep.target
+        module = node.module
+        idxs = torch.tensor(item.idxs, dtype=torch.long)
+        if isinstance(module, nn.Parameter):
+            axes = [(module, node.pruning_dim, idxs)]
+        else:
+            pruner = node.pruner
+            coupled = pruner.is_coupled(module)
+            declared = pruner.out_axes(module) if coupled or is_out_channel_pruning_fn(item.dep.handler) else pruner.in_axes(module)
+            axes = []
+            for axis in declared:
+                tensor = axis.tensor(module)
+                if isinstance(tensor, nn.Parameter):
+                    axes.append((tensor, axis.dim, axis.positions(idxs, tensor)))
+        for param, dim, positions in axes:
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            keep = torch.ones(param.shape[dim], dtype=torch.bool)
+            keep[positions] = False
+            keep = torch.nonzero(keep).reshape(-1)
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    plan.append((state, name, dim, keep))
+    return plan
+
+
+def apply_optimizer_plan(plan: list) -> None:
+    for state, name, dim, keep in plan:
+        value = state[name]
+        state[name] = value.index_select(dim, keep.to(value.device)).contiguous()
+
+
+def prune_optimizer_state(optimizer, group: Group) -> None:
+    apply_optimizer_plan(plan_optimizer_state(optimizer, group))

@@ -28,7 +28,17 @@ def _torchvision_vit(module) -> None:
     module.hidden_dim = module.conv_proj.out_channels
 
 
+def _torchvision_maxvit_attention(module) -> None:
+    # q/k/v are reshaped with (n_heads, head_dim); head-dim pruning shrinks every head alike
+    module.head_dim = module.merge.in_features // module.n_heads
+
+
 ADAPTERS: list[Adapter] = [
+    Adapter(
+        "torchvision RelativePositionalMultiHeadAttention.head_dim",
+        lambda module: _class_named("RelativePositionalMultiHeadAttention")(module) and hasattr(module, "merge"),
+        _torchvision_maxvit_attention,
+    ),
     Adapter(
         "torchvision VisionTransformer.hidden_dim",
         lambda module: _class_named("VisionTransformer")(module) and hasattr(module, "conv_proj"),

@@ -44,13 +44,13 @@ class ConvPruner(BasePruningFunc):
         return 1 if self.is_coupled(layer) else layer.groups
 
     def update_attrs(self, layer):
+        # attributes still describe the layer before pruning here, so is_coupled sees the old layout
+        depthwise = self.is_coupled(layer)
         layer.out_channels = layer.weight.shape[0]
-        per_group_in = layer.weight.shape[1]
-        if self.is_coupled(layer) or layer.groups == layer.in_channels:
-            layer.groups = layer.out_channels
-            layer.in_channels = layer.out_channels
+        if depthwise:
+            layer.groups = layer.in_channels = layer.out_channels
         else:
-            layer.in_channels = per_group_in * layer.groups
+            layer.in_channels = layer.weight.shape[1] * layer.groups
 
 
 class DepthwiseConvPruner(ConvPruner):
@@ -71,10 +71,10 @@ class ConvTransposePruner(ConvPruner):
         return [Axis("weight", 0)]
 
     def update_attrs(self, layer):
+        depthwise = self.is_coupled(layer)
         layer.in_channels = layer.weight.shape[0]
-        if self.is_coupled(layer) or layer.groups == layer.out_channels:
-            layer.groups = layer.in_channels
-            layer.out_channels = layer.in_channels
+        if depthwise:
+            layer.groups = layer.out_channels = layer.in_channels
         else:
             layer.out_channels = layer.weight.shape[1] * layer.groups
 

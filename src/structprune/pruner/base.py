@@ -358,11 +358,16 @@ class BasePruner:
 MetaPruner = BasePruner
 
 
-def _block_candidates(channel_groups: int, total: int, n_prune: int):
-    """Try the declared grouping first, then small symmetric groupings the graph may require (shuffles)."""
+def _block_candidates(channel_groups: int, total: int, n_prune: int, limit: int = 24):
+    """The declared grouping first, then ever coarser symmetric groupings the graph may require: a
+    channel shuffle or a fused q/k/v reshape only accepts the same local channels in every block."""
     yield channel_groups
-    for blocks in (2, 3, 4, 8):
-        if blocks != channel_groups and total % blocks == 0 and blocks % channel_groups == 0 and n_prune >= blocks:
+    tried = 1
+    for blocks in range(channel_groups + 1, total + 1):
+        if tried >= limit or blocks > n_prune:
+            return
+        if total % blocks == 0 and blocks % channel_groups == 0:
+            tried += 1
             yield blocks
 
 

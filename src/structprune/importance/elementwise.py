@@ -1,0 +1,100 @@
+"""The shared pipeline of parameter-based criteria: element scores -> channel scores -> group scores."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..graph.group import Group, GroupItem
+from .base import Importance
+from .normalizers import apply_normalizer, get_normalizer
+from .reductions import get_reduction, scatter_items
+from .slices import channel_sums, is_bias, item_axes, parameter_of, tensor_name
+
+DEFAULT_TARGET_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+
+
+class ElementwiseImportance(Importance):
+    """Score every parameter element, sum per channel, reduce over the group, normalize.
+
+    For each group item whose layer is one of ``target_types``, the item's axes (out_axes for
+    output-side and coupled items, in_axes for input-side ones) select the parameters it removes;
+    buffers never count and biases count only with ``bias=True``. The item's score for a channel is
+    the sum of :meth:`element_scores` over that channel's slice of every selected parameter, passed
+    through :meth:`channel_scores`. Item scores land on the root channels via ``root_idxs``, then
+    ``group_reduction`` and ``normalizer`` apply.
+
+    Subclasses give :meth:`element_scores` (and may override :meth:`channel_scores`, :meth:`finalize`).
+    """
+
+    def __init__(
+        self,
+        group_reduction: str | None = "mean",
+        normalizer: str | None = "mean",
+        bias: bool = False,
+        target_types: tuple = DEFAULT_TARGET_TYPES,
+    ):
+        self.group_reduction = group_reduction
+        self.normalizer = normalizer
+        self.bias = bias
+        self.target_types = tuple(target_types)
+        self._reduce = get_reduction(group_reduction)  # fail at construction on a bad name
+        self._normalize = get_normalizer(normalizer)
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def element_scores(self, param: nn.Parameter, name: str) -> torch.Tensor:
+        """Per-element scores of ``param`` (same shape, float32); ``name`` is for error messages."""
+        raise NotImplementedError
+
+    def channel_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Post-process an item's per-channel sums (identity here)."""
+        return scores
+
+    def finalize(self, reduced: torch.Tensor) -> torch.Tensor:
+        """Post-process the reduced group scores before normalizing (identity here)."""
+        return reduced
+
+    # -- pipeline -------------------------------------------------------------------------------------
+    def __call__(self, group: Group) -> torch.Tensor | None:
+        with torch.no_grad():
+            scores, roots = [], []
+            positions = _root_positions(group)
+            for item in group:
+                score = self.item_scores(item)
+                if score is None:
+                    continue
+                # Root channels outside group[0].idxs (possible only for hand-built groups) are dropped.
+                where = positions[torch.tensor(item.root_idxs, dtype=torch.long)]
+                keep = where >= 0
+                scores.append(score[keep.to(score.device)])
+                roots.append(where[keep])
+            if not scores:
+                return None
+            stack, mask = scatter_items(scores, roots, len(group[0].idxs))
+            reduced = self.finalize(self._reduce(stack, mask))
+            return apply_normalizer(self._normalize, reduced).float()
+
+    def item_scores(self, item: GroupItem) -> torch.Tensor | None:
+        """One item's score for each of its channels ``item.idxs``; None if it has nothing to score."""
+        layer = item.dep.target.module
+        if not isinstance(layer, self.target_types):
+            return None
+        idxs = torch.tensor(item.idxs, dtype=torch.long)
+        total = None
+        for axis in item_axes(item):
+            if is_bias(axis) and not self.bias:
+                continue
+            param = parameter_of(layer, axis)
+            if param is None:
+                continue
+            sums = channel_sums(self.element_scores(param, tensor_name(item, axis)), axis, idxs)
+            total = sums if total is None else total + sums.to(total.device)
+        return None if total is None else self.channel_scores(total)
+
+
+def _root_positions(group: Group) -> torch.Tensor:
+    """Map a root channel number to its position in ``group[0].idxs`` (identity for full groups)."""
+    root = torch.tensor(group[0].root_idxs, dtype=torch.long)
+    size = max((max(item.root_idxs, default=-1) for item in group), default=-1) + 1
+    lookup = torch.full((max(size, 1),), -1, dtype=torch.long)
+    lookup[root] = torch.arange(len(root))
+    return lookup

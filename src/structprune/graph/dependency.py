@@ -136,9 +136,24 @@ class DependencyGraph:
                 f"no parameter of {type(model).__name__} reaches its outputs ({len(leaves)} tensor outputs, "
                 f"none with a grad_fn): check requires_grad on the parameters and that the forward uses them"
             )
-        self._tracer = tracer
         self._output_keys = {(t.grad_fn, t.output_nr) for t in roots}
         self._collect(tracer, list(self._output_keys))
+        self._compact()
+
+    def _compact(self):
+        """Swap autograd nodes for plain ids so the traced graph is freed.
+
+        Holding it would keep each parameter's gradient accumulator alive with the pre-pruning shape, and
+        the next backward after pruning would fail.
+        """
+        ids = {key: index for index, key in enumerate(self.values)}
+        for key, value in self.values.items():
+            value.key = ids[key]
+        self.values = {ids[key]: value for key, value in self.values.items()}
+        for call in self.calls:
+            call.inputs = [ids.get(key) for key in call.inputs]
+            call.outputs = [ids.get(key) for key in call.outputs]
+        self._output_keys = {ids[key] for key in self._output_keys if key in ids}
 
     def _collect(self, tracer: Tracer, output_keys: list):
         """Walk back from the outputs once, iteratively, keeping only calls that reach them."""
@@ -261,7 +276,8 @@ class DependencyGraph:
             side = OUT
         total = self._channels(node, side)
         if total is not None:
-            validate_idxs(module, idxs, total, side + "put", name=node.name)
+            # a group over every channel is fine to inspect and score; pruning it is refused later
+            validate_idxs(module, idxs, total, side + "put", name=node.name, allow_all=True)
         alive = self._alive.get((module, side))
         original = alive[idxs] if alive is not None else idxs
         return self._to_current(self._discover(node, side, original, pruning_fn))
@@ -558,7 +574,21 @@ class DependencyGraph:
             if any(_is_ignored(item.dep.target.module, ignored) and is_out_channel_pruning_fn(item.dep.handler)
                    for item in group):
                 continue
+            if any(self._owns_ignored_param(item) for item in group):
+                continue
             yield group
+
+    def _owns_ignored_param(self, item) -> bool:
+        """A group that would slice an ignored parameter (e.g. ``bn.weight``) is left alone."""
+        if not self.ignored_params:
+            return False
+        module = item.dep.target.module
+        if isinstance(module, nn.Parameter):
+            return any(module is p for p in self.ignored_params)
+        pruner = item.dep.target.pruner
+        coupled = pruner.is_coupled(module)
+        axes = pruner.out_axes(module) if coupled or is_out_channel_pruning_fn(item.dep.handler) else pruner.in_axes(module)
+        return any(any(axis.tensor(module) is p for p in self.ignored_params) for axis in axes)
 
     def _cached_group(self, node):
         module = node.module

@@ -118,7 +118,14 @@ def keeps_product(state: ChannelState, shape) -> bool:
     return bool(torch.equal(grid, kept))
 
 
+CONCATS = {"cat", "concat", "concatenate"}
+SPLITS = {"split", "split_with_sizes", "chunk", "tensor_split", "narrow"}
+
+
 def _movement_unchecked(call, operand, state):
+    fast = _fast_concat_or_split(call, operand, state)
+    if fast is not None:
+        return fast
     n_in = len(call.inputs)
     results = []
     if operand < n_in:
@@ -136,6 +143,55 @@ def _movement_unchecked(call, operand, state):
         if mapped is not None:
             results.append((source, mapped))
     return results
+
+
+def _fast_concat_or_split(call, operand, state):
+    """Offsets along one dim: the common case (DenseNet, Inception, qkv chunks) without replaying the op."""
+    if call.name in CONCATS:
+        pieces, whole = call.in_shapes, call.out_shapes[0]
+    elif call.name in SPLITS and len(call.in_shapes) == 1:
+        pieces, whole = call.out_shapes, call.in_shapes[0]
+    else:
+        return None
+    dim = _dim_argument(call, len(whole))
+    if dim is None or any(len(p) != len(whole) for p in pieces):
+        return None
+    if call.name == "narrow":
+        start = call.args[2] if len(call.args) > 2 else call.kwargs.get("start")
+        offsets = [int(start)]
+    else:
+        offsets = [0]
+        for piece in pieces[:-1]:
+            offsets.append(offsets[-1] + piece[dim])
+    n_pieces = len(pieces)
+    # operand numbering: inputs first, then outputs
+    piece_operands = list(range(n_pieces)) if call.name in CONCATS else [1 + i for i in range(n_pieces)]
+    whole_operand = n_pieces if call.name in CONCATS else 0
+    if dim not in state.dims:
+        if not all(p[d] == whole[d] for p in pieces for d in state.dims):
+            return None
+        return [(o, state) for o in piece_operands + [whole_operand] if o != operand]
+    if state.dims != (dim,):
+        return None
+    if operand == whole_operand:
+        results = []
+        for o, offset, piece in zip(piece_operands, offsets, pieces):
+            inside = (state.idxs >= offset) & (state.idxs < offset + piece[dim])
+            if bool(inside.any()):
+                results.append((o, ChannelState((dim,), state.idxs[inside] - offset, state.roots[inside])))
+        return results
+    offset = offsets[piece_operands.index(operand)]
+    return [(whole_operand, ChannelState((dim,), state.idxs + offset, state.roots))]
+
+
+def _dim_argument(call, ndim):
+    if call.name in CONCATS:
+        dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", 0)
+    elif call.name == "narrow":
+        dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim")
+    else:
+        dim = call.args[2] if len(call.args) > 2 else call.kwargs.get("dim", 0)
+    return dim % ndim if isinstance(dim, int) else None
 
 
 def _is_float(call, index) -> bool:

@@ -62,7 +62,13 @@ def _flatten(obj, out: list, slot=()):
 
 
 def _freeze(obj):
-    """Copy containers so later mutation (DenseNet appends to the list it concatenated) cannot change them."""
+    """Copy containers so later mutation (DenseNet appends to the list it concatenated) cannot change them.
+
+    Float tensors are dropped (replays substitute labels for them) and the rest detached, so a recorded
+    call holds no activation and no autograd history.
+    """
+    if isinstance(obj, torch.Tensor):
+        return None if obj.is_floating_point() or obj.is_complex() else obj.detach()
     if isinstance(obj, list):
         return [_freeze(item) for item in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):

@@ -119,7 +119,8 @@ def _complement(positions: torch.Tensor, size: int, device) -> torch.Tensor:
     return torch.nonzero(mask).reshape(-1).to(device)
 
 
-def validate_idxs(layer: nn.Module, idxs: torch.Tensor, total: int, side: str, name: str | None = None) -> None:
+def validate_idxs(layer: nn.Module, idxs: torch.Tensor, total: int, side: str, name: str | None = None,
+                  allow_all: bool = False) -> None:
     where = name or type(layer).__name__
     if len(idxs) == 0:
         return
@@ -130,7 +131,7 @@ def validate_idxs(layer: nn.Module, idxs: torch.Tensor, total: int, side: str, n
         )
     if len(torch.unique(idxs)) != len(idxs):
         raise ValueError(f"{where}: duplicated {side} channel indices {idxs.tolist()[:8]}...; pass each index once")
-    if len(idxs) >= total:
+    if len(idxs) >= total and not allow_all:
         raise ValueError(
             f"{where}: pruning all {total} {side} channels would leave an empty layer; keep at least one"
         )

@@ -339,8 +339,8 @@ class BasePruner:
         """Prune a layer's group by a ratio (lowest importance first) or by explicit indices."""
         if isinstance(ratio_or_idxs, float):
             _check_ratio("ratio", ratio_or_idxs)
-            full = self.DG.get_pruning_group(layer, pruning_fn, [])
-            total = self.DG._channels(full[0].dep.target, "out" if is_out_channel_pruning_fn(pruning_fn) else "in")
+            node = self.DG.module2node[layer]
+            total = self.DG._channels(node, "out" if is_out_channel_pruning_fn(pruning_fn) else "in")
             group = self.DG.get_pruning_group(layer, pruning_fn, list(range(total)))
             imp = self.estimate_importance(group)
             idxs = torch.argsort(imp)[: int(total * ratio_or_idxs)].tolist()

@@ -1,0 +1,273 @@
+"""BasePruner options, each shown by its effect on channel counts."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import structprune as tp
+from nets import SmallCNN, example, magnitude
+
+
+def counts(model):
+    return model.conv1.out_channels, model.conv2.out_channels, model.conv3.out_channels
+
+
+def test_local_pruning_removes_ratio_of_every_group_and_keeps_classifier():
+    model, x = example()
+    pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5)
+    pruner.step()
+    assert counts(model) == (8, 16, 32)
+    assert model.fc.out_features == 10 and model.fc.in_features == 32
+    assert model(x).shape == (2, 10)
+
+
+def test_local_pruning_drops_the_lowest_scores():
+    model, x = example()
+    with torch.no_grad():
+        model.conv1.weight[[3, 7]] *= 1e-3
+    keep = [i for i in range(16) if i not in (3, 7)]
+    expected = model.conv1.weight.detach()[keep].clone()
+    tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.125, ignored_layers=[model.conv2, model.conv3]).step()
+    torch.testing.assert_close(model.conv1.weight.detach(), expected)
+
+
+def test_ratio_rounds_down_kept_channels_and_never_empties_a_layer():
+    model, x = example()
+    tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.99).step()
+    assert counts(model) == (1, 1, 1)
+    model, x = example()
+    tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.3).step()
+    assert counts(model) == (11, 22, 44)  # floor(16 * 0.7) = 11
+
+
+def test_global_pruning_takes_more_from_a_weak_layer_and_respects_max_ratio():
+    model, x = example()
+    with torch.no_grad():
+        model.conv2.weight *= 1e-3
+    # the test criterion is not normalised per group, so the scaled layer ranks lowest everywhere
+    tp.pruner.BasePruner(model, x, magnitude, global_pruning=True, pruning_ratio=0.3).step()
+    c1, c2, c3 = counts(model)
+    # 34 channels fall under the global threshold; conv2 must keep one, which is not taken elsewhere
+    assert c1 + c2 + c3 == int(112 * 0.7) + 1
+    assert 32 - c2 > 16 - c1 and 32 - c2 > 64 - c3 and c2 >= 1
+    model, x = example()
+    with torch.no_grad():
+        model.conv2.weight *= 1e-3
+    tp.pruner.BasePruner(model, x, magnitude, global_pruning=True, pruning_ratio=0.3, max_pruning_ratio=0.5).step()
+    assert model.conv2.out_channels == 16
+
+
+def test_pruning_ratio_dict_single_module_and_shared_scope():
+    model, x = example()
+    tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, pruning_ratio_dict={model.conv2: 0.25}).step()
+    assert counts(model) == (8, 24, 32)
+    model, x = example()
+    pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.0,
+                                  pruning_ratio_dict={(model.conv1, model.conv3): 0.75})
+    assert pruner.get_target_pruning_ratio(model.conv2) == 0.0
+    pruner.step()
+    assert counts(model) == (4, 32, 16)
+
+
+def test_iterative_steps_follow_the_linear_schedule_and_reset():
+    model, x = example()
+    pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, iterative_steps=4)
+    seen = []
+    for _ in range(4):
+        pruner.step()
+        seen.append(model.conv3.out_channels)
+    assert seen == [56, 48, 40, 32] and pruner.current_step == 4
+    pruner.reset()
+    assert pruner.current_step == 0
+
+
+def test_custom_scheduler_is_honoured():
+    model, x = example()
+
+    def front_loaded(ratio, steps):
+        return [0.0] + [ratio] * steps
+
+    pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, iterative_steps=2,
+                                  iterative_pruning_ratio_scheduler=front_loaded)
+    pruner.step()
+    assert model.conv3.out_channels == 32
+    pruner.step()
+    assert model.conv3.out_channels == 32
+
+
+def test_ignored_layers_by_module_type_and_parameter():
+    model, x = example()
+    tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, ignored_layers=[model.conv2]).step()
+    assert counts(model) == (8, 32, 32)
+    model, x = example()
+    tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, ignored_layers=[nn.Conv2d]).step()
+    assert counts(model) == (16, 32, 64)
+    model, x = example()
+    tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, ignored_layers=[model.bn3.weight]).step()
+    assert counts(model) == (8, 16, 64)
+
+
+def test_ignored_layers_rejects_other_things():
+    model, x = example()
+    with pytest.raises(TypeError, match="ignored_layers accepts modules"):
+        tp.pruner.BasePruner(model, x, magnitude, ignored_layers=["conv1"])
+
+
+def test_round_to_leaves_multiples():
+    model, x = example()
+    tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.3, round_to=8).step()
+    assert all(c % 8 == 0 for c in counts(model))
+    assert counts(model) == (16, 24, 48)
+
+
+def test_grouped_convolution_and_groupnorm_keep_groups_even():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 1)
+            self.gn = nn.GroupNorm(4, 16)
+            self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+            self.head = nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.grouped(self.gn(self.stem(x))))
+
+    model = Grouped()
+    x = torch.randn(1, 3, 6, 6)
+    tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5).step()
+    assert model.stem.out_channels == 8 and model.gn.num_channels == 8 and model.gn.num_groups == 4
+    assert model.grouped.in_channels == 8 and model.grouped.out_channels == 8 and model.grouped.groups == 4
+    assert model(x).shape == (1, 2, 6, 6)
+
+
+def test_multihead_attention_head_dims_shrink_equally():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(8, 16)
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(self.attn(h, h, h)[0] + h)
+
+    model = Block()
+    x = torch.randn(2, 5, 8)
+    tp.pruner.BasePruner(model, x, tp.importance.MagnitudeImportance(), pruning_ratio=0.5).step()
+    assert model.attn.embed_dim == 8 and model.attn.head_dim == 2 and model.attn.num_heads == 4
+    assert model(x).shape == (2, 5, 3)
+
+
+def test_isomorphic_global_ranks_within_same_structure():
+    model, x = example()
+    with torch.no_grad():
+        model.conv1.weight *= 1e-3
+    # conv1 and conv2 groups share a structure (conv, bn, conv-in); conv3's ends in the Linear
+    tp.pruner.BasePruner(model, x, magnitude, global_pruning=True, isomorphic=True, pruning_ratio=0.5).step()
+    assert model.conv3.out_channels == 32  # alone in its bucket: exactly its own half
+    # half of 48 goes from that bucket: all but one channel of the weak conv1, the rest from conv2
+    assert (model.conv1.out_channels, model.conv2.out_channels) == (1, 24)
+    model, x = example()
+    with torch.no_grad():
+        model.conv1.weight *= 1e-3
+    tp.pruner.BasePruner(model, x, magnitude, global_pruning=True, pruning_ratio=0.5).step()
+    assert model.conv3.out_channels != 32
+
+
+def test_root_module_types_choose_roots():
+    model, x = example()
+    tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, root_module_types=[nn.Linear]).step()
+    assert counts(model) == (16, 32, 64)  # fc's outputs are the model output: nothing to prune
+
+
+def test_forward_fn_and_output_transform():
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = SmallCNN()
+
+        def forward(self, batch):
+            return {"logits": self.net(batch["image"]), "meta": "text"}
+
+    model = Wrapped()
+    batch = {"image": torch.randn(2, 3, 8, 8)}
+    pruner = tp.pruner.BasePruner(
+        model, batch, magnitude, pruning_ratio=0.5,
+        forward_fn=lambda m, inputs: m(inputs), output_transform=lambda out: out["logits"],
+    )
+    pruner.step()
+    assert model.net.conv1.out_channels == 8 and model(batch)["logits"].shape == (2, 10)
+
+
+def test_interactive_step_yields_groups_to_prune_by_hand():
+    model, x = example()
+    pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5)
+    groups = list(pruner.step(interactive=True))
+    assert len(groups) == 3
+    for group in groups:
+        group.prune()
+    assert counts(model) == (8, 16, 32)
+
+
+def test_manual_prune_width_and_history_replay():
+    model, x = example()
+    pruner = tp.pruner.BasePruner(model, x, magnitude)
+    pruner.manual_prune_width(model.conv2, tp.prune_conv_out_channels, [0, 1, 2])
+    pruner.manual_prune_width(model.conv1, tp.prune_conv_out_channels, 0.25)
+    assert counts(model)[:2] == (12, 29)
+    history = pruner.pruning_history()
+    fresh, _ = example()
+    replay = tp.pruner.BasePruner(fresh, x, magnitude)
+    replay.load_pruning_history(history)
+    assert counts(fresh) == counts(model)
+    torch.testing.assert_close(fresh.conv2.weight, model.conv2.weight)
+
+
+def test_deprecated_arguments_warn():
+    model, x = example()
+    with pytest.warns(DeprecationWarning, match="ch_sparsity"):
+        pruner = tp.pruner.BasePruner(model, x, magnitude, ch_sparsity=0.25)
+    pruner.step()
+    assert model.conv1.out_channels == 12
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"pruning_ratio": 1.0}, "pruning_ratio must lie in"),
+    ({"pruning_ratio": -0.1}, "pruning_ratio must lie in"),
+    ({"iterative_steps": 0}, "iterative_steps must be a positive integer"),
+    ({"round_to": 0}, "round_to must be a positive integer"),
+])
+def test_bad_options_raise_before_touching_the_model(kwargs, message):
+    model, x = example()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        tp.pruner.BasePruner(model, x, magnitude, **kwargs)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_step_slices_optimizer_state():
+    model, x = example()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(x).sum().backward()
+    optimizer.step()
+    momentum = optimizer.state[model.conv2.weight]["momentum_buffer"].clone()
+    pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5)
+    groups = list(pruner.step(interactive=True))
+    kept_in = [i for i in range(16) if i not in groups[0][0].idxs]
+    kept_out = [i for i in range(32) if i not in groups[1][0].idxs]
+    for group in groups:
+        pruner._prune_group(group, optimizer)
+    sliced = optimizer.state[model.conv2.weight]["momentum_buffer"]
+    assert sliced.shape == model.conv2.weight.shape
+    torch.testing.assert_close(sliced, momentum[kept_out][:, kept_in])
+    model.zero_grad()
+    model(x).sum().backward()
+    optimizer.step()  # training continues with the same optimizer
+
+
+def test_magnitude_pruner_alias_and_meta_pruner():
+    assert tp.pruner.MagnitudePruner is tp.pruner.BasePruner
+    assert tp.pruner.MetaPruner is tp.pruner.BasePruner

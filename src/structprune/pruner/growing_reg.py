@@ -16,13 +16,32 @@ class GrowingRegPruner(BasePruner):
     then ``step()`` and ``update_regularizer()`` after each pruning step.
     """
 
+    SCHEDULES = ("seed", "greg1", "greg2")
+
     def __init__(self, model: nn.Module, example_inputs, importance, reg: float = 1e-5, delta_reg: float = 1e-5,
-                 *args, reg_types=DEFAULT_REG_TYPES, **kwargs):
+                 *args, reg_types=DEFAULT_REG_TYPES, schedule: str = "seed", reg_ceiling: float = 1.0,
+                 magnitude_ratio: float = 1e4, **kwargs):
+        """``schedule`` picks how reg grows on each ``update_reg()``:
+
+        - ``"seed"``: every channel grows by ``delta_reg * standardized importance`` (the documented rule).
+        - ``"greg1"`` (the paper's GReg-1): the channels to remove are chosen once by importance at the
+          first ``update_reg()`` of a pruning round; only they grow, by ``delta_reg`` a call, capped at
+          ``reg_ceiling``; the others stay at ``reg``; ``step()`` removes exactly those channels.
+        - ``"greg2"`` (GReg-2): every channel grows by ``delta_reg`` a call up to ``reg_ceiling``; ``step()``
+          then picks by importance (magnitude) as usual.
+        ``ready_to_prune()`` turns True once every growing reg reached ``reg_ceiling`` or, for the paper's
+        schedules, once the kept channels' mean magnitude exceeds ``magnitude_ratio`` times the rest.
+        """
         super().__init__(model, example_inputs, importance, *args, **kwargs)
         if reg < 0 or delta_reg < 0:
             raise ValueError(f"reg and delta_reg must be >= 0, got reg={reg}, delta_reg={delta_reg}")
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"schedule must be one of {self.SCHEDULES}, got {schedule!r}")
         self.base_reg = reg
         self.delta_reg = delta_reg
+        self.schedule = schedule
+        self.reg_ceiling = reg_ceiling
+        self.magnitude_ratio = magnitude_ratio
         self._engine = RegularizerEngine(reg_types)
         self.update_regularizer()
 
@@ -32,6 +51,7 @@ class GrowingRegPruner(BasePruner):
         self.group_reg = {
             group: torch.full((len(group[0].idxs),), float(self.base_reg)) for group in self._reg_groups
         }
+        self._selected = None  # GReg-1's channels to remove in the coming step, by root key
         self._engine.compile(self._reg_groups)
         self._scatter()
 
@@ -40,6 +60,12 @@ class GrowingRegPruner(BasePruner):
 
     def update_reg(self) -> None:
         """group_reg += delta_reg * standardized importance (least important channel -> +delta_reg)."""
+        if self.schedule == "greg1":
+            return self._update_greg1()
+        if self.schedule == "greg2":
+            for group in self._reg_groups:
+                self.group_reg[group] = (self.group_reg[group] + self.delta_reg).clamp(max=self.reg_ceiling)
+            return self._scatter()
         for group in self._reg_groups:
             imp = self.estimate_importance(group)
             if imp is None:
@@ -51,6 +77,78 @@ class GrowingRegPruner(BasePruner):
             self.group_reg[group] = self.group_reg[group] + self.delta_reg * standardized
         self._scatter()
 
+    # -- the paper's schedules -----------------------------------------------------------------------
+    def _update_greg1(self) -> None:
+        if self._selected is None:
+            self._selected = self._choose_for_next_step()
+        for group in self._reg_groups:
+            chosen = self._selected.get(self._group_key(group))
+            if chosen is None or len(chosen) == 0:
+                continue
+            reg = self.group_reg[group].clone()
+            reg[chosen] = (reg[chosen] + self.delta_reg).clamp(max=self.reg_ceiling)
+            self.group_reg[group] = reg
+        self._scatter()
+
+    def _choose_for_next_step(self) -> dict:
+        """Root channels the next step() will remove, chosen by importance now (GReg-1)."""
+        saved = self.current_step
+        self.current_step = min(saved + 1, self.iterative_steps)
+        try:
+            plan = list(self._plan_global() if self.global_pruning else self._plan_local())
+        finally:
+            self.current_step = saved
+        return {self._group_key(group): torch.tensor(group[0].idxs, dtype=torch.long) for group in plan}
+
+    def _choose(self, group, imp, n_prune, channel_groups):
+        if self.schedule == "greg1" and self._selected is not None:
+            chosen = self._selected.get(self._group_key(group))
+            if chosen is not None and len(chosen):
+                root = group[0].dep
+                return self.DG.get_pruning_group(root.target.module, root.handler, chosen.tolist())
+        return super()._choose(group, imp, n_prune, channel_groups)
+
+    def ready_to_prune(self) -> bool:
+        """True when growing regularization has done its work and step() will cost little."""
+        growing = self._growing_values()
+        if growing is not None and len(growing) and bool((growing >= self.reg_ceiling).all()):
+            return True
+        if self.schedule == "seed":
+            return False
+        return self._magnitude_ratio() >= self.magnitude_ratio
+
+    def _growing_values(self):
+        if self.schedule == "greg1":
+            if not self._selected:
+                return None
+            values = [self.group_reg[g][self._selected[self._group_key(g)]] for g in self._reg_groups
+                      if self._group_key(g) in self._selected]
+        else:
+            values = list(self.group_reg.values())
+        return torch.cat(values) if values else None
+
+    def _magnitude_ratio(self) -> float:
+        """Mean |importance| of channels to keep over that of channels to remove (GReg's signal)."""
+        chosen = self._selected if self.schedule == "greg1" else self._choose_for_next_step()
+        if not chosen:
+            return 0.0
+        kept, removed = [], []
+        for group in self._reg_groups:
+            idxs = chosen.get(self._group_key(group))
+            if idxs is None or len(idxs) == 0:
+                continue
+            imp = self.estimate_importance(group)
+            if imp is None:
+                continue
+            imp = imp.detach().float().cpu().abs()
+            mask = torch.zeros(len(imp), dtype=torch.bool)
+            mask[idxs] = True
+            kept.append(imp[~mask])
+            removed.append(imp[mask])
+        if not removed:
+            return 0.0
+        return float(torch.cat(kept).mean() / torch.cat(removed).mean().clamp(min=1e-12))
+
     def regularize(self, model: nn.Module = None, bias: bool = False) -> None:
         """grad += gamma * weight for every regularized channel; call after backward(), before optimizer.step()."""
         self._engine.apply(bias)
@@ -59,11 +157,15 @@ class GrowingRegPruner(BasePruner):
     def state_dict(self) -> dict:
         return {
             "current_step": self.current_step,
+            "schedule": self.schedule,
             "group_reg": {self._group_key(group): reg.clone() for group, reg in self.group_reg.items()},
+            "selected": None if self._selected is None else {k: v.clone() for k, v in self._selected.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.current_step = int(state["current_step"])
+        selected = state.get("selected")
+        self._selected = None if selected is None else {k: v.clone() for k, v in selected.items()}
         saved = state["group_reg"]
         for group in self._reg_groups:
             key = self._group_key(group)

@@ -255,11 +255,10 @@ def test_step_slices_optimizer_state():
     optimizer.step()
     momentum = optimizer.state[model.conv2.weight]["momentum_buffer"].clone()
     pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5)
-    groups = list(pruner.step(interactive=True))
-    kept_in = [i for i in range(16) if i not in groups[0][0].idxs]
-    kept_out = [i for i in range(32) if i not in groups[1][0].idxs]
-    for group in groups:
-        pruner._prune_group(group, optimizer)
+    pruner.step(optimizer=optimizer)
+    removed = {name: idxs for name, _, idxs in pruner.pruning_history()}
+    kept_in = [i for i in range(16) if i not in removed["conv1"]]
+    kept_out = [i for i in range(32) if i not in removed["conv2"]]
     sliced = optimizer.state[model.conv2.weight]["momentum_buffer"]
     assert sliced.shape == model.conv2.weight.shape
     torch.testing.assert_close(sliced, momentum[kept_out][:, kept_in])

@@ -2,26 +2,24 @@
 import torch
 import torchvision
 
-FULL_SIZE = {"vit_", "swin", "maxvit", "inception_v3"}
 
-
-def classification_models():
+def classification_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def input_size(name: str) -> int:
-    if name.startswith("inception"):
-        return 299 if False else 160
-    if name.startswith(("vit_", "swin", "maxvit")):
-        return 224
-    return 64
-
-
 def build(name: str):
+    """A randomly initialised model and the smallest input its architecture accepts comfortably."""
     torch.manual_seed(0)
-    kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
-    if name.startswith("vit_h_14"):
-        kwargs["image_size"] = 224
+    kwargs = {}
+    size = 64
+    if name in ("inception_v3", "googlenet"):
+        kwargs = {"aux_logits": False, "init_weights": False}
+        size = 96 if name == "inception_v3" else 64
+    if name.startswith("vit_"):
+        patch = int(name.split("_")[-1])
+        size = patch * 4
+        kwargs["image_size"] = size
+    if name.startswith(("swin", "maxvit")):
+        size = 224 if name.startswith("maxvit") else 96
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
-    size = input_size(name)
     return model, torch.randn(1, 3, size, size)

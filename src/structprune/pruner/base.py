@@ -203,29 +203,67 @@ class BasePruner:
             warnings.warn("pruning schedule already finished; step() does nothing", stacklevel=2)
             self.current_step = self.iterative_steps
             return iter(()) if interactive else None
-        plan = self._plan_global() if self.global_pruning else self._plan_local()
         if interactive:
-            return self._interactive(plan, optimizer)
-        for group in plan:
-            self._prune_group(group, optimizer)
-        self._after_step()
+            return self._interactive(self._plan(), optimizer)
+        checkpoint = self._checkpoint()
+        optimizer_plans = []
+        for group in self._plan():
+            optimizer_plans.append(self._prune_group(group, optimizer))
+        if self.verify and self._forward_error() is not None:
+            # some group broke the model (a size the graph cannot see, e.g. a reshape to an input's
+            # width): redo the step one group at a time, keeping only the groups after which it still runs
+            checkpoint.restore()
+            optimizer_plans = self._step_verified(optimizer)
+        for plan in optimizer_plans:
+            apply_optimizer_plan(plan)
         return None
+
+    def _plan(self) -> Iterator[Group]:
+        return self._plan_global() if self.global_pruning else self._plan_local()
+
+    def _step_verified(self, optimizer) -> list:
+        plans, skipped = [], []
+        for group in self._plan():
+            checkpoint = self._checkpoint()
+            plan = self._prune_group(group, optimizer)
+            error = self._forward_error()
+            if error is None:
+                plans.append(plan)
+            else:
+                checkpoint.restore()
+                skipped.append(f"{group[0].dep.target.name} ({error})")
+        if skipped:
+            warnings.warn(
+                "left unpruned because the model stopped running after pruning them: " + "; ".join(skipped),
+                stacklevel=3,
+            )
+        return plans
+
+    def _checkpoint(self) -> "_PrunerCheckpoint":
+        return _PrunerCheckpoint(self)
 
     def _interactive(self, plan, optimizer) -> Iterator[Group]:
         for group in plan:
             yield group
         self._after_step()
 
-    def _prune_group(self, group: Group, optimizer=None) -> None:
+    def _prune_group(self, group: Group, optimizer=None) -> list:
+        """Prune now; return the optimizer-state slicing to apply once the whole step is kept."""
         plan = plan_optimizer_state(optimizer, group) if optimizer is not None else []
         group.prune()
-        apply_optimizer_plan(plan)  # only once the model changed, so a failed prune leaves both intact
+        return plan
 
     def _after_step(self) -> None:
         if self.verify:
-            self._verify_forward()
+            error = self._forward_error()
+            if error is not None:
+                raise RuntimeError(
+                    f"the pruned model no longer runs on the example inputs: {error}. A module attribute "
+                    f"probably disagrees with the new shapes; register an adapter "
+                    f"(structprune.adapters.register_adapter) for this model family or report it"
+                )
 
-    def _verify_forward(self) -> None:
+    def _forward_error(self) -> str | None:
         model = self.model
         was_training = model.training
         model.eval()
@@ -239,14 +277,11 @@ class BasePruner:
                     model(*self.example_inputs)
                 else:
                     model(self.example_inputs)
-        except Exception as error:
-            raise RuntimeError(
-                f"the pruned model no longer runs on the example inputs: {error}. A module attribute probably "
-                f"disagrees with the new shapes; register an adapter (structprune.adapters.register_adapter) "
-                f"for this model family or report it"
-            ) from error
+        except Exception as error:  # noqa: BLE001 - any failure means the pruned model is broken
+            return f"{type(error).__name__}: {error}"
         finally:
             model.train(was_training)
+        return None
 
     def _select(self, group: Group, imp: torch.Tensor, n_prune: int, channel_groups: int) -> torch.Tensor:
         """Lowest-importance root channels, the same local positions in each of ``channel_groups`` blocks."""
@@ -356,6 +391,24 @@ class BasePruner:
 
 
 MetaPruner = BasePruner
+
+
+class _PrunerCheckpoint:
+    """Model tensors and attributes plus the graph's bookkeeping, to undo part of a step."""
+
+    def __init__(self, pruner: BasePruner):
+        from ..graph.dependency import _Snapshot
+
+        self.pruner = pruner
+        self.snapshot = _Snapshot(list(pruner.model.modules()))
+        self.alive = dict(pruner.DG._alive)
+        self.history = len(pruner.DG._history)
+
+    def restore(self) -> None:
+        self.snapshot.restore()
+        graph = self.pruner.DG
+        graph._alive = dict(self.alive)
+        del graph._history[self.history:]
 
 
 def _block_candidates(channel_groups: int, total: int, n_prune: int, limit: int = 24):

@@ -34,7 +34,8 @@ def plan_optimizer_state(optimizer: torch.optim.Optimizer, group: Group) -> list
             keep[positions] = False
             keep = torch.nonzero(keep).reshape(-1)
             for name, value in state.items():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                # compare only the pruned dim: earlier groups of the same step may still be pending
+                if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape[dim] == param.shape[dim]:
                     plan.append((state, name, dim, keep))
     return plan
 

@@ -1,0 +1,2 @@
+"""placeholder"""
+DemoConfig = run_demo = None

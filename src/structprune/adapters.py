@@ -51,13 +51,16 @@ def register_adapter(adapter: Adapter) -> None:
     ADAPTERS.append(adapter)
 
 
-def sync_attributes(model: nn.Module) -> list[str]:
+def matching_modules(model: nn.Module) -> list[tuple[nn.Module, Adapter]]:
+    """(module, adapter) pairs for a model; module types do not change, so this is found once."""
+    return [(module, adapter) for module in model.modules() for adapter in ADAPTERS if adapter.applies(module)]
+
+
+def sync_attributes(model: nn.Module, matches: list | None = None) -> list[str]:
     """Run every matching adapter; returns what was synced (for logs and tests)."""
     done = []
-    for module in model.modules():
-        for adapter in ADAPTERS:
-            if adapter.applies(module):
-                adapter.sync(module)
-                done.append(adapter.name)
+    for module, adapter in matches if matches is not None else matching_modules(model):
+        adapter.sync(module)
+        done.append(adapter.name)
     return done
 

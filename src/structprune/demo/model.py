@@ -51,3 +51,8 @@ def build_model(seed: int = 0) -> DigitsCNN:
 def example_inputs(batch_size: int = 1) -> torch.Tensor:
     """Inputs with the digits' shape, for tracing, MAC counting and latency."""
     return torch.zeros(batch_size, 1, 8, 8)
+
+
+def ignored_layers(model: DigitsCNN) -> list[nn.Module]:
+    """Layers whose outputs must keep their size: the classifier's 10 logits."""
+    return [model.fc2]

@@ -24,8 +24,9 @@ class ChannelState:
     roots: torch.Tensor
 
     def __post_init__(self):
-        order = torch.argsort(self.idxs)
-        self.idxs, self.roots = self.idxs[order], self.roots[order]
+        if len(self.idxs) > 1 and not bool((self.idxs[1:] > self.idxs[:-1]).all()):
+            order = torch.argsort(self.idxs)
+            self.idxs, self.roots = self.idxs[order], self.roots[order]
 
 
 def empty_long() -> torch.Tensor:
@@ -121,6 +122,14 @@ def through_letters(state: ChannelState, source_letters, source_shape, target_le
     """
     state_letters = [source_letters[d] for d in state.dims]
     sizes = [source_shape[d] for d in state.dims]
+    if len(state.dims) == 1:
+        # one dim: the channel either keeps its letter (same indices) or is projected away entirely
+        letter = state_letters[0]
+        if letter in target_letters:
+            target_dim = target_letters.index(letter)
+            if target_shape[target_dim] == sizes[0]:
+                return ChannelState((target_dim,), state.idxs, state.roots)
+        return None
     kept = []
     for position, letter in enumerate(state_letters):
         if letter in target_letters:

@@ -104,6 +104,9 @@ class DependencyGraph:
         self._trace(model, example_inputs, forward_fn, output_transform)
         self._all_groups_cache = {}
         self._init_alive()
+        from ..adapters import matching_modules
+
+        self._adapted_modules = matching_modules(model)
         return self
 
     def _is_declared(self, module) -> bool:
@@ -279,21 +282,26 @@ class DependencyGraph:
             # a group over every channel is fine to inspect and score; pruning it is refused later
             validate_idxs(module, idxs, total, side + "put", name=node.name, allow_all=True)
         alive = self._alive.get((module, side))
-        original = alive[idxs] if alive is not None else idxs
+        original = alive[idxs] if alive is not None and (module, side) in self._position_maps else idxs
         return self._to_current(self._discover(node, side, original, pruning_fn))
 
     # The trace describes the model as built; after pruning, its index maps still hold for the channels
     # that remain. Groups are found in original numbering and shown in current numbering.
     def _init_alive(self):
+        # original indices still alive, and original -> current position maps, only for pruned sides
+        self._position_maps = {}
+        self._original_counts = {}
         self._alive = {}
         for module, node in self.module2node.items():
             out_total = self._safe_channels(node, OUT)
             if out_total is not None:
                 self._alive[(module, OUT)] = torch.arange(out_total)
+                self._original_counts[(module, OUT)] = out_total
             if not isinstance(module, nn.Parameter) and not node.pruner.is_coupled(module):
                 in_total = self._safe_channels(node, IN)
                 if in_total is not None:
                     self._alive[(module, IN)] = torch.arange(in_total)
+                    self._original_counts[(module, IN)] = in_total
 
     def _safe_channels(self, node, side):
         try:
@@ -310,17 +318,20 @@ class DependencyGraph:
     def _to_current(self, original: Group) -> Group:
         group = Group(self)
         group.blocked = original.blocked
-        root_alive = self._alive.get((original[0].dep.target.module, self._side_of(original[0])))
+        root_map = self._position_maps.get((original[0].dep.target.module, self._side_of(original[0])))
         for item in original:
-            alive = self._alive.get((item.dep.target.module, self._side_of(item)))
+            position_map = self._position_maps.get((item.dep.target.module, self._side_of(item)))
             idxs = torch.tensor(item.idxs, dtype=torch.long)
             roots = torch.tensor(item.root_idxs, dtype=torch.long)
-            if alive is not None:
-                idxs, keep = _current_positions(alive, idxs)
-                roots = roots[keep]
-            if root_alive is not None:
-                roots, keep = _current_positions(root_alive, roots)
-                idxs = idxs[keep]
+            keep = None
+            if position_map is not None:
+                idxs = position_map[idxs]
+                keep = idxs >= 0
+            if root_map is not None:
+                roots = root_map[roots]
+                keep = roots >= 0 if keep is None else keep & (roots >= 0)
+            if keep is not None and not bool(keep.all()):
+                idxs, roots = idxs[keep], roots[keep]
             if len(idxs) or item is original[0]:
                 group.add_dep(item.dep, idxs.tolist(), roots.tolist())
         return group
@@ -629,13 +640,18 @@ class DependencyGraph:
             raise
         from ..adapters import sync_attributes
 
-        sync_attributes(self.model)
+        sync_attributes(self.model, self._adapted_modules)
         for item in group:
             key = (item.dep.target.module, self._side_of(item))
             if key in self._alive:
                 keep = torch.ones(len(self._alive[key]), dtype=torch.bool)
                 keep[torch.tensor(item.idxs, dtype=torch.long)] = False
-                self._alive[key] = self._alive[key][keep]
+                alive = self._alive[key][keep]
+                self._alive[key] = alive
+                original_count = self._original_counts[key]
+                position_map = torch.full((original_count,), -1, dtype=torch.long)
+                position_map[alive] = torch.arange(len(alive))
+                self._position_maps[key] = position_map
 
     def _record(self, node: Node, fn, idxs):
         self._history.append((node.name, is_out_channel_pruning_fn(fn), [int(i) for i in idxs]))
@@ -660,16 +676,9 @@ class DependencyGraph:
         return self.module2name.get(module, type(module).__name__)
 
 
-def _current_positions(alive: torch.Tensor, original: torch.Tensor):
-    """Positions of ``original`` indices among those still alive, and which of them are alive at all."""
-    if len(original) == 0:
-        return original, torch.ones(0, dtype=torch.bool)
-    pos = torch.searchsorted(alive, original).clamp(max=max(len(alive) - 1, 0))
-    keep = alive[pos] == original if len(alive) else torch.zeros(len(original), dtype=torch.bool)
-    return pos[keep], keep
-
-
 def _merge(old: ChannelState, new: ChannelState):
+    if len(new.idxs) <= len(old.idxs) and (torch.equal(old.idxs, new.idxs) or bool(torch.isin(new.idxs, old.idxs).all())):
+        return old, False
     idxs = torch.cat([old.idxs, new.idxs])
     roots = torch.cat([old.roots, new.roots])
     unique, inverse = torch.unique(idxs, return_inverse=True)

@@ -47,6 +47,12 @@ def relate(call: Call, operand: int, state: ChannelState) -> list[tuple[int, Cha
 
 # -- elementwise -----------------------------------------------------------------------------------
 def _is_broadcast(call: Call) -> bool:
+    if "broadcast" not in call.cache:
+        call.cache["broadcast"] = _compute_is_broadcast(call)
+    return call.cache["broadcast"]
+
+
+def _compute_is_broadcast(call: Call) -> bool:
     try:
         shape = torch.broadcast_shapes(*call.in_shapes)
     except RuntimeError:
@@ -175,10 +181,12 @@ def _fast_concat_or_split(call, operand, state):
         return None
     if operand == whole_operand:
         results = []
-        for o, offset, piece in zip(piece_operands, offsets, pieces):
-            inside = (state.idxs >= offset) & (state.idxs < offset + piece[dim])
-            if bool(inside.any()):
-                results.append((o, ChannelState((dim,), state.idxs[inside] - offset, state.roots[inside])))
+        bounds = torch.tensor(offsets + [offsets[-1] + pieces[-1][dim]])
+        cuts = torch.searchsorted(state.idxs, bounds).tolist()  # idxs are sorted: one slice per piece
+        for index, (o, offset) in enumerate(zip(piece_operands, offsets)):
+            begin, end = cuts[index], cuts[index + 1]
+            if end > begin:
+                results.append((o, ChannelState((dim,), state.idxs[begin:end] - offset, state.roots[begin:end])))
         return results
     offset = offsets[piece_operands.index(operand)]
     return [(whole_operand, ChannelState((dim,), state.idxs + offset, state.roots))]

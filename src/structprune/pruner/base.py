@@ -402,12 +402,14 @@ class _PrunerCheckpoint:
         self.pruner = pruner
         self.snapshot = _Snapshot(list(pruner.model.modules()))
         self.alive = dict(pruner.DG._alive)
+        self.position_maps = dict(pruner.DG._position_maps)
         self.history = len(pruner.DG._history)
 
     def restore(self) -> None:
         self.snapshot.restore()
         graph = self.pruner.DG
         graph._alive = dict(self.alive)
+        graph._position_maps = dict(self.position_maps)
         del graph._history[self.history:]
 
 

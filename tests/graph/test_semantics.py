@@ -352,3 +352,32 @@ def test_inputs_as_dict_and_outputs_as_dict():
     graph = tp.DependencyGraph().build_dependency(model, {"x": torch.randn(2, 3), "scale": 2.0})
     t = targets(graph.get_pruning_group(model.a, tp.prune_linear_out_channels, [0]))
     assert t[("b", "prune_in_channels")] == [0]
+
+
+def test_grouped_query_sdpa_with_enable_gqa():
+    class GQA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(16, 16)  # 4 heads x 4
+            self.k = nn.Linear(16, 8)  # 2 kv heads x 4
+            self.v = nn.Linear(16, 8)
+            self.o = nn.Linear(16, 16)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q = self.q(x).view(b, n, -1, 4).transpose(1, 2)
+            k = self.k(x).view(b, n, -1, 4).transpose(1, 2)
+            v = self.v(x).view(b, n, -1, 4).transpose(1, 2)
+            att = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return self.o(att.transpose(1, 2).reshape(b, n, -1))
+
+    model = GQA()
+    x = torch.randn(1, 5, 16)
+    graph = tp.DependencyGraph().build_dependency(model, x)
+    t = targets(graph.get_pruning_group(model.k, tp.prune_linear_out_channels, [4, 5, 6, 7]))
+    assert t[("q", "prune_out_channels")] == list(range(8, 16))
+    assert t[("v", "prune_out_channels")] == [4, 5, 6, 7]
+    assert t[("o", "prune_in_channels")] == list(range(8, 16))
+    # one q head alone cannot go: its kv head still serves the other q head of the pair
+    assert graph.get_pruning_group(model.q, tp.prune_linear_out_channels, [8, 9, 10, 11]).blocked
+    assert_lossless(model, x, model.k, [4, 5, 6, 7], producers=True)

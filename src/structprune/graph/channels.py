@@ -82,8 +82,13 @@ def forward_through(correspondence: torch.Tensor, source_shape, state: ChannelSt
     return ChannelState(dims, positions, lookup_roots(state, table[positions]))
 
 
-def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelState) -> ChannelState | None:
-    """Target -> source: a source element is removed when every target element reading it is removed."""
+def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelState,
+                     siblings: list[torch.Tensor] | None = None) -> ChannelState | None:
+    """Target -> source: a source element is removed when every target element reading it is removed.
+
+    Source elements nobody reads are free to go; those read only by ``siblings`` (other outputs of the
+    same op, e.g. the q and k of an unbind) stay, so the state keeps the dim that tells them apart.
+    """
     target_shape = tuple(correspondence.shape)
     shape = tuple(source_shape)
     numel = 1
@@ -99,9 +104,16 @@ def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelS
     low = torch.full((numel,), numel + 1, dtype=torch.long).scatter_reduce_(0, readers, target_channel, "amin")
     high = torch.full((numel,), -1, dtype=torch.long).scatter_reduce_(0, readers, target_channel, "amax")
     is_read = (read > 0).view(shape)
-    dims = tuple(sorted(set(varying_dims(low.view(shape), is_read)) | set(varying_dims(high.view(shape), is_read))))
-    # a source position goes when something reads its slice and every reader of it is removed
-    all_gone = torch.where(read > 0, gone == read, True).view(shape)
+    determined = is_read.clone()
+    for sibling in siblings or ():
+        others = sibling.reshape(-1)
+        determined.view(-1)[others[others >= 0]] = True
+    element_gone = (is_read & (gone == read).view(shape))
+    dims = set(varying_dims(low.view(shape), is_read)) | set(varying_dims(high.view(shape), is_read))
+    dims |= set(varying_dims(element_gone.long(), determined))
+    dims = tuple(sorted(dims))
+    # a source position goes when something reads its slice and every determined element of it goes
+    all_gone = torch.where(determined, element_gone, True)
     removed_source = reduce_to(all_gone, dims, "all") & reduce_to(is_read, dims, "any") if dims else None
     if removed_source is None:
         return None

@@ -395,6 +395,14 @@ class DependencyGraph:
                         push(next_key, next_state)
             except Blocked as reason:
                 blocked.append(str(reason))
+        for (value_key, dims), state in states.items():
+            # checked once states are merged: two inputs of a cat may each cover half of a head
+            if len(dims) > 1 and not ops.keeps_product(state, self.values[value_key].shape):
+                sizes = [self.values[value_key].shape[d] for d in dims]
+                blocked.append(
+                    f"channels regrouped into dims {sizes} (by a reshape, view or split) would keep a different "
+                    f"selection in each group; remove whole groups or the same index in every group"
+                )
         group = Group(self)
         group.blocked = sorted(set(blocked))
         root_fn = trigger
@@ -561,8 +569,13 @@ class DependencyGraph:
                         shape = call.in_shapes[index]
                         yield call.inputs[index], ChannelState((in_dim % len(shape),), state.idxs, state.roots)
 
-    def get_all_groups(self, ignored_layers=None, root_module_types=None) -> Iterable[Group]:
-        """One group per independent set of coupled channels, rooted at the first layer that owns it."""
+    def get_all_groups(self, ignored_layers=None, root_module_types=None, include_blocked: bool = False) -> Iterable[Group]:
+        """One group per independent set of coupled channels, rooted at the first layer that owns it.
+
+        Groups whose full channel set cannot be removed (``group.blocked``) are skipped unless
+        ``include_blocked``: some of their subsets may still be removable (whole attention heads when
+        rotary embeddings pin the head dims).
+        """
         ignored = list(ignored_layers or []) + list(self.IGNORED_LAYERS)
         types = tuple(root_module_types) if root_module_types else (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM)
         covered = set()
@@ -578,9 +591,9 @@ class DependencyGraph:
             if len(group[0].idxs) == 0:
                 continue
             for item in group:
-                if is_out_channel_pruning_fn(item.dep.handler) or item.dep.target.pruner.is_coupled(item.dep.target.module) if not isinstance(item.dep.target.module, nn.Parameter) else True:
+                if self._side_of(item) == OUT:
                     covered.add((item.dep.target.module, OUT))
-            if group.blocked:
+            if group.blocked and not include_blocked:
                 continue
             if any(_is_ignored(item.dep.target.module, ignored) and is_out_channel_pruning_fn(item.dep.handler)
                    for item in group):

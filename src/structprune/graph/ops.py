@@ -36,6 +36,8 @@ def relate(call: Call, operand: int, state: ChannelState) -> list[tuple[int, Cha
     name = call.name
     if name in MOVEMENT:
         return _movement(call, operand, state)
+    if name == "scaled_dot_product_attention" and _is_grouped_query(call):
+        return _grouped_query_attention(call, operand, state)
     if name in MATMULS:
         return _lettered(call, operand, state, _matmul_letters(call))
     if name in REDUCTIONS:
@@ -93,15 +95,7 @@ def _broadcast_map(shape, out_shape):
 
 # -- movement --------------------------------------------------------------------------------------
 def _movement(call, operand, state):
-    results = _movement_unchecked(call, operand, state)
-    shapes = call.in_shapes + call.out_shapes
-    for other, mapped in results:
-        if not keeps_product(mapped, shapes[other]):
-            raise Blocked(
-                f"'{call.name}' regroups channels into dims {[shapes[other][d] for d in mapped.dims]}: the kept "
-                f"channels must form the same selection in every group (whole groups or the same index in each)"
-            )
-    return results
+    return _movement_unchecked(call, operand, state)
 
 
 def keeps_product(state: ChannelState, shape) -> bool:
@@ -144,8 +138,9 @@ def _movement_unchecked(call, operand, state):
     for source in range(n_in):
         if call.inputs[source] is None or not _is_float(call, source):
             continue
-        correspondence = _correspondence(call, source)[out_index]
-        mapped = backward_through(correspondence, call.in_shapes[source], state)
+        every_output = _correspondence(call, source)
+        siblings = [c for index, c in enumerate(every_output) if index != out_index]
+        mapped = backward_through(every_output[out_index], call.in_shapes[source], state, siblings)
         if mapped is not None:
             results.append((source, mapped))
     return results
@@ -250,6 +245,74 @@ def _rebuild(obj, replaced, slot):
     if isinstance(obj, dict):
         return {key: _rebuild(item, replaced, slot + (key,)) for key, item in obj.items()}
     return obj
+
+
+# -- grouped-query attention ------------------------------------------------------------------------
+def _is_grouped_query(call) -> bool:
+    q, k = call.in_shapes[0], call.in_shapes[1]
+    return len(q) >= 3 and len(k) >= 3 and q[-3] != k[-3]
+
+
+def _grouped_query_attention(call, operand, state):
+    """SDPA with enable_gqa: each k/v head serves q_heads / kv_heads consecutive q heads.
+
+    Modelled as k' = repeat_interleave(k, groups, dim=-3) (likewise v), then plain attention letters
+    between q, k', v' and the output; a k/v head goes only when all the q heads it serves go.
+    """
+    shapes = call.in_shapes
+    q, k, v, out = shapes[0], shapes[1], shapes[2], call.out_shapes[0]
+    groups = q[-3] // k[-3]
+    expanded_k = tuple(k[:-3]) + (q[-3],) + tuple(k[-2:])
+    expanded_v = tuple(v[:-3]) + (q[-3],) + tuple(v[-2:])
+    letters = {0: _right_aligned(q, ["L", "E"], "B"), 1: _right_aligned(expanded_k, ["S", "E"], "B"),
+               2: _right_aligned(expanded_v, ["S", "V"], "B"), "out": _right_aligned(out, ["L", "V"], "B")}
+    virtual = {0: q, 1: expanded_k, 2: expanded_v, "out": out}
+    maps = {1: _repeat_heads(k, groups), 2: _repeat_heads(v, groups)}
+    n_in = len(call.inputs)
+    source = "out" if operand >= n_in else operand
+    if source not in letters:
+        raise Blocked("channels reach the attention mask of scaled_dot_product_attention")
+    if source in maps:  # k or v: into the expanded space first
+        state = forward_through(maps[source], shapes[source], state)
+        if state is None:
+            return []
+    _check_head_grid(state, letters[source], virtual[source], k[-3], groups)
+    results = []
+    for target in (0, 1, 2, "out"):
+        if target == source:
+            continue
+        mapped = through_letters(state, letters[source], virtual[source], letters[target], virtual[target])
+        if mapped is None:
+            continue
+        if target in maps:
+            mapped = backward_through(maps[target], shapes[target], mapped)
+            if mapped is None:
+                continue
+        results.append((n_in if target == "out" else target, mapped))
+    return results
+
+
+def _check_head_grid(state, letters, shape, kv_heads, groups):
+    """Removed q heads must leave every k/v head serving the same number of q heads (a product grid)."""
+    head_dim = len(shape) - 3
+    heads = through_letters(state, letters, shape, [letters[head_dim]], (shape[head_dim],))
+    if heads is None:
+        return
+    kept = torch.ones(kv_heads * groups, dtype=torch.bool)
+    kept[heads.idxs] = False
+    grid = kept.view(kv_heads, groups)
+    if bool(kept.any()) and not torch.equal(grid, grid.any(1, keepdim=True) & grid.any(0, keepdim=True)):
+        raise Blocked(
+            "grouped-query attention: removed query heads must be whole key/value groups or the same position "
+            "in every group, so each key/value head keeps serving as many query heads"
+        )
+
+
+def _repeat_heads(shape, groups):
+    numel = 1
+    for size in shape:
+        numel *= size
+    return torch.arange(numel).view(tuple(shape)).repeat_interleave(groups, dim=-3)
 
 
 # -- lettered ops ----------------------------------------------------------------------------------

@@ -294,6 +294,7 @@ class BasePruner:
         return torch.argsort(imp)[:n_prune]
 
     def _plan_local(self) -> Iterator[Group]:
+        yield from self._plan_whole_heads()
         for group in self._groups():
             root = group[0].dep.target.module
             current = len(group[0].idxs)
@@ -310,6 +311,60 @@ class BasePruner:
             chosen = self._choose(group, imp, n_prune, channel_groups)
             if chosen is not None:
                 yield chosen
+
+    def _plan_whole_heads(self) -> Iterator[Group]:
+        """With ``prune_num_heads``: groups that cannot lose arbitrary channels may lose whole heads.
+
+        Heads are contiguous blocks of the root's channels (``head_dim`` from ``num_heads`` or the
+        attention module's own ``head_dim``); grouped-query attention needs whole key/value groups, so
+        ever larger multiples are tried until the graph accepts one.
+        """
+        if not self.prune_num_heads:
+            return
+        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                            root_module_types=self.root_module_types, include_blocked=True):
+            if not group.blocked:
+                continue
+            root = group[0].dep.target.module
+            total = len(group[0].idxs)
+            head_dim = self._head_dim(root, total)
+            if head_dim is None:
+                continue
+            ratio = self.get_target_head_pruning_ratio(root)
+            heads = total // head_dim
+            imp = self.estimate_importance(group)
+            if imp is None or torch.isnan(imp).any():
+                continue
+            scores = imp.detach().cpu().view(heads, head_dim).sum(1)
+            multiple = 1
+            while multiple <= heads // 2:
+                blocks = heads // multiple
+                n_blocks = blocks - max(1, int(math.floor(blocks * (1 - ratio) + 1e-9)))
+                if n_blocks <= 0 or heads % multiple:
+                    break
+                block_scores = scores.view(blocks, multiple).sum(1)
+                chosen = torch.argsort(block_scores)[:n_blocks]
+                width = head_dim * multiple
+                idxs = (chosen[:, None] * width + torch.arange(width)[None, :]).reshape(-1).sort().values
+                candidate = self.DG.get_pruning_group(root, group[0].dep.handler, idxs.tolist())
+                if self.DG.check_pruning_group(candidate):
+                    yield candidate
+                    break
+                multiple *= 2
+
+    def _head_dim(self, root, total: int) -> int | None:
+        if root in self.num_heads and total % self.num_heads[root] == 0:
+            return total // self.num_heads[root]
+        parent = self._parents().get(root)
+        head_dim = getattr(parent, "head_dim", None)
+        if isinstance(head_dim, int) and head_dim > 0 and total % head_dim == 0 and total > head_dim:
+            return head_dim
+        return None
+
+    def _parents(self) -> dict:
+        if not hasattr(self, "_parent_of"):
+            self._parent_of = {child: module for module in self.model.modules() for child in module.children()}
+        return self._parent_of
 
     def _choose(self, group, imp, n_prune, channel_groups):
         """A prunable group for the lowest-scoring channels; regrouped symmetrically if the graph asks."""

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..layers.base import BasePruningFunc, as_index_tensor, validate_idxs
+from ..layers.base import BasePruningFunc, as_index_tensor, pruning_once, validate_idxs
 from ..layers.declarations import DEFAULT_PRUNERS, ParameterPruner, find_pruner, tensor_dims
 from . import ops
 from .channels import Blocked, ChannelState, through_letters
@@ -646,8 +646,9 @@ class DependencyGraph:
                 validate_idxs(module, as_index_tensor(item.idxs), total, "output" if is_out_channel_pruning_fn(item.dep.handler) else "input", name=item.dep.target.name)
         snapshot = _Snapshot([item.dep.target.module for item in group])
         try:
-            for item in group:
-                item.dep(item.idxs)
+            with pruning_once():
+                for item in group:
+                    item.dep(item.idxs)
         except BaseException:
             snapshot.restore()
             raise

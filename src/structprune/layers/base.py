@@ -1,12 +1,27 @@
 """The pruning-function protocol and its declaration-driven implementation."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .axes import Axis, set_tensor
+
+# (tensor id, dim) already sliced while one group is applied: tied weights (an embedding shared with the
+# output head) are reached through two layers but must be cut once
+_ALREADY_PRUNED: contextvars.ContextVar[set | None] = contextvars.ContextVar("already_pruned", default=None)
+
+
+@contextlib.contextmanager
+def pruning_once():
+    token = _ALREADY_PRUNED.set(set())
+    try:
+        yield
+    finally:
+        _ALREADY_PRUNED.reset(token)
 
 
 def as_index_tensor(idxs: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -99,10 +114,15 @@ class BasePruningFunc:
             validate_idxs(layer, idxs, total, side)
         if len(idxs) == 0:
             return layer
+        done = _ALREADY_PRUNED.get()
         for axis in axes:
             tensor = axis.tensor(layer)
             if tensor is None:
                 continue
+            if done is not None:
+                if (id(tensor), axis.dim) in done:
+                    continue
+                done.add((id(tensor), axis.dim))
             positions = axis.positions(idxs, tensor)
             keep = _complement(positions, tensor.shape[axis.dim], tensor.device)
             grad = tensor.grad if isinstance(tensor, nn.Parameter) else None

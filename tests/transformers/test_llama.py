@@ -1,0 +1,77 @@
+"""Hugging Face Llama / Qwen2 with grouped-query attention: prune hidden, MLP and whole heads."""
+import pytest
+import torch
+
+import structprune as tp
+
+transformers = pytest.importorskip("transformers")
+
+
+def llama(layers=2, tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("build", [llama, qwen2], ids=["llama", "qwen2"])
+def test_prune_hidden_mlp_and_heads_then_generate_and_reload(build, tmp_path):
+    model = build()
+    ids = torch.randint(0, 128, (1, 8))
+    pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, tp.importance.MagnitudeImportance(), pruning_ratio=0.5,
+                                  prune_num_heads=True, head_pruning_ratio=0.5, ignored_layers=[model.lm_head])
+    pruner.step()
+    attention = model.model.layers[0].self_attn
+    assert model.model.embed_tokens.embedding_dim == 32
+    assert attention.q_proj.out_features == 32 and attention.k_proj.out_features == 16  # 2 q heads, 1 kv head
+    assert attention.o_proj.in_features == 32 and model.model.layers[0].mlp.up_proj.out_features == 64
+    assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
+    assert model.config.hidden_size == 32 and model.config.intermediate_size == 64
+    logits = model(ids).logits
+    assert logits.shape == (1, 8, 128)
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 11)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(ids).logits, logits)
+
+
+def test_tied_embeddings_prune_together():
+    model = llama(tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 128, (1, 8))
+    graph = tp.DependencyGraph().build_dependency(model, {"input_ids": ids})
+    groups = list(graph.get_all_groups())
+    hidden = [g for g in groups if any(i.dep.target.module is model.model.embed_tokens for i in g)]
+    assert len(hidden) == 1
+    pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, tp.importance.MagnitudeImportance(), pruning_ratio=0.25)
+    pruner.step()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.embed_tokens.weight.shape == (128, 48) and model.lm_head.in_features == 48
+    assert model(ids).logits.shape == (1, 8, 128)
+
+
+def test_graph_of_a_llama_builds_fast_and_linearly():
+    import time
+
+    times = {}
+    for layers in (2, 8):
+        model = llama(layers)
+        ids = torch.randint(0, 128, (1, 8))
+        start = time.perf_counter()
+        graph = tp.DependencyGraph().build_dependency(model, {"input_ids": ids})
+        groups = list(graph.get_all_groups())
+        times[layers] = time.perf_counter() - start
+        assert len(groups) == 1 + layers  # the hidden size, one MLP per layer (heads need prune_num_heads)
+    assert times[8] < 60  # older tools never finish a one-layer Llama; speed itself is in benchmarks/

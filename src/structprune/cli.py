@@ -190,7 +190,7 @@ def prune_model(model: nn.Module, inputs: torch.Tensor, ratio: float, importance
     from .pruner import BasePruner
     from .utils import flatten_as_list
 
-    torch.manual_seed(seed)  # random importance and random inputs: same seed, same pruned model
+    torch.manual_seed(seed)  # random importance draws from the global RNG: same seed, same pruned model
     criterion = make_importance(importance)
     pruner = BasePruner(model, inputs, criterion, pruning_ratio=ratio, global_pruning=global_pruning,
                         round_to=round_to)
@@ -202,7 +202,8 @@ def prune_model(model: nn.Module, inputs: torch.Tensor, ratio: float, importance
     return pruner
 
 
-def _example(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def example_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Standard-normal example inputs of ``shape``, the same for the same seed."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=generator)
 
@@ -233,7 +234,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     config = DemoConfig(ratio=args.ratio, method=args.method, epochs=args.epochs, seed=args.seed,
-                        out=Path(args.out) if args.out else None, show_progress=not args.quiet)
+                        out=Path(args.out) if args.out else None, show_progress=not args.quiet,
+                        threads=args.threads)
     result = run_demo(config)
     print(result.table)
     print(f"\nreport: {result.out}/ (summary.json, PNG plots, pruned_model/ for tp.load_pruned)")
@@ -244,8 +246,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .graph import DependencyGraph
 
+    torch.manual_seed(args.seed)  # random init: the same seed builds and prunes the same model
     model = load_model(args.model)
-    inputs = _example(args.input_shape, args.seed)
+    inputs = example_input(args.input_shape, args.seed)
     _run_model(model, inputs, args.model)
     macs, params = _count(model, inputs)
     print(f"model: {args.model}   input: {tuple(args.input_shape)}")
@@ -285,8 +288,9 @@ def _coupled(group, limit: int = 8) -> str:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .serialization import save_pruned
 
+    torch.manual_seed(args.seed)  # random init: the same seed builds and prunes the same model
     model = load_model(args.model)
-    inputs = _example(args.input_shape, args.seed)
+    inputs = example_input(args.input_shape, args.seed)
     _run_model(model, inputs, args.model)
     macs, params = _count(model, inputs)
     pruner = prune_model(model, inputs, args.ratio, args.importance, args.global_pruning, args.round_to, args.seed)
@@ -327,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="baseline and regularization epochs; fine-tuning gets half (10)")
     demo.add_argument("--seed", type=int, default=0, help="data split, init and batch order (0)")
     demo.add_argument("--out", default=None, help="report folder (runs/demo-<timestamp>)")
+    demo.add_argument("--threads", type=_positive_int, default=1,
+                      help="torch CPU threads for training and latency (1: fastest and reproducible here)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=cmd_demo)
 
@@ -359,7 +365,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME or path/to/file.py:factory")
     parser.add_argument("--input-shape", type=parse_shape, default=parse_shape(DEFAULT_INPUT_SHAPE),
                         help=f"example input shape, comma-separated ({DEFAULT_INPUT_SHAPE})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random example inputs (0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and example inputs (0)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -110,11 +110,11 @@ class BasePruningFunc:
     # -- implementation -----------------------------------------------------------------------------
     def _prune(self, layer: nn.Module, axes: list[Axis], idxs, total: int | None, side: str) -> nn.Module:
         idxs = as_index_tensor(idxs)
-        if total is not None:
+        done = _ALREADY_PRUNED.get()
+        if total is not None and done is None:  # a group validates all its layers before it starts
             validate_idxs(layer, idxs, total, side)
         if len(idxs) == 0:
             return layer
-        done = _ALREADY_PRUNED.get()
         for axis in axes:
             tensor = axis.tensor(layer)
             if tensor is None:

@@ -37,10 +37,49 @@ class RegularizerEngine:
         self.bias_coefs: list[torch.Tensor] = []
 
     def compile(self, groups: list[Group]) -> None:
+        """Lay every (parameter, dim) coefficient vector out in one flat buffer, once per set of groups."""
         self.terms = []
         for index, group in enumerate(groups):
             for item in group:
                 self.terms.extend(self._item_terms(index, item))
+        sizes = [len(group[0].idxs) for group in groups]
+        group_offsets = [0]
+        for size in sizes[:-1]:
+            group_offsets.append(group_offsets[-1] + size)
+        slots: dict = {}  # (param, dim) -> buffer offset
+        params: dict = {}  # param -> [(dim, offset)], insertion ordered
+        length = 0
+        positions, roots = [], []
+        for term in self.terms:
+            key = (term.param, term.dim)
+            if key not in slots:
+                slots[key] = length
+                params.setdefault(term.param, []).append((term.dim, length))
+                length += term.param.shape[term.dim]
+            positions.append(term.positions + slots[key])
+            roots.append(term.roots + group_offsets[term.group])
+        device = next(iter(params)).device if params else torch.device("cpu")
+        self._positions = torch.cat(positions).to(device) if positions else torch.zeros(0, dtype=torch.long)
+        self._roots = torch.cat(roots).to(device) if roots else torch.zeros(0, dtype=torch.long)
+        count = torch.zeros(length, device=device).index_add_(0, self._positions, torch.ones(len(self._positions), device=device))
+        # positions shared by several channels (grouped-conv inputs) take their mean
+        self._inverse_count = torch.where(count > 0, 1.0 / count.clamp(min=1), 0.0)
+        self._buffer = torch.zeros(length, device=device)
+        is_bias = {term.param: term.is_bias for term in self.terms}
+        self._single, self._pairs = {}, []
+        for param, entries in params.items():
+            views = [self._view(param, dim, offset) for dim, offset in entries]
+            if len(views) == 1:
+                self._single[param] = views[0]
+            else:
+                self._pairs.append((param, views))
+        self.weights = [p for p in params if not is_bias[p]]
+        self.biases = [p for p in params if is_bias[p]]
+
+    def _view(self, param, dim, offset):
+        shape = [1] * param.dim()
+        shape[dim] = param.shape[dim]
+        return self._buffer[offset: offset + param.shape[dim]].view(shape)
 
     def _item_terms(self, index, item):
         node = item.dep.target
@@ -50,8 +89,7 @@ class RegularizerEngine:
         pruner = node.pruner
         coupled = pruner.is_coupled(module)
         axes = pruner.out_axes(module) if coupled or is_out_channel_pruning_fn(item.dep.handler) else pruner.in_axes(module)
-        idxs = torch.tensor(item.idxs, dtype=torch.long)
-        roots = torch.tensor(item.root_idxs, dtype=torch.long)
+        idxs = roots = None
         terms = []
         for axis in axes:
             leaf = axis.name.rsplit(".", 1)[-1]
@@ -60,42 +98,40 @@ class RegularizerEngine:
             tensor = axis.tensor(module)
             if not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
                 continue
+            if idxs is None:
+                idxs = torch.as_tensor(item.idxs, dtype=torch.long)
+                roots = torch.as_tensor(item.root_idxs, dtype=torch.long)
             unit = axis.unit(tensor)
-            local = idxs % unit
-            positions = torch.cat([local + block * unit for block in range(axis.blocks)])
-            terms.append(_Term(index, tensor, axis.dim, positions, roots.repeat(axis.blocks), leaf == "bias"))
+            local = idxs % unit if unit < tensor.shape[axis.dim] or axis.blocks == 1 else idxs
+            if axis.blocks > 1:
+                positions = torch.cat([local + block * unit for block in range(axis.blocks)])
+                term_roots = roots.repeat(axis.blocks)
+            else:
+                positions, term_roots = local, roots
+            terms.append(_Term(index, tensor, axis.dim, positions, term_roots, leaf == "bias"))
         return terms
 
     def scatter(self, group_values: list[torch.Tensor]) -> None:
-        """Build each parameter's coefficient tensor from one value per root channel per group."""
-        vectors: dict = {}
-        for term in self.terms:
-            key = (term.param, term.dim)
-            size = term.param.shape[term.dim]
-            if key not in vectors:
-                vectors[key] = [torch.zeros(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64)]
-            total, count = vectors[key]
-            gamma = group_values[term.group].to(torch.float64)[term.roots]
-            total.index_add_(0, term.positions, gamma)
-            count.index_add_(0, term.positions, torch.ones_like(gamma))
-        coefs: dict = {}
-        order: list = []
-        for (param, dim), (total, count) in vectors.items():
-            # positions shared by several channels (grouped-conv inputs) take their mean
-            vector = torch.where(count > 0, total / count.clamp(min=1), 0.0)
-            view = [1] * param.dim()
-            view[dim] = -1
-            vector = vector.to(param.device, param.dtype).view(view)
-            if param not in coefs:
-                coefs[param] = vector
-                order.append(param)
-            else:
-                coefs[param] = coefs[param] + vector
-        is_bias = {term.param: term.is_bias for term in self.terms}
-        self.weights = [p for p in order if not is_bias[p]]
-        self.weight_coefs = [coefs[p] for p in self.weights]
-        self.biases = [p for p in order if is_bias[p]]
-        self.bias_coefs = [coefs[p] for p in self.biases]
+        """Write one value per root channel per group into every coefficient (a handful of tensor ops)."""
+        if not len(self._positions):
+            self.weight_coefs, self.bias_coefs = [], []
+            return
+        flat = torch.cat(group_values).to(self._buffer.device, self._buffer.dtype)
+        self._buffer.zero_()
+        self._buffer.index_add_(0, self._positions, flat[self._roots])
+        self._buffer.mul_(self._inverse_count)
+        coefs = dict(self._single)
+        if self._pairs:
+            # a conv weight in one group by its outputs and another by its inputs: the penalties add
+            firsts = [views[0] for _, views in self._pairs]
+            seconds = [views[1] for _, views in self._pairs]
+            summed = torch._foreach_add(firsts, seconds)
+            for (param, views), total in zip(self._pairs, summed):
+                for extra in views[2:]:
+                    total = total + extra
+                coefs[param] = total
+        self.weight_coefs = [coefs[p].to(p.dtype) for p in self.weights]
+        self.bias_coefs = [coefs[p].to(p.dtype) for p in self.biases]
 
     def apply(self, bias: bool = False) -> None:
         """grad += coef * weight for every compiled parameter that has a gradient."""

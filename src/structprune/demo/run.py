@@ -18,7 +18,7 @@ from . import plots
 from .data import DigitsData, load_digits_split
 from .model import build_model, example_inputs, ignored_layers
 from .report import StageMetrics, format_table, measure_stage, write_summary
-from .train import PhaseLog, TrainConfig, evaluate, fit, regularize_seed, regularize_until_ready
+from .train import PhaseLog, TrainConfig, fit, regularize_seed, regularize_until_ready
 
 METHODS = ("growing_reg", "greg1", "magnitude")
 ABLATION = "magnitude"

@@ -6,13 +6,16 @@ Plain SGD with momentum on the digits tensors; the growing-regularization phases
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .data import DigitsData, iterate_batches, num_batches
+
+if TYPE_CHECKING:
+    from ..pruner import GrowingRegPruner
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def fit(
 
 def regularize_seed(
     model: nn.Module,
-    pruner,
+    pruner: "GrowingRegPruner",
     data: DigitsData,
     epochs: int,
     config: TrainConfig,
@@ -142,7 +145,7 @@ def regularize_seed(
 
 def regularize_until_ready(
     model: nn.Module,
-    pruner,
+    pruner: "GrowingRegPruner",
     data: DigitsData,
     config: TrainConfig,
     generator: torch.Generator,
@@ -189,7 +192,9 @@ def regularize_until_ready(
     return log
 
 
-def _stepper(schedule) -> Callable[[], bool]:
+def _stepper(schedule: torch.optim.lr_scheduler.LRScheduler) -> Callable[[], bool]:
+    """An ``after_iteration`` callback that advances the learning-rate schedule."""
+
     def step() -> bool:
         schedule.step()
         return False  # never stops the phase
@@ -197,7 +202,7 @@ def _stepper(schedule) -> Callable[[], bool]:
     return step
 
 
-def reg_per_group(pruner) -> dict[str, dict[str, float]]:
+def reg_per_group(pruner: "GrowingRegPruner") -> dict[str, dict[str, float]]:
     """Mean and max regularization coefficient of each group, keyed by the group's readable name."""
     stats = {}
     for group in pruner._reg_groups:

@@ -121,6 +121,14 @@ def test_round_to_leaves_multiples():
     assert counts(model) == (16, 24, 48)
 
 
+def test_round_to_with_global_pruning():
+    model, x = example()
+    with torch.no_grad():
+        model.conv2.weight *= 1e-2
+    tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, global_pruning=True, round_to=4).step()
+    assert all(c % 4 == 0 for c in counts(model)) and counts(model) != (16, 32, 64)
+
+
 def test_grouped_convolution_and_groupnorm_keep_groups_even():
     class Grouped(nn.Module):
         def __init__(self):

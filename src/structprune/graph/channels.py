@@ -69,17 +69,34 @@ def lookup_roots(state: ChannelState, channels: torch.Tensor) -> torch.Tensor:
     return state.roots[pos.clamp(max=max(len(state.idxs) - 1, 0))]
 
 
+def dense_tables(state: ChannelState, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Membership and root lookups by channel index: one gather each, instead of a sort or a search."""
+    member = torch.zeros(total, dtype=torch.bool)
+    member[state.idxs] = True
+    roots = torch.zeros(total, dtype=torch.long)
+    roots[state.idxs] = state.roots
+    return member, roots
+
+
+def _channel_count(shape, dims) -> int:
+    count = 1
+    for dim in dims:
+        count *= shape[dim]
+    return count
+
+
 def forward_through(correspondence: torch.Tensor, source_shape, state: ChannelState) -> ChannelState | None:
     """Source -> target, where ``correspondence[e]`` is the flat source element target element e reads (-1: none)."""
     source_channel = channel_labels(tuple(source_shape), state.dims).reshape(-1)
     label = torch.where(correspondence >= 0, source_channel[correspondence.clamp(min=0)], -1)
     dims = varying_dims(label)
     table = reduce_to(label, dims)
-    hit = torch.isin(table, state.idxs)
+    member, root_table = dense_tables(state, _channel_count(tuple(source_shape), state.dims))
+    hit = (table >= 0) & member[table.clamp(min=0)]
     positions = torch.nonzero(hit).reshape(-1)
     if len(positions) == 0:
         return None
-    return ChannelState(dims, positions, lookup_roots(state, table[positions]))
+    return ChannelState(dims, positions, root_table[table[positions]])
 
 
 def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelState,
@@ -98,7 +115,8 @@ def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelS
     valid = flat >= 0
     readers = flat[valid]
     target_channel = channel_labels(target_shape, state.dims).reshape(-1)[valid]
-    removed = torch.isin(target_channel, state.idxs)
+    member, root_table = dense_tables(state, _channel_count(target_shape, state.dims))
+    removed = member[target_channel]
     read = torch.zeros(numel, dtype=torch.long).index_add_(0, readers, torch.ones_like(readers))
     gone = torch.zeros(numel, dtype=torch.long).index_add_(0, readers, removed.long())
     low = torch.full((numel,), numel + 1, dtype=torch.long).scatter_reduce_(0, readers, target_channel, "amin")
@@ -121,8 +139,8 @@ def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelS
     if len(positions) == 0:
         return None
     big = torch.iinfo(torch.long).max
-    root_of_target = torch.where(removed, lookup_roots(state, target_channel.clamp(min=0)), big)
-    roots = torch.full((numel,), big, dtype=torch.long).scatter_reduce_(0, readers, root_of_target, "amin")
+    roots = torch.full((numel,), big, dtype=torch.long).scatter_reduce_(
+        0, readers[removed], root_table[target_channel[removed]], "amin")
     return ChannelState(dims, positions, reduce_to(roots.view(shape), dims, "amin")[positions])
 
 

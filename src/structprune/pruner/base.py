@@ -188,12 +188,15 @@ class BasePruner:
     def _n_keep(self, module, current: int, ratio: float, channel_groups: int) -> int:
         original = self.layer_init_out_ch.get(module) or current
         keep = int(math.floor(original * (1 - ratio) + 1e-9))
+        keep = max(keep, int(math.ceil(original * (1 - self.max_pruning_ratio))))
+        return self._rounded_keep(keep, current, channel_groups)
+
+    def _rounded_keep(self, keep: int, current: int, channel_groups: int) -> int:
+        """Round a kept-channel count up to whole channel groups and ``round_to``, at least one unit."""
         unit = channel_groups
         if self.round_to:
             unit = unit * self.round_to // math.gcd(unit, self.round_to)
-        keep = max(unit, int(math.ceil(keep / unit)) * unit)
-        keep = max(keep, int(math.ceil(original * (1 - self.max_pruning_ratio))))
-        return min(current, keep)
+        return min(current, max(unit, int(math.ceil(keep / unit)) * unit))
 
     # -- stepping --------------------------------------------------------------------------------------
     def step(self, interactive: bool = False, optimizer=None):
@@ -417,7 +420,7 @@ class BasePruner:
             current = len(imp)
             limit = current - self._n_keep(root, current, self.max_pruning_ratio, blocks)
             wanted = int((score <= threshold).sum()) * (blocks if len(score) != current else 1)
-            n = min(wanted, limit)
+            n = current - self._rounded_keep(current - min(wanted, limit), current, blocks)
             if n <= 0:
                 continue
             chosen = self._choose(group, imp, n, blocks)

@@ -1,0 +1,21 @@
+"""Growing regularization under DistributedDataParallel keeps every rank bitwise identical."""
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def test_two_ranks_stay_identical_through_regularization_pruning_and_rewrapping(tmp_path):
+    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+               "--rdzv-endpoint=127.0.0.1:0", worker, str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    assert rank0["0.weight"].shape[0] == 4 and rank0["3.weight"].shape == (8, 4, 3, 3)  # pruned by half
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name

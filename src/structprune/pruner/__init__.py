@@ -3,5 +3,6 @@ from ..layers import functions as function  # torch_pruning users write tp.prune
 from .base import BasePruner, MetaPruner
 from .growing_reg import GrowingRegPruner
 from .schedulers import linear_scheduler
+from .sparse import BNScalePruner, GroupNormPruner
 
 MagnitudePruner = BasePruner

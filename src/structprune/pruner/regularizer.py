@@ -66,6 +66,7 @@ class RegularizerEngine:
         self._inverse_count = torch.where(count > 0, 1.0 / count.clamp(min=1), 0.0)
         self._buffer = torch.zeros(length, device=device)
         is_bias = {term.param: term.is_bias for term in self.terms}
+        self._layout, self._is_bias = params, is_bias
         self._single, self._pairs = {}, []
         for param, entries in params.items():
             views = [self._view(param, dim, offset) for dim, offset in entries]
@@ -133,14 +134,28 @@ class RegularizerEngine:
         self.weight_coefs = [coefs[p].to(p.dtype) for p in self.weights]
         self.bias_coefs = [coefs[p].to(p.dtype) for p in self.biases]
 
-    def apply(self, bias: bool = False) -> None:
-        """grad += coef * weight for every compiled parameter that has a gradient."""
-        _apply(self.weights, self.weight_coefs)
+    def apply(self, bias: bool = False, sign: bool = False) -> None:
+        """grad += coef * weight (L2) or coef * sign(weight) (L1) for every compiled parameter with a grad."""
+        _apply(self.weights, self.weight_coefs, sign)
         if bias:
-            _apply(self.biases, self.bias_coefs)
+            _apply(self.biases, self.bias_coefs, sign)
+
+    def root_norms(self, n_roots: int, bias: bool = False) -> torch.Tensor:
+        """L2 norm of every root channel over all its coupled weights (the group-lasso norm)."""
+        squares = torch.zeros_like(self._buffer)
+        for param, entries in self._layout.items():
+            if self._is_bias[param] and not bias:
+                continue
+            value = param.detach()
+            for dim, offset in entries:
+                others = [d for d in range(value.dim()) if d != dim]
+                summed = value.pow(2).sum(dim=others) if others else value.pow(2)
+                squares[offset: offset + value.shape[dim]] += summed.to(squares.dtype)
+        per_root = torch.zeros(n_roots, device=squares.device).index_add_(0, self._roots, squares[self._positions])
+        return per_root.sqrt()
 
 
-def _apply(params, coefs) -> None:
+def _apply(params, coefs, sign: bool = False) -> None:
     grads, values, factors = [], [], []
     for param, coef in zip(params, coefs):
         if param.grad is not None:
@@ -148,4 +163,6 @@ def _apply(params, coefs) -> None:
             values.append(param.detach())
             factors.append(coef)
     if grads:
+        if sign:
+            values = torch._foreach_sign(values)
         torch._foreach_addcmul_(grads, values, factors)

@@ -114,6 +114,16 @@ class BatchnormPruner(BasePruningFunc):
 
     get_in_channels = get_out_channels
 
+    def _prune(self, layer, axes, idxs, total, side):
+        from .base import as_index_tensor
+
+        removed = len(as_index_tensor(idxs))
+        stateless = all(axis.tensor(layer) is None for axis in axes)
+        result = super()._prune(layer, axes, idxs, total, side)
+        if stateless:  # InstanceNorm without affine or running stats: only the attribute knows the width
+            layer.num_features -= removed
+        return result
+
     def update_attrs(self, layer):
         for name in ("weight", "running_mean"):
             tensor = getattr(layer, name, None)

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements-test.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --durations=20 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/structprune demo

@@ -1,20 +1,18 @@
 """DependencyGraph: trace once, then find the coupled channels of any layer by walking channel states."""
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from ..layers.base import BasePruningFunc, as_index_tensor, pruning_once, validate_idxs
-from ..layers.declarations import DEFAULT_PRUNERS, ParameterPruner, find_pruner, tensor_dims
-from . import ops
-from .channels import Blocked, ChannelState, through_letters
-from .group import Dependency, Group, Node
+from ..layers.declarations import DEFAULT_PRUNERS, ParameterPruner, find_pruner
+from .group import Group, Node
+from .discovery import IN, OUT, GroupFinder
+from .snapshot import Snapshot
 from .trace import Call, Tracer, _flatten
 
-OUT, IN = "out", "in"
 
 
 class _Value:
@@ -36,7 +34,7 @@ def is_in_channel_pruning_fn(fn) -> bool:
     return getattr(fn, "__name__", "") in ("prune_in_channels",) or "in_channels" in getattr(fn, "__name__", "")
 
 
-class DependencyGraph:
+class DependencyGraph(GroupFinder):
     """Coupled-channel analysis of a model, built from one traced forward pass."""
 
     def __init__(self):
@@ -170,7 +168,6 @@ class DependencyGraph:
                 for param in module.parameters():
                     param_owner.setdefault(param, module)
         self._declared_params = param_owner
-        buffers = {buf for buf in self.model.buffers()}
         while stack:
             key = stack.pop()
             if key in self.values:
@@ -275,7 +272,7 @@ class DependencyGraph:
             )
         idxs = as_index_tensor(idxs)
         side = OUT if is_out_channel_pruning_fn(pruning_fn) else IN
-        if node.pruner.is_coupled(module) if not isinstance(module, nn.Parameter) else True:
+        if isinstance(module, nn.Parameter) or node.pruner.is_coupled(module):
             side = OUT
         total = self._channels(node, side)
         if total is not None:
@@ -340,234 +337,6 @@ class DependencyGraph:
         pruner = node.pruner
         module = node.module
         return pruner.get_out_channels(module) if side == OUT else pruner.get_in_channels(module)
-
-    def _discover(self, node: Node, side: str, idxs: torch.Tensor, trigger) -> Group:
-        deps: dict = {}
-        order: list = []
-        blocked: list[str] = []
-        states: dict = {}
-        queue: deque = deque()
-
-        def add_dep(target: Node, target_side: str, state: ChannelState):
-            key = (target, target_side)
-            if key not in deps:
-                deps[key] = state
-                order.append(key)
-            else:
-                deps[key] = _merge(deps[key], state)[0]
-
-        def push(value_key, state: ChannelState):
-            if value_key is None:
-                return
-            slot = (value_key, state.dims)
-            if slot in states:
-                merged, grew = _merge(states[slot], state)
-                if not grew:
-                    return
-                states[slot] = merged
-            else:
-                states[slot] = state
-            queue.append(slot)
-
-        root_state = ChannelState((0,), idxs.clone(), idxs.clone())
-        add_dep(node, side, root_state)
-        try:
-            for value_key, state in self._layer_entry(node, side, root_state):
-                push(value_key, state)
-        except Blocked as reason:
-            blocked.append(str(reason))
-        steps = 0
-        limit = 64 * (len(self.values) + 1) * 8
-        while queue:
-            steps += 1
-            if steps > limit:
-                raise RuntimeError(f"group discovery from {node.name} did not converge after {steps} steps")
-            slot = queue.popleft()
-            state = states[slot]
-            value = self.values.get(slot[0])
-            if value is None:
-                continue
-            try:
-                for target, target_side, dep_state, more in self._visit(value, state):
-                    if target is not None:
-                        add_dep(target, target_side, dep_state)
-                    for next_key, next_state in more:
-                        push(next_key, next_state)
-            except Blocked as reason:
-                blocked.append(str(reason))
-        for (value_key, dims), state in states.items():
-            # checked once states are merged: two inputs of a cat may each cover half of a head
-            if len(dims) > 1 and not ops.keeps_product(state, self.values[value_key].shape):
-                sizes = [self.values[value_key].shape[d] for d in dims]
-                blocked.append(
-                    f"channels regrouped into dims {sizes} (by a reshape, view or split) would keep a different "
-                    f"selection in each group; remove whole groups or the same index in every group"
-                )
-        group = Group(self)
-        group.blocked = sorted(set(blocked))
-        root_fn = trigger
-        for target, target_side in order:
-            state = deps[(target, target_side)]
-            handler = self._handler(target, target_side)
-            group.add_dep(Dependency(root_fn, handler, node, target), state.idxs.tolist(), state.roots.tolist())
-        return group
-
-    def _handler(self, node: Node, side: str):
-        if isinstance(node.module, nn.Parameter):
-            return node.pruner.prune_out_channels
-        return node.pruner.prune_out_channels if side == OUT else node.pruner.prune_in_channels
-
-    def _visit(self, value: _Value, state: ChannelState):
-        """Yield (node, side, layer-state, [(value, state)...]) for everything touching ``value``."""
-        if value.key in self._output_keys:
-            raise Blocked(f"channels reach a model output {value.shape}; outputs keep their shape")
-        if value.producer is None:
-            yield from self._visit_leaf(value, state)
-        else:
-            call, index = value.producer
-            yield from self._visit_call(call, len(call.inputs) + index, state)
-        for call, index in value.consumers:
-            yield from self._visit_call(call, index, state)
-
-    def _visit_leaf(self, value: _Value, state: ChannelState):
-        tensor = value.leaf
-        node = self.module2node.get(tensor) if isinstance(tensor, nn.Parameter) else None
-        if node is None:
-            what = "a parameter of a declared layer used outside it" if tensor in self._declared_params else (
-                "a buffer" if isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.Parameter)
-                else "a constant or model input")
-            raise Blocked(f"channels reach {what} of shape {value.shape}")
-        if any(tensor is p for p in self.ignored_params):
-            raise Blocked(f"channels reach ignored parameter {node.name}")
-        if len(state.dims) != 1:
-            raise Blocked(f"parameter {node.name} would lose channels along several dims {state.dims}")
-        dim = state.dims[0]
-        if node.pruning_dim != dim:
-            raise Blocked(
-                f"parameter {node.name} {tuple(value.shape)} is pruned along dim {node.pruning_dim} but channels "
-                f"arrive on dim {dim}; pass unwrapped_parameters=[(param, {dim})] to choose"
-            )
-        yield node, OUT, ChannelState((0,), state.idxs, state.roots), []
-
-    def _visit_call(self, call: Call, operand: int, state: ChannelState):
-        n_in = len(call.inputs)
-        if call.kind == "module":
-            yield from self._visit_module(call, operand, state)
-            return
-        for other, mapped in ops.relate(call, operand, state):
-            if other < n_in:
-                key = call.inputs[other]
-                if key is not None and key not in self.values:
-                    key = None
-            else:
-                dtype = call.output_dtypes[other - n_in] if call.output_dtypes else None
-                key = call.outputs[other - n_in] if dtype is None or dtype.is_floating_point else None
-                if key is not None and key not in self.values:
-                    continue  # an output nobody uses (and that is no model output)
-            if key is None:
-                if other < n_in:
-                    raise Blocked(f"channels reach a constant argument of '{call.name}'")
-                continue
-            yield None, None, None, [(key, mapped)]
-
-    def _visit_module(self, call: Call, operand: int, state: ChannelState):
-        module = call.target
-        node = self.module2node[module]
-        pruner = node.pruner
-        n_in = len(call.inputs)
-        out_dim, in_dim = self._tensor_dims(pruner, module, call)
-        coupled = pruner.is_coupled(module)
-        channel_inputs = pruner.channel_inputs if pruner.channel_inputs is not None else tuple(range(n_in))
-        channel_inputs = tuple(i for i in channel_inputs if i < n_in and call.inputs[i] is not None)
-        shapes = call.in_shapes + call.out_shapes
-        shape = shapes[operand]
-        if operand >= n_in:
-            entered_dim, side, is_channel = out_dim, OUT, operand - n_in == 0 or self._is_state_output(module, operand - n_in)
-        else:
-            entered_dim, side, is_channel = in_dim, IN, operand in channel_inputs
-        if entered_dim is None or not is_channel:
-            if operand >= n_in and operand - n_in > 0:
-                return  # secondary outputs such as attention weights carry no channels
-            if operand < n_in and operand not in channel_inputs:
-                raise Blocked(f"channels reach argument {operand} of {node.name}, which cannot be pruned")
-            return
-        entered_dim = entered_dim % len(shape)
-        if entered_dim in state.dims:
-            layer_state = _project(state, shape, entered_dim)
-            fiber = 1
-            for dim in state.dims:
-                fiber *= shape[dim] if dim != entered_dim else 1
-            if layer_state is None or len(layer_state.idxs) * fiber != len(state.idxs):
-                raise Blocked(f"{node.name} would lose part of a channel: channels arrive along dims {state.dims}")
-            side = OUT if coupled else side
-            # every call of the layer sees the change (shared layers, coupled norms)
-            yield node, side, layer_state, list(self._layer_entry(node, side, layer_state))
-            return
-        # channels on dims the layer does not mix (e.g. a Linear applied over tokens) pass through
-        more = []
-        for target in ([n_in] if operand < n_in else list(channel_inputs)):
-            tshape = shapes[target]
-            letters = _layer_letters(shape, entered_dim)
-            tletters = _layer_letters(tshape, (out_dim if target >= n_in else in_dim) % len(tshape), shape, letters)
-            mapped = through_letters(state, letters, shape, tletters, tshape)
-            if mapped is not None:
-                key = call.inputs[target] if target < n_in else call.outputs[target - n_in]
-                if key in self.values:
-                    more.append((key, mapped))
-        if more:
-            yield None, None, None, more
-
-    def _is_state_output(self, module, index) -> bool:
-        return isinstance(module, nn.LSTM) and not module.bidirectional and index in (1, 2)
-
-    def _tensor_dims(self, pruner, module, call):
-        """Activation dims holding the layer's channels; declared dims are checked against the real sizes
-        because subclasses may lay tensors out differently (timm/torchvision LayerNorm2d permute inside)."""
-        if "dims" in call.cache:
-            return call.cache["dims"]
-        out_dim, in_dim = tensor_dims(pruner, module)
-        if call.out_shapes:
-            out_dim = _checked_dim(call.out_shapes[0], out_dim, self._safe_count(pruner.get_out_channels, module))
-        if call.in_shapes:
-            in_dim = _checked_dim(call.in_shapes[0], in_dim, self._safe_count(pruner.get_in_channels, module))
-        call.cache["dims"] = (out_dim, in_dim)
-        return out_dim, in_dim
-
-    @staticmethod
-    def _safe_count(getter, module):
-        try:
-            return getter(module)
-        except (NotImplementedError, AttributeError):
-            return None
-
-    def _layer_entry(self, node: Node, side: str, state: ChannelState):
-        """Channel states on the tensors a layer produces/reads, for the root of a group."""
-        module = node.module
-        if isinstance(module, nn.Parameter):
-            for key, value in self.values.items():
-                if value.leaf is module:
-                    dim = node.pruning_dim if node.pruning_dim is not None else len(value.shape) - 1
-                    yield key, ChannelState((dim % len(value.shape),), state.idxs, state.roots)
-            return
-        pruner = node.pruner
-        coupled = pruner.is_coupled(module)
-        for call in self._calls_of.get(module, ()):
-            out_dim, in_dim = self._tensor_dims(pruner, module, call)
-            channel_inputs = pruner.channel_inputs if pruner.channel_inputs is not None else tuple(range(len(call.inputs)))
-            if (side == OUT or coupled) and call.outputs and out_dim is not None:
-                key = call.outputs[0]
-                if key in self.values:
-                    yield key, ChannelState((out_dim % len(call.out_shapes[0]),), state.idxs, state.roots)
-                if self._is_state_output(module, 1):
-                    for index in (1, 2):
-                        if index < len(call.outputs) and call.outputs[index] in self.values:
-                            shape = call.out_shapes[index]
-                            yield call.outputs[index], ChannelState((len(shape) - 1,), state.idxs, state.roots)
-            if (side == IN or coupled) and in_dim is not None:
-                for index in channel_inputs:
-                    if index < len(call.inputs) and call.inputs[index] in self.values:
-                        shape = call.in_shapes[index]
-                        yield call.inputs[index], ChannelState((in_dim % len(shape),), state.idxs, state.roots)
 
     def get_all_groups(self, ignored_layers=None, root_module_types=None, include_blocked: bool = False) -> Iterable[Group]:
         """One group per independent set of coupled channels, rooted at the first layer that owns it.
@@ -644,7 +413,7 @@ class DependencyGraph:
             total = pruner.get_out_channels(module) if is_out_channel_pruning_fn(item.dep.handler) else pruner.get_in_channels(module)
             if total is not None:
                 validate_idxs(module, as_index_tensor(item.idxs), total, "output" if is_out_channel_pruning_fn(item.dep.handler) else "input", name=item.dep.target.name)
-        snapshot = _Snapshot([item.dep.target.module for item in group])
+        snapshot = Snapshot([item.dep.target.module for item in group])
         try:
             with pruning_once():
                 for item in group:
@@ -690,58 +459,10 @@ class DependencyGraph:
         return self.module2name.get(module, type(module).__name__)
 
 
-def _merge(old: ChannelState, new: ChannelState):
-    if len(new.idxs) <= len(old.idxs) and (torch.equal(old.idxs, new.idxs) or bool(torch.isin(new.idxs, old.idxs).all())):
-        return old, False
-    idxs = torch.cat([old.idxs, new.idxs])
-    roots = torch.cat([old.roots, new.roots])
-    unique, inverse = torch.unique(idxs, return_inverse=True)
-    if len(unique) == len(old.idxs):
-        return old, False
-    big = torch.iinfo(torch.long).max
-    merged_roots = torch.full((len(unique),), big, dtype=torch.long).scatter_reduce_(0, inverse, roots, "amin")
-    return ChannelState(old.dims, unique, merged_roots), True
-
-
-def _project(state: ChannelState, shape, dim) -> ChannelState | None:
-    letters = [f"d{i}" for i in range(len(shape))]
-    mapped = through_letters(state, letters, shape, [letters[dim]], (shape[dim],))
-    return mapped
-
-
-def _layer_letters(shape, channel_dim, reference_shape=None, reference_letters=None):
-    letters = [f"d{i}" for i in range(len(shape))]
-    letters[channel_dim] = "channel"
-    if reference_letters is not None:
-        for dim in range(len(shape)):
-            if dim == channel_dim:
-                letters[dim] = "other-channel"
-            elif len(reference_shape) == len(shape) and reference_shape[dim] == shape[dim]:
-                letters[dim] = reference_letters[dim]
-    return letters
-
-
 def _guess_parameter_dim(tensor) -> int:
     """The only non-singleton dim, else the last one (token layouts such as [1, N, C] position embeddings)."""
     wide = [d for d, size in enumerate(tensor.shape) if size > 1]
     return wide[0] if len(wide) == 1 else tensor.dim() - 1
-
-
-def _checked_dim(shape, declared, channels):
-    if channels is None:
-        return declared
-    if declared is not None and -len(shape) <= declared < len(shape) and shape[declared] == channels:
-        return declared
-    return _find_dim(shape, channels)
-
-
-def _find_dim(shape, channels):
-    if channels is None:
-        return None
-    candidates = [d for d, size in enumerate(shape) if size == channels]
-    if not candidates:
-        return None
-    return 1 if 1 in candidates else candidates[-1]
 
 
 def _is_ignored(module, ignored) -> bool:
@@ -761,36 +482,3 @@ def _normalise_unwrapped(unwrapped) -> dict:
     for param, dim in items:
         result[param] = dim
     return result
-
-
-class _Snapshot:
-    """Everything a pruning function may change on the given modules, to restore on failure."""
-
-    def __init__(self, modules):
-        self.entries = []
-        seen = set()
-        for module in modules:
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
-            if isinstance(module, nn.Parameter):
-                self.entries.append(("param", module, module.data, module.grad))
-                continue
-            for sub in module.modules():
-                for name, param in list(sub._parameters.items()):
-                    if param is not None:
-                        self.entries.append(("param", param, param.data, param.grad))
-                self.entries.append(("buffers", sub, dict(sub._buffers), None))
-                self.entries.append(("attrs", sub, {k: v for k, v in sub.__dict__.items()
-                                                     if not k.startswith("_")}, None))
-
-    def restore(self):
-        for kind, target, data, grad in self.entries:
-            if kind == "param":
-                target.data = data
-                target.grad = grad
-            elif kind == "buffers":
-                target._buffers.clear()
-                target._buffers.update(data)
-            else:
-                target.__dict__.update(data)

@@ -3,10 +3,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
-from torch import nn
-
-from ..layers.base import as_index_tensor
 
 
 class Node:

@@ -3,8 +3,11 @@ from .axes import Axis
 from .base import BasePruningFunc
 from .declarations import (
     DEFAULT_PRUNERS,
+    OPTIONAL_PRUNERS,
+    ROOT_TYPES,
     ActivationPruner,
     BatchnormPruner,
+    Conv1DPruner,
     ConvPruner,
     ConvTransposePruner,
     DepthwiseConvPruner,
@@ -17,6 +20,8 @@ from .declarations import (
     MultiheadAttentionPruner,
     ParameterPruner,
     PReLUPruner,
+    default_root_types,
     find_pruner,
+    register_optional_layers,
 )
 from .functions import *  # noqa: F401,F403  (the documented prune_* names)

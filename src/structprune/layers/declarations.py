@@ -336,6 +336,30 @@ class LSTMPruner(BasePruningFunc):
         layer.flatten_parameters() if hasattr(layer, "flatten_parameters") else None
 
 
+class Conv1DPruner(BasePruningFunc):
+    """Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2 and friends): a Linear whose weight is
+    stored transposed, ``[in_features (nx), out_features (nf)]``."""
+
+    out_tensor_dim = -1
+    in_tensor_dim = -1
+    channel_inputs = (0,)
+
+    def out_axes(self, layer):
+        return [Axis("weight", 1), Axis("bias", 0)]
+
+    def in_axes(self, layer):
+        return [Axis("weight", 0)]
+
+    def get_out_channels(self, layer):
+        return layer.nf
+
+    def get_in_channels(self, layer):
+        return layer.nx
+
+    def update_attrs(self, layer):
+        layer.nx, layer.nf = layer.weight.shape
+
+
 class ParameterPruner(BasePruningFunc):
     """A bare nn.Parameter used directly in forward (class tokens, position embeddings, layer scales)."""
 
@@ -401,6 +425,7 @@ _PRELU = PReLUPruner()
 _EMBED = EmbeddingPruner()
 _MHA = MultiheadAttentionPruner()
 _LSTM = LSTMPruner()
+_CONV1D = Conv1DPruner()
 
 #: Layer type -> pruning function. Lookup walks the MRO, so subclasses (timm's LayerNorm2d...) match.
 DEFAULT_PRUNERS: dict[type, BasePruningFunc] = {
@@ -431,3 +456,44 @@ def find_pruner(module: nn.Module, table: dict) -> BasePruningFunc | None:
         if klass in table:
             return table[klass]
     return None
+
+
+#: Layer types of optional libraries: (module path, class name) -> pruning function. They are declared
+#: only once their library has been imported by the user (a model built from it holds such layers), so
+#: importing structprune never imports transformers.
+OPTIONAL_PRUNERS: dict[tuple[str, str], BasePruningFunc] = {
+    ("transformers.pytorch_utils", "Conv1D"): _CONV1D,
+}
+
+#: Layer types that root channel groups by default (the layers whose output channels a pruner counts).
+#: ``register_optional_layers`` appends optional types that behave like Linear (transformers Conv1D).
+ROOT_TYPES: list[type] = [nn.modules.conv._ConvNd, nn.Linear, nn.LSTM]
+_OPTIONAL_ROOTS = {("transformers.pytorch_utils", "Conv1D")}
+
+
+def register_optional_layers() -> list[type]:
+    """Add declarations for layer types of optional libraries that are already imported.
+
+    Cheap and idempotent: looks only in ``sys.modules`` and imports nothing, so call it whenever a graph
+    is built. Returns the types added to ``DEFAULT_PRUNERS`` by this call.
+    """
+    import sys
+
+    added = []
+    for (module_name, class_name), pruner in OPTIONAL_PRUNERS.items():
+        module = sys.modules.get(module_name)
+        layer_type = getattr(module, class_name, None) if module is not None else None
+        if layer_type is None:
+            continue
+        if layer_type not in DEFAULT_PRUNERS:
+            DEFAULT_PRUNERS[layer_type] = pruner
+            added.append(layer_type)
+        if (module_name, class_name) in _OPTIONAL_ROOTS and layer_type not in ROOT_TYPES:
+            ROOT_TYPES.append(layer_type)
+    return added
+
+
+def default_root_types() -> tuple[type, ...]:
+    """``ROOT_TYPES`` after registering the optional layers already imported."""
+    register_optional_layers()
+    return tuple(ROOT_TYPES)

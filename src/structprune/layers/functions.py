@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .declarations import (
-    _BN, _CONV, _CONV_T, _EMBED, _GN, _LINEAR, _LN, _LSTM, _MHA, _PRELU, ActivationPruner, ParameterPruner,
+    _BN, _CONV, _CONV1D, _CONV_T, _EMBED, _GN, _LINEAR, _LN, _LSTM, _MHA, _PRELU, ActivationPruner, ParameterPruner,
 )
 
 prune_conv_out_channels = _CONV.prune_out_channels
@@ -31,6 +31,9 @@ prune_multihead_attention_out_channels = _MHA.prune_out_channels
 prune_multihead_attention_in_channels = _MHA.prune_in_channels
 prune_lstm_out_channels = _LSTM.prune_out_channels
 prune_lstm_in_channels = _LSTM.prune_in_channels
+# transformers.pytorch_utils.Conv1D (GPT-2): the layer object needs no transformers import
+prune_conv1d_out_channels = _CONV1D.prune_out_channels
+prune_conv1d_in_channels = _CONV1D.prune_in_channels
 
 _PARAMETER = ParameterPruner()
 prune_parameter_out_channels = _PARAMETER.prune_out_channels
@@ -44,5 +47,5 @@ OUT_CHANNEL_FUNCS = {
     prune_conv_out_channels, prune_transposed_conv_out_channels, prune_linear_out_channels,
     prune_batchnorm_out_channels, prune_groupnorm_out_channels, prune_layernorm_out_channels,
     prune_prelu_out_channels, prune_embedding_out_channels, prune_multihead_attention_out_channels,
-    prune_lstm_out_channels, prune_parameter_out_channels, prune_elementwise_out_channels,
+    prune_lstm_out_channels, prune_conv1d_out_channels, prune_parameter_out_channels, prune_elementwise_out_channels,
 }

@@ -455,10 +455,10 @@ class _PrunerCheckpoint:
     """Model tensors and attributes plus the graph's bookkeeping, to undo part of a step."""
 
     def __init__(self, pruner: BasePruner):
-        from ..graph.dependency import _Snapshot
+        from ..graph.snapshot import Snapshot
 
         self.pruner = pruner
-        self.snapshot = _Snapshot(list(pruner.model.modules()))
+        self.snapshot = Snapshot(list(pruner.model.modules()))
         self.alive = dict(pruner.DG._alive)
         self.position_maps = dict(pruner.DG._position_maps)
         self.history = len(pruner.DG._history)

@@ -2,6 +2,7 @@
 
 from . import benchmark, nested, op_counter, print_tool
 from .benchmark import measure_fps, measure_latency, measure_memory, measure_throughput
+from .draw import draw_computational_graph, draw_dependency_graph, draw_groups
 from .nested import flatten_as_list
 from .op_counter import count_ops_and_params, count_params
 

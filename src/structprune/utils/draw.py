@@ -25,7 +25,7 @@ __all__ = [
     "draw_groups",
 ]
 
-_EMPTY, _EDGE, _BLOCKED = 0, 1, 2
+_EDGE, _BLOCKED = 1, 2  # cell values; 0 is an empty cell
 
 
 # -- matrices ---------------------------------------------------------------------------------------------
@@ -164,13 +164,16 @@ def _render(mpl, matrix, names, save_as, title, figsize, dpi, cmap, vmax, legend
     # room for the longest label (about 0.6 em a character), at most 40% of the figure on each side
     margin_x = min(0.4, 0.03 + 0.6 * font * longest / 72 / figsize[0])
     margin_y = min(0.4, 0.03 + 0.6 * font * longest / 72 / figsize[1])
-    top = 0.97 - (0.04 if title else 0.0) - (0.03 if legend else 0.0)
+    title_font = max(font * 1.3, 10)
+    legend_font = max(font, 6)
+    # room above the matrix for the title and the legend, in points, as a fraction of the height
+    head = 8 + (1.8 * title_font if title else 0) + (2.0 * legend_font if legend else 0)
+    top = max(0.6, 1 - head / 72 / figsize[1])
     figure.subplots_adjust(left=margin_x, bottom=margin_y, right=0.97, top=top)
     ax = figure.add_subplot(1, 1, 1)
     values = mpl.np.asarray(matrix.tolist() if n else [[0]], dtype=float)
     cmap = mpl.colormaps[cmap] if isinstance(cmap, str) else cmap
-    cmap = cmap.copy() if hasattr(cmap, "copy") else cmap
-    cmap.set_bad("white")  # empty cells are masked and stay blank whatever the colormap
+    cmap = cmap.with_extremes(bad="white")  # empty cells are masked and stay blank whatever the colormap
     shown = mpl.np.ma.masked_equal(values, 0.0)
     ax.imshow(shown, cmap=cmap, vmin=0.5, vmax=vmax + 0.5, interpolation="nearest", aspect="auto")
     ax.set_xticks(range(n))
@@ -187,12 +190,12 @@ def _render(mpl, matrix, names, save_as, title, figsize, dpi, cmap, vmax, legend
         ax.set_xlim(-0.5, 0.5)
         ax.set_ylim(0.5, -0.5)
     if title:
-        figure.suptitle(title, fontsize=max(font * 1.3, 10))
+        figure.suptitle(title, fontsize=title_font, y=1 - 4 / 72 / figsize[1], va="top")
     if legend:
         handles = [mpl.Patch(facecolor=color, label=label) for label, color in legend]
         # above the matrix, so it hides no cell
         ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(handles),
-                  frameon=False, fontsize=max(font, 6), borderaxespad=0.2)
+                  frameon=False, fontsize=legend_font, borderaxespad=0.2)
     path = os.fspath(save_as)
     parent = os.path.dirname(path)
     if parent:
@@ -242,6 +245,18 @@ def draw_groups(DG, save_as, title: str = "", figsize=(16, 16), dpi: int = 200, 
     names, matrix = group_matrix(DG)
     count = max(int(matrix.max()) if matrix.numel() else 0, 1)
     if cmap is None:
-        base = mpl.colormaps["tab20"]
-        cmap = mpl.colors.ListedColormap([base(k % base.N) for k in range(count)])
+        cmap = mpl.colors.ListedColormap(_group_colours(mpl, count))
     return _render(mpl, matrix, names, save_as, title, figsize, dpi, cmap, vmax=count)
+
+
+def _group_colours(mpl, count: int) -> list:
+    """``count`` colours, neighbours as far apart as possible: tab10, then tab20, then a spread of turbo."""
+    if count <= 10:
+        return [mpl.colormaps["tab10"](k) for k in range(count)]
+    if count <= 20:
+        base = mpl.colormaps["tab20"]
+        return [base(k) for k in list(range(0, 20, 2)) + list(range(1, 20, 2))][:count]
+    base = mpl.colormaps["turbo"]
+    step = max(2, int(count ** 0.5))
+    order = [k for start in range(step) for k in range(start, count, step)]
+    return [base(0.05 + 0.9 * k / (count - 1)) for k in order]

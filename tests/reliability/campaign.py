@@ -40,6 +40,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--property", choices=["valid", "arbitrary"], default="valid")
     parser.add_argument("--max-ops", type=int, default=10)
+    parser.add_argument("--min-piece", type=int, default=1, help="narrowest split piece (1: any)")
+    parser.add_argument("--no-grouped", action="store_true", help="no grouped or depthwise convs")
     parser.add_argument("--allow", action="append", default=[],
                         help="extra regex of blocked reasons to accept (to look past a known bug)")
     args = parser.parse_args()
@@ -54,7 +56,7 @@ def main():
 
     @hypothesis_seed(args.seed)
     @settings(max_examples=args.examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(spec=specs(max_ops=args.max_ops), rng_seed=st.integers(0, 2**16))
+    @given(spec=specs(max_ops=args.max_ops, min_piece=args.min_piece, grouped=not args.no_grouped), rng_seed=st.integers(0, 2**16))
     def run(spec, rng_seed):
         counts["examples"] += 1
         try:
@@ -73,6 +75,7 @@ def main():
     run()
     print(f"property={args.property} seed={args.seed} examples={counts['examples']} failed={counts['failed']} "
           f"distinct={sum(1 for k in found if not k.startswith('count:'))} time={time.time() - start:.0f}s")
+    print("blocked reasons seen:", fuzz.BLOCKED_SEEN)
     for key, value in found.items():
         if key.startswith("count:"):
             continue

@@ -319,8 +319,10 @@ def attention_product_layers(spec: Spec) -> set:
 
 # -- the generator ----------------------------------------------------------------------------------
 class _Builder:
-    def __init__(self, draw):
+    def __init__(self, draw, min_piece=1, grouped=True):
         self.draw = draw
+        self.min_piece = min_piece
+        self.grouped = grouped
         self.layers: dict = {}
         self.params: dict = {}
         self.ops: list = []
@@ -369,13 +371,15 @@ class _Builder:
     def conv(self, src):
         cin = self.meta[src][1]
         variant = self.pick(["plain", "plain", "grouped", "depthwise", "transposed"])
+        if not self.grouped and variant in ("grouped", "depthwise"):
+            variant = "plain"
         k = self.pick([1, 3])
         divisors = [g for g in (2, 3, 4) if cin % g == 0]
         if variant == "depthwise" and cin >= 2:
             name = self.layer(("conv", cin, cin, 3, cin), "dw")
             return self.apply(name, src, "img", cin)
         if variant in ("grouped", "transposed") and divisors:
-            groups = self.pick(divisors) if variant == "grouped" else self.pick([1, 1] + divisors)
+            groups = self.pick(divisors) if variant == "grouped" else self.pick([1, 1] + divisors * self.grouped)
             cout = groups * self.draw(st.integers(1, 3))
             kind = "conv" if variant == "grouped" else "convT"
             name = self.layer((kind, cin, cout, k, groups), "gconv" if kind == "conv" else "convT")
@@ -446,8 +450,10 @@ class _Builder:
 
     def split(self, src):
         layout, size = self.meta[src]
-        n = self.draw(st.integers(2, min(3, size)))
+        n = self.draw(st.integers(2, max(2, min(3, size // self.min_piece))))
         cuts = sorted(self.draw(st.lists(st.integers(1, size - 1), min_size=n - 1, max_size=n - 1, unique=True)))
+        if self.min_piece > 1:  # campaign knob: pieces at least this wide (to look past a known bug)
+            cuts = [c for c in cuts if c >= self.min_piece and size - c >= self.min_piece][:1] or [size // 2]
         sizes = [b - a for a, b in zip([0] + cuts, cuts + [size])]
         pieces = [self.value(layout, s) for s in sizes]
         sizers = []
@@ -520,13 +526,13 @@ class _Builder:
         layout, size = self.meta[src]
         choices = {
             "img": ["conv", "conv", "conv", "norm", "act", "pool", "add", "mul", "cat", "split", "se", "gap",
-                    "flatten_linear", "tokens", "linear", "shared", "scale", "in_res"],
+                    "flatten_linear", "tokens", "linear", "shared", "scale", "in_res", "attn_img"],
             "vec": ["linear", "linear", "norm", "act", "add", "mul", "cat", "split", "shared", "scale"],
-            "tok": ["linear", "linear", "norm", "act", "add", "cat", "split", "attn", "attn", "untokens",
+            "tok": ["linear", "linear", "norm", "act", "add", "cat", "split", "attn", "attn", "untokens", "tokmean",
                     "tokmean", "shared"],
         }[layout]
         what = self.pick(choices)
-        if what == "split" and size < 2:
+        if what == "split" and size < 2 * self.min_piece:
             what = "act"
         if what == "conv":
             return self.conv(src)
@@ -579,6 +585,15 @@ class _Builder:
             return out
         if what == "attn":
             return self.attention(src)
+        if what == "attn_img":  # a transformer block inside a CNN: tokens, attention, back to an image
+            tokens = self.value("tok", size)
+            self.emit("tokens", [src], [tokens])
+            out = self.attention(tokens)
+            if self.draw(st.booleans()):
+                image = self.value("img", self.meta[out][1])
+                self.emit("untokens", [out], [image])
+                return image
+            return out
         if what == "shared":
             return self.shared(src)
         if what == "scale":
@@ -608,8 +623,9 @@ def _writes(ctor):
 
 
 @st.composite
-def specs(draw, max_ops: int = 10) -> Spec:
-    b = _Builder(draw)
+def specs(draw, max_ops: int = 10, min_piece: int = 1, grouped: bool = True) -> Spec:
+    """``min_piece`` and ``grouped`` narrow the space, for campaigns that look past a known bug."""
+    b = _Builder(draw, min_piece, grouped)
     for _ in range(draw(st.integers(1, 2))):
         c = draw(st.integers(2, 5))
         b.inputs.append((b.value("img", c), c))

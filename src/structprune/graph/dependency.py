@@ -94,10 +94,20 @@ class DependencyGraph(GroupFinder):
         self.verbose = verbose
         for layer, pruner in (customized_pruners or {}).items():
             self.register_customized_layer(layer, pruner)
+        for item in list(ignored_layers or []) + list(ignored_params or []):
+            if not isinstance(item, (nn.Module, type, nn.Parameter)):
+                raise TypeError(
+                    f"ignored_layers accepts modules, module types and nn.Parameters; got {type(item).__name__} "
+                    f"({item!r}): pass the module itself, e.g. model.fc"
+                )
         self.IGNORED_LAYERS = list(ignored_layers or [])
         self.ignored_params = list(ignored_params or [])
         self.module2name = {module: name for name, module in model.named_modules()}
+        for module in self.module2name:
+            # layer meanings (a conv being depthwise) are fixed per trace: a fresh trace looks afresh
+            module.__dict__.pop("_structprune_depthwise", None)
         self._param_names = {param: name for name, param in model.named_parameters(remove_duplicate=False)}
+        self._buffer_ids = {id(buffer) for buffer in model.buffers()}
         self._unwrapped_dims = _normalise_unwrapped(unwrapped_parameters)
         self._trace(model, example_inputs, forward_fn, output_transform)
         self._all_groups_cache = {}
@@ -124,9 +134,21 @@ class DependencyGraph(GroupFinder):
                 return model(*example_inputs)
             return model(example_inputs)
 
+        # frozen layers must still be traced: their outputs need a grad_fn to be told apart from constants
+        frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+        for param in frozen:
+            param.requires_grad_(True)
         try:
             output = tracer.run(model, forward)
+        except Exception as error:
+            raise RuntimeError(
+                f"{type(model).__name__} does not run on the given example_inputs ({_describe_inputs(example_inputs)}): "
+                f"{type(error).__name__}: {error}. Pass example_inputs with the shape, dtype and device its forward "
+                f"expects (the model's parameters are on {_model_device(model)})"
+            ) from error
         finally:
+            for param in frozen:
+                param.requires_grad_(False)
             model.train(was_training)
         if output_transform is not None:
             output = output_transform(output)
@@ -266,6 +288,11 @@ class DependencyGraph(GroupFinder):
         """Every (layer, side, indices) that must go with removing ``idxs`` via ``pruning_fn`` on ``module``."""
         node = self.module2node.get(module)
         if node is None:
+            if module not in self.module2name and module not in self._param_names:
+                raise KeyError(
+                    f"{type(module).__name__} does not belong to the traced model: it comes from a different model; "
+                    f"build a DependencyGraph for that model, or pass this model's own layer"
+                )
             raise KeyError(
                 f"{self._name(module)} is not in the dependency graph: it is not a declared layer type or it "
                 f"does not take part in the traced forward; register a customized pruner for its type"
@@ -403,6 +430,12 @@ class DependencyGraph(GroupFinder):
                 total = pruner.get_in_channels(module)
             if total is not None and len(set(item.idxs)) >= total:
                 return False
+            if not isinstance(module, nn.Parameter) and not pruner.is_coupled(module):
+                side = "output" if is_out_channel_pruning_fn(item.dep.handler) else "input"
+                try:
+                    pruner.check_structure(module, item.idxs, side)
+                except ValueError:
+                    return False
         return True
 
     # -- applying --------------------------------------------------------------------------------------
@@ -411,8 +444,14 @@ class DependencyGraph(GroupFinder):
             module = item.dep.target.module
             pruner = item.dep.target.pruner
             total = pruner.get_out_channels(module) if is_out_channel_pruning_fn(item.dep.handler) else pruner.get_in_channels(module)
+            side = "output" if is_out_channel_pruning_fn(item.dep.handler) else "input"
             if total is not None:
-                validate_idxs(module, as_index_tensor(item.idxs), total, "output" if is_out_channel_pruning_fn(item.dep.handler) else "input", name=item.dep.target.name)
+                validate_idxs(module, as_index_tensor(item.idxs), total, side, name=item.dep.target.name)
+            if not isinstance(module, nn.Parameter) and not pruner.is_coupled(module):
+                try:
+                    pruner.check_structure(module, item.idxs, side)
+                except ValueError as error:
+                    raise ValueError(f"{item.dep.target.name}: {error}") from None
         snapshot = Snapshot([item.dep.target.module for item in group])
         try:
             with pruning_once():
@@ -457,6 +496,21 @@ class DependencyGraph(GroupFinder):
         if isinstance(module, nn.Parameter):
             return self._param_names.get(module, "parameter")
         return self.module2name.get(module, type(module).__name__)
+
+
+def _describe_inputs(inputs) -> str:
+    if isinstance(inputs, torch.Tensor):
+        return f"tensor {list(inputs.shape)} {str(inputs.dtype).replace('torch.', '')} on device {inputs.device}"
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{k}: {_describe_inputs(v)}" for k, v in inputs.items()) + "}"
+    if isinstance(inputs, (tuple, list)):
+        return "(" + ", ".join(_describe_inputs(v) for v in inputs) + ")"
+    return type(inputs).__name__
+
+
+def _model_device(model) -> str:
+    param = next(model.parameters(), None)
+    return f"device {param.device}" if param is not None else "no device (no parameters)"
 
 
 def _guess_parameter_dim(tensor) -> int:

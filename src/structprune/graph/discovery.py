@@ -74,12 +74,22 @@ class GroupFinder:
                 blocked.append(str(reason))
         for (value_key, dims), state in states.items():
             # checked once states are merged: two inputs of a cat may each cover half of a head
-            if len(dims) > 1 and not ops.keeps_product(state, self.values[value_key].shape):
-                sizes = [self.values[value_key].shape[d] for d in dims]
+            if len(dims) < 2:
+                continue
+            value = self.values[value_key]
+            sizes = [value.shape[d] for d in dims]
+            if not ops.keeps_product(state, value.shape):
                 blocked.append(
                     f"channels regrouped into dims {sizes} (by a reshape, view or split) would keep a different "
                     f"selection in each group; remove whole groups or the same index in every group"
                 )
+            elif value.producer is not None:
+                fixed = ops.fixed_reshape_dims(value.producer[0], state, value.shape)
+                if fixed:
+                    blocked.append(
+                        f"'{value.producer[0].name}' to {list(value.shape)} spells out the size of dims {fixed}, "
+                        f"which this removal would shrink; only the dim written as -1 (or the innermost) may change"
+                    )
         group = Group(self)
         group.blocked = sorted(set(blocked))
         root_fn = trigger
@@ -110,10 +120,13 @@ class GroupFinder:
         tensor = value.leaf
         node = self.module2node.get(tensor) if isinstance(tensor, nn.Parameter) else None
         if node is None:
-            what = "a parameter of a declared layer used outside it" if tensor in self._declared_params else (
-                "a buffer" if isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.Parameter)
-                else "a constant or model input")
-            raise Blocked(f"channels reach {what} of shape {value.shape}")
+            if tensor in self._declared_params:
+                what = f"parameter {self._param_names.get(tensor, '?')} of a declared layer, used outside that layer"
+            elif isinstance(tensor, torch.Tensor) and id(tensor) in self._buffer_ids:
+                what = "a buffer of the model"
+            else:
+                what = "a constant or a model input"
+            raise Blocked(f"channels reach {what}, shape {tuple(value.shape)}; it cannot lose channels")
         if any(tensor is p for p in self.ignored_params):
             raise Blocked(f"channels reach ignored parameter {node.name}")
         if len(state.dims) != 1:
@@ -122,7 +135,9 @@ class GroupFinder:
         if node.pruning_dim != dim:
             raise Blocked(
                 f"parameter {node.name} {tuple(value.shape)} is pruned along dim {node.pruning_dim} but channels "
-                f"arrive on dim {dim}; pass unwrapped_parameters=[(param, {dim})] to choose"
+                f"arrive on dim {dim}; if it belongs to a layer type structprune does not know, register a customized "
+                f"pruner for that type (customized_pruners={{Type: MyPruner()}} or register_customized_layer); if it "
+                f"is used bare in forward, pass unwrapped_parameters=[(param, {dim})]"
             )
         yield node, OUT, ChannelState((0,), state.idxs, state.roots), []
 

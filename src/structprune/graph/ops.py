@@ -98,6 +98,38 @@ def _movement(call, operand, state):
     return _movement_unchecked(call, operand, state)
 
 
+RESHAPES = {"view", "reshape"}
+
+
+def fixed_reshape_dims(call: Call, state: ChannelState, shape) -> list[int]:
+    """Dims of a view/reshape output that the code spells out but the removal would shrink.
+
+    Code writes the size that follows the data as -1 (``view(b, t, -1, head_dim)``) or computes the
+    innermost size at run time (a channel shuffle's ``channels // groups``); any other spelled-out size
+    is taken as fixed (``self.num_heads``), so shrinking it would regroup channels silently.
+    """
+    if call.name not in RESHAPES:
+        return []
+    requested = [a for a in call.args[1:] if a is not None]
+    if len(requested) == 1 and isinstance(requested[0], (tuple, list)):
+        requested = list(requested[0])
+    if "shape" in call.kwargs:
+        requested = list(call.kwargs["shape"])
+    if len(requested) != len(shape) or not all(isinstance(a, int) for a in requested):
+        return []
+    sizes = [shape[d] for d in state.dims]
+    kept = torch.ones(sizes, dtype=torch.bool).reshape(-1)
+    kept[state.idxs] = False
+    kept = kept.view(sizes)
+    shrinking = []
+    for axis, dim in enumerate(state.dims):
+        others = tuple(d for d in range(len(sizes)) if d != axis)
+        if int((kept.any(dim=others) if others else kept).sum()) < sizes[axis]:
+            shrinking.append(dim)
+    free = [d for d in state.dims if requested[d] == -1] or [max(state.dims)]
+    return [d for d in shrinking if d not in free]
+
+
 def keeps_product(state: ChannelState, shape) -> bool:
     """After removal, channels spread over several dims must still form a full grid (a valid shape)."""
     if len(state.dims) < 2:

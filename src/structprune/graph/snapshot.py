@@ -34,4 +34,6 @@ class Snapshot:
                 target._buffers.clear()
                 target._buffers.update(data)
             else:
+                for key in [k for k in target.__dict__ if not k.startswith("_") and k not in data]:
+                    del target.__dict__[key]  # added by the failed pruning function
                 target.__dict__.update(data)

@@ -3,6 +3,7 @@ from .axes import Axis
 from .base import BasePruningFunc
 from .declarations import (
     DEFAULT_PRUNERS,
+    OPTIONAL_LINEAR_LIKE,
     OPTIONAL_PRUNERS,
     ROOT_TYPES,
     ActivationPruner,
@@ -22,6 +23,7 @@ from .declarations import (
     PReLUPruner,
     default_root_types,
     find_pruner,
+    optional_linear_types,
     register_optional_layers,
 )
 from .functions import *  # noqa: F401,F403  (the documented prune_* names)

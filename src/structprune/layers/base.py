@@ -92,6 +92,10 @@ class BasePruningFunc:
     def update_attrs(self, layer: nn.Module) -> None:
         """Make attributes such as ``out_channels`` agree with the new parameter shapes."""
 
+    def check_structure(self, layer: nn.Module, idxs, side: str) -> None:
+        """Raise ValueError when removing ``idxs`` on ``side`` ("output"/"input") would break the layer's
+        structure (grouped convs losing channels unevenly). Called before anything changes."""
+
     # -- torch_pruning-compatible helpers ----------------------------------------------------------
     def __call__(self, layer: nn.Module, idxs: Sequence[int], to_output: bool = True, inplace: bool = True):
         if not inplace:
@@ -126,11 +130,19 @@ class BasePruningFunc:
             positions = axis.positions(idxs, tensor)
             keep = _complement(positions, tensor.shape[axis.dim], tensor.device)
             grad = tensor.grad if isinstance(tensor, nn.Parameter) else None
-            set_tensor(layer, axis.name, torch.index_select(tensor.data, axis.dim, keep).contiguous())
+            set_tensor(layer, axis.name, _like_layout(torch.index_select(tensor.data, axis.dim, keep), tensor))
             if grad is not None:
-                axis.tensor(layer).grad = torch.index_select(grad, axis.dim, keep).contiguous()
+                axis.tensor(layer).grad = _like_layout(torch.index_select(grad, axis.dim, keep), grad)
         self.update_attrs(layer)
         return layer
+
+
+def _like_layout(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Keep channels_last weights channels_last (index_select returns the default layout)."""
+    for layout, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if old.dim() == ndim and not old.is_contiguous() and old.is_contiguous(memory_format=layout):
+            return new.contiguous(memory_format=layout)
+    return new.contiguous()
 
 
 def _complement(positions: torch.Tensor, size: int, device) -> torch.Tensor:

@@ -5,20 +5,64 @@ special-cases layer types.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .axes import Axis
-from .base import BasePruningFunc
+from .base import BasePruningFunc, as_index_tensor
 
 
 def _is_depthwise(layer) -> bool:
-    return layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
+    # decided once per layer: a grouped conv pruned down to one channel per group keeps the meaning it was
+    # traced with, or the graph's view of its input and output sides would flip halfway through pruning
+    flag = layer.__dict__.get("_structprune_depthwise")
+    if flag is None:
+        flag = layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
+        layer.__dict__["_structprune_depthwise"] = flag
+    return flag
+
+
+def _check_grouped(layer, idxs, side: str, symmetric: bool) -> None:
+    """Grouped convs lose channels evenly: the same positions in every group (``symmetric``) or at least the
+    same number from each group, so every group keeps the same width."""
+    groups = layer.groups
+    total = layer.out_channels if side == "output" else layer.in_channels
+    if groups == 1 or _is_depthwise(layer) or total % groups:
+        return
+    idxs = as_index_tensor(idxs)
+    if len(idxs) == 0:
+        return
+    width = total // groups
+    block, local = idxs // width, idxs % width
+    counts = torch.bincount(block, minlength=groups)
+    even = bool((counts == counts[0]).all())
+    same = even and all(set(local[block == g].tolist()) == set(local[block == 0].tolist()) for g in range(groups))
+    if not (same if symmetric else even):
+        rule = "the same positions in every group" if symmetric else "the same number from every group"
+        raise ValueError(
+            f"{type(layer).__name__}({layer.in_channels}, {layer.out_channels}, groups={groups}): removing {side} "
+            f"channels {idxs.tolist()[:8]}... unevenly across its {groups} groups; remove {rule}"
+        )
 
 
 class ConvPruner(BasePruningFunc):
     out_tensor_dim = 1
     in_tensor_dim = 1
     channel_inputs = (0,)
+    #: which side of a grouped layer needs identical positions in every group (the other: equal counts)
+    symmetric_side = "input"
+
+    def check_structure(self, layer, idxs, side: str) -> None:
+        _check_grouped(layer, idxs, side, symmetric=side == self.symmetric_side)
+
+    def prune_out_channels(self, layer, idxs):
+        self.check_structure(layer, idxs, "output")
+        return super().prune_out_channels(layer, idxs)
+
+    def prune_in_channels(self, layer, idxs):
+        if not self.is_coupled(layer):
+            self.check_structure(layer, idxs, "input")
+        return super().prune_in_channels(layer, idxs)
 
     def is_coupled(self, layer):
         return _is_depthwise(layer)
@@ -59,6 +103,8 @@ class DepthwiseConvPruner(ConvPruner):
 
 class ConvTransposePruner(ConvPruner):
     """ConvTranspose stores weight as [in, out/groups, ...]: its output channels are dim 1."""
+
+    symmetric_side = "output"
 
     def out_axes(self, layer):
         if self.is_coupled(layer):
@@ -465,35 +511,45 @@ OPTIONAL_PRUNERS: dict[tuple[str, str], BasePruningFunc] = {
     ("transformers.pytorch_utils", "Conv1D"): _CONV1D,
 }
 
-#: Layer types that root channel groups by default (the layers whose output channels a pruner counts).
-#: ``register_optional_layers`` appends optional types that behave like Linear (transformers Conv1D).
-ROOT_TYPES: list[type] = [nn.modules.conv._ConvNd, nn.Linear, nn.LSTM]
-_OPTIONAL_ROOTS = {("transformers.pytorch_utils", "Conv1D")}
+#: Optional types that behave like Linear: they root channel groups and importance scores their weights.
+OPTIONAL_LINEAR_LIKE: set[tuple[str, str]] = {("transformers.pytorch_utils", "Conv1D")}
+
+#: Layer types that root channel groups by default (the layers whose output channels a pruner counts);
+#: ``default_root_types`` adds the imported ``OPTIONAL_LINEAR_LIKE`` types.
+ROOT_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM)
 
 
-def register_optional_layers() -> list[type]:
-    """Add declarations for layer types of optional libraries that are already imported.
+def register_optional_layers() -> tuple[type, ...]:
+    """Declare the ``OPTIONAL_PRUNERS`` types whose library is already imported; returns those types.
 
-    Cheap and idempotent: looks only in ``sys.modules`` and imports nothing, so call it whenever a graph
-    is built. Returns the types added to ``DEFAULT_PRUNERS`` by this call.
+    Cheap and idempotent: it looks only in ``sys.modules`` and imports nothing, so call it whenever a
+    graph is built. A pruner already registered for such a type in ``DEFAULT_PRUNERS`` is kept.
     """
     import sys
 
-    added = []
+    found = []
     for (module_name, class_name), pruner in OPTIONAL_PRUNERS.items():
         module = sys.modules.get(module_name)
         layer_type = getattr(module, class_name, None) if module is not None else None
-        if layer_type is None:
-            continue
-        if layer_type not in DEFAULT_PRUNERS:
-            DEFAULT_PRUNERS[layer_type] = pruner
-            added.append(layer_type)
-        if (module_name, class_name) in _OPTIONAL_ROOTS and layer_type not in ROOT_TYPES:
-            ROOT_TYPES.append(layer_type)
-    return added
+        if isinstance(layer_type, type):
+            DEFAULT_PRUNERS.setdefault(layer_type, pruner)
+            found.append(layer_type)
+    return tuple(found)
+
+
+def optional_linear_types() -> tuple[type, ...]:
+    """The imported optional types that act like Linear (transformers Conv1D), registered on the way."""
+    import sys
+
+    register_optional_layers()
+    found = []
+    for module_name, class_name in sorted(OPTIONAL_LINEAR_LIKE):
+        layer_type = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(layer_type, type):
+            found.append(layer_type)
+    return tuple(found)
 
 
 def default_root_types() -> tuple[type, ...]:
-    """``ROOT_TYPES`` after registering the optional layers already imported."""
-    register_optional_layers()
-    return tuple(ROOT_TYPES)
+    """``ROOT_TYPES`` plus the imported Linear-like optional types: the default group roots."""
+    return ROOT_TYPES + optional_linear_types()

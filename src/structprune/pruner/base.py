@@ -201,6 +201,11 @@ class BasePruner:
     # -- stepping --------------------------------------------------------------------------------------
     def step(self, interactive: bool = False, optimizer=None):
         """Advance the schedule by one step and prune; with ``interactive`` yield groups to prune yourself."""
+        if any(param.is_meta for param in self.model.parameters()):
+            raise RuntimeError(
+                "the model's parameters are on the meta device: importance needs real weight values; materialise "
+                "the model (to_empty + load weights) or prune explicit groups with DependencyGraph instead"
+            )
         self.current_step += 1
         if self.current_step > self.iterative_steps:
             warnings.warn("pruning schedule already finished; step() does nothing", stacklevel=2)

@@ -41,6 +41,7 @@ ALLOWED_BLOCKED = {
     "model output": re.compile(r"channels reach a model output"),
     "model input": re.compile(r"channels reach .*model input"),
     "regrouped (heads / fused qkv must stay symmetric)": re.compile(r"regroup"),
+    "a reshape spells out a size the removal would shrink (a fixed head count)": re.compile(r"spells out the size"),
 }
 
 

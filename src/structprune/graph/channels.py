@@ -90,9 +90,9 @@ def forward_through(correspondence: torch.Tensor, source_shape, state: ChannelSt
     source_channel = channel_labels(tuple(source_shape), state.dims).reshape(-1)
     label = torch.where(correspondence >= 0, source_channel[correspondence.clamp(min=0)], -1)
     dims = varying_dims(label)
-    if not dims and label.dim() == len(source_shape):
-        # a slice one channel wide: nothing varies, but the channel still sits on the state's own dim
-        dims = tuple(d for d in state.dims if label.shape[d] == 1 and bool((label >= 0).any()))
+    if label.dim() == len(source_shape) and bool((label >= 0).any()):
+        # a slice one channel wide: nothing varies along it, but the channel still sits on the state's dim
+        dims = tuple(sorted(set(dims) | {d for d in state.dims if label.shape[d] == 1}))
     table = reduce_to(label, dims)
     member, root_table = dense_tables(state, _channel_count(tuple(source_shape), state.dims))
     hit = (table >= 0) & member[table.clamp(min=0)]

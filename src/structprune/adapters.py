@@ -21,7 +21,9 @@ Adapters marked ``late`` (model configs) run after the others, since they read t
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -219,6 +221,16 @@ def _hf_gpt2_attention(module, removed=None) -> None:
         module.scaling = scaling
 
 
+@lru_cache(maxsize=None)
+def _declared_fields(config_type) -> frozenset:
+    return frozenset(inspect.signature(config_type.__init__).parameters)
+
+
+def _config_declares(config, field: str) -> bool:
+    """Whether the config class takes ``field`` (LlamaConfig.head_dim), as opposed to a field we added."""
+    return field in _declared_fields(type(config))
+
+
 def _first(model, predicate):
     return next((m for m in model.modules() if predicate(m)), None)
 
@@ -258,8 +270,10 @@ def _hf_config(module) -> None:
             heads, head_dim = attention.num_heads, attention.head_dim
     if heads is not None:
         config.num_attention_heads = heads
-        if hasattr(config, "head_dim") or heads * head_dim != config.hidden_size:
+        if _config_declares(config, "head_dim") or heads * head_dim != config.hidden_size:
             config.head_dim = head_dim
+        else:
+            config.__dict__.pop("head_dim", None)  # written while pruning half-way; hidden_size says it again
     mlp = _first(module, lambda m: hasattr(m, "up_proj") and hasattr(m, "down_proj"))
     if mlp is not None and hasattr(config, "intermediate_size"):
         config.intermediate_size = mlp.up_proj.out_features
@@ -267,9 +281,13 @@ def _hf_config(module) -> None:
             for layer in module.modules():
                 if hasattr(layer, "up_proj") and hasattr(layer, "intermediate_size"):
                     layer.intermediate_size = layer.up_proj.out_features
-    intermediate = _first(module, lambda m: type(m).__name__.endswith("Intermediate") and hasattr(m, "dense"))
-    if intermediate is not None and hasattr(config, "intermediate_size"):
-        config.intermediate_size = intermediate.dense.out_features
+    elif hasattr(config, "intermediate_size"):
+        # BERT: BertIntermediate.dense; ViT and friends: an MLP with fc1 / fc2
+        first = _first(module, lambda m: type(m).__name__.endswith("Intermediate") and hasattr(m, "dense"))
+        first = first.dense if first is not None else getattr(
+            _first(module, lambda m: isinstance(getattr(m, "fc1", None), nn.Linear) and hasattr(m, "fc2")), "fc1", None)
+        if first is not None:
+            config.intermediate_size = first.out_features
     gpt2_mlp = _first(module, lambda m: hasattr(m, "c_fc") and hasattr(m, "c_proj"))
     if gpt2_mlp is not None and hasattr(config, "n_inner"):
         config.n_inner = _linear_out(gpt2_mlp.c_fc)

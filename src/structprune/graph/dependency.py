@@ -343,10 +343,9 @@ class DependencyGraph(GroupFinder):
         group = Group(self)
         group.blocked = original.blocked
         root_map = self._position_maps.get((original[0].dep.target.module, self._side_of(original[0])))
-        for item in original:
+        for k, item in enumerate(original):
             position_map = self._position_maps.get((item.dep.target.module, self._side_of(item)))
-            idxs = torch.tensor(item.idxs, dtype=torch.long)
-            roots = torch.tensor(item.root_idxs, dtype=torch.long)
+            idxs, roots = original.item_tensors(k)
             keep = None
             if position_map is not None:
                 idxs = position_map[idxs]
@@ -356,8 +355,8 @@ class DependencyGraph(GroupFinder):
                 keep = roots >= 0 if keep is None else keep & (roots >= 0)
             if keep is not None and not bool(keep.all()):
                 idxs, roots = idxs[keep], roots[keep]
-            if len(idxs) or item is original[0]:
-                group.add_dep(item.dep, idxs.tolist(), roots.tolist())
+            if len(idxs) or k == 0:
+                group.add_dep(item.dep, idxs, roots)
         return group
 
     def _channels(self, node, side):

@@ -96,7 +96,7 @@ class GroupFinder:
         for target, target_side in order:
             state = deps[(target, target_side)]
             handler = self._handler(target, target_side)
-            group.add_dep(Dependency(root_fn, handler, node, target), state.idxs.tolist(), state.roots.tolist())
+            group.add_dep(Dependency(root_fn, handler, node, target), state.idxs, state.roots)
         return group
 
     def _handler(self, node: Node, side: str):

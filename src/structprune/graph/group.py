@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+
 
 
 class Node:
@@ -80,13 +82,28 @@ class Group:
 
     def __init__(self, graph=None):
         self._group: list[GroupItem] = []
+        self._tensors: list = []
         self._DG = graph
         self.blocked: list[str] = []
 
     def add_dep(self, dep: Dependency, idxs, root_idxs=None):
-        idxs = [int(i) for i in idxs]
-        root_idxs = idxs if root_idxs is None else [int(i) for i in root_idxs]
+        tensors = None
+        if isinstance(idxs, torch.Tensor):
+            roots = idxs if root_idxs is None else root_idxs
+            tensors = (idxs, roots)
+            idxs, root_idxs = idxs.tolist(), roots.tolist()
+        else:
+            idxs = [int(i) for i in idxs]
+            root_idxs = idxs if root_idxs is None else [int(i) for i in root_idxs]
         self._group.append(GroupItem(dep, idxs, root_idxs))
+        self._tensors.append(tensors)
+
+    def item_tensors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(idxs, root_idxs) of item k as LongTensors, kept from discovery so hot paths skip list round trips."""
+        if self._tensors[k] is None:
+            item = self._group[k]
+            self._tensors[k] = (torch.tensor(item.idxs, dtype=torch.long), torch.tensor(item.root_idxs, dtype=torch.long))
+        return self._tensors[k]
 
     add_and_merge = add_dep
 

@@ -40,8 +40,8 @@ class RegularizerEngine:
         """Lay every (parameter, dim) coefficient vector out in one flat buffer, once per set of groups."""
         self.terms = []
         for index, group in enumerate(groups):
-            for item in group:
-                self.terms.extend(self._item_terms(index, item))
+            for k, item in enumerate(group):
+                self.terms.extend(self._item_terms(index, item, group, k))
         sizes = [len(group[0].idxs) for group in groups]
         group_offsets = [0]
         for size in sizes[:-1]:
@@ -82,7 +82,7 @@ class RegularizerEngine:
         shape[dim] = param.shape[dim]
         return self._buffer[offset: offset + param.shape[dim]].view(shape)
 
-    def _item_terms(self, index, item):
+    def _item_terms(self, index, item, group, k):
         node = item.dep.target
         module = node.module
         if isinstance(module, nn.Parameter) or not isinstance(module, self.target_types):
@@ -100,8 +100,7 @@ class RegularizerEngine:
             if not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
                 continue
             if idxs is None:
-                idxs = torch.as_tensor(item.idxs, dtype=torch.long)
-                roots = torch.as_tensor(item.root_idxs, dtype=torch.long)
+                idxs, roots = group.item_tensors(k)
             unit = axis.unit(tensor)
             local = idxs % unit if unit < tensor.shape[axis.dim] or axis.blocks == 1 else idxs
             if axis.blocks > 1:

@@ -143,7 +143,7 @@ def _timm_window_attention(module, removed=None) -> None:
     module.scale = dim ** -0.5
 
 
-def _timm_levit_attention(module, removed=None) -> None:
+def _timm_levit_attention(module) -> None:
     """timm LeViT ``Attention`` / ``AttentionDownsample``: per-head q/k (``key_dim``) and v (``val_dim``)
     read from the projections; cached attention biases are dropped so they are re-gathered."""
     heads = module.attention_biases.shape[0]
@@ -187,8 +187,8 @@ def _hf_bert_attention(module, removed=None) -> None:
 
 
 def _is_hf_vit_attention(module) -> bool:
-    """q_proj attention that records its head count (HF ViT): its head dims are free to shrink, unlike
-    rotary decoders (Llama), whose layout the decoder adapter derives from the config."""
+    """q_proj attention that records its head count (HF ViT, viewed as (-1, head_dim)); Llama-style
+    decoders record none, and the config adapter derives their heads from q_proj and head_dim."""
     return (_from("transformers", module) and hasattr(module, "q_proj") and hasattr(module, "o_proj")
             and hasattr(module, "num_attention_heads") and hasattr(module, "head_dim"))
 
@@ -319,7 +319,7 @@ ADAPTERS: list[Adapter] = [
         "timm LeViT attention (num_heads, key_dim, val_dim, scale, bias cache)",
         lambda module: _from("timm.models.levit", module) and hasattr(module, "attention_biases")
         and hasattr(module, "key_dim"),
-        _timm_levit_attention, uses_removed=True,
+        _timm_levit_attention,
     ),
     Adapter(
         "timm MetaFormer Scale.shape",

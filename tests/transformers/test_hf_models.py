@@ -1,10 +1,10 @@
 """Hugging Face Mistral, BERT, GPT-2 and ViT (random init, tiny configs): prune, run, generate, reload.
 
-Every model is pruned at 40% by magnitude with its classifier / LM head ignored. The config adapter must
-make save_pretrained / from_pretrained rebuild the pruned shapes exactly, which BERT and GPT-2 allow only
-when the attention width equals hidden_size (their configs derive one from the other): those tests use
-``round_to=4`` so that the hidden size (64 -> 38.4, rounded to 40) and the attention (4 heads of 16 ->
-4 heads of 10) land on the same width.
+Models are pruned at 40-50% by magnitude with the classifier / LM head ignored. Attention code views q/k/v
+as (-1, head_dim), so the graph lets whole heads go (prune_num_heads) but pins head dims. The config
+adapter makes save_pretrained / from_pretrained rebuild the pruned shapes exactly; BERT and GPT-2 configs
+derive the attention width from hidden_size, so their round-trip tests prune hidden and heads by the same
+50% to stay describable.
 """
 import pytest
 import torch
@@ -12,8 +12,6 @@ from torch import nn
 
 import structprune as tp
 from hf_helpers import count, logits, magnitude, no_group_left_unpruned
-
-transformers = pytest.importorskip("transformers")
 
 
 def reload(model, tmp_path):
@@ -59,7 +57,13 @@ def bert_config(**overrides):
     return BertConfig(**settings)
 
 
-def test_bert_model_keeps_its_hidden_output_and_prunes_attention_and_mlp():
+def bert_heads(encoder):
+    """BERT views q/k/v as (-1, attention_head_size): the graph lets only whole heads go, and the pruner
+    learns the head layout from ``num_heads`` (BertSelfAttention has no ``head_dim`` attribute)."""
+    return {layer.attention.self.query: layer.attention.self.num_attention_heads for layer in encoder.layer}
+
+
+def test_bert_model_keeps_its_hidden_output_and_prunes_heads_and_mlp():
     from transformers import BertModel
 
     torch.manual_seed(0)
@@ -67,21 +71,22 @@ def test_bert_model_keeps_its_hidden_output_and_prunes_attention_and_mlp():
     ids = torch.randint(0, 128, (1, 8))
     before = count(model)
     with no_group_left_unpruned():
-        # the hidden size is the model's output (last_hidden_state, pooler_output): its groups are blocked,
-        # by design, and every other group (per-head dims of query/key and of value, the MLP) is pruned
-        pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, magnitude(), pruning_ratio=0.4,
-                                      prune_num_heads=True)
+        # the hidden size is the model's output (last_hidden_state, pooler_output): those groups are blocked,
+        # by design; whole heads (query, key, value, output.dense) and the MLP go
+        pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, magnitude(), pruning_ratio=0.4, prune_num_heads=True,
+                                      head_pruning_ratio=0.5, num_heads=bert_heads(model.encoder))
         pruner.step()
     attention = model.encoder.layer[0].attention.self
-    assert attention.query.out_features == attention.key.out_features == attention.value.out_features == 40
-    assert (attention.num_attention_heads, attention.attention_head_size, attention.all_head_size) == (4, 10, 40)
-    assert attention.scaling == pytest.approx(10 ** -0.5)
+    assert attention.query.out_features == attention.key.out_features == attention.value.out_features == 32
+    assert (attention.num_attention_heads, attention.attention_head_size, attention.all_head_size) == (2, 16, 32)
+    assert attention.scaling == pytest.approx(16 ** -0.5)
+    assert model.encoder.layer[0].attention.output.dense.in_features == 32
     assert model.encoder.layer[0].intermediate.dense.out_features == 76
     assert model.embeddings.word_embeddings.embedding_dim == 64
-    assert count(model) < 0.75 * before  # embeddings and the 64-wide hidden path stay
+    assert count(model) < 0.72 * before  # embeddings and the 64-wide hidden path stay
     output = model(ids)
     assert output.last_hidden_state.shape == (1, 8, 64) and output.pooler_output.shape == (1, 64)
-    # attention (40) no longer equals hidden_size (64): a BertConfig cannot describe this model, so it
+    # 2 heads x 16 no longer equal hidden_size (64): a BertConfig cannot describe this model, so it
     # round-trips with structprune.serialization (save_pruned / load_pruned), not save_pretrained
 
 
@@ -93,15 +98,19 @@ def test_bert_classifier_prunes_everything_and_round_trips_through_save_pretrain
     ids = torch.randint(0, 128, (2, 8))
     before = count(model)
     with no_group_left_unpruned():
-        pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, magnitude(), pruning_ratio=0.4, round_to=4,
-                                      prune_num_heads=True, ignored_layers=[model.classifier])
+        # hidden 64 -> 32 and 4 -> 2 heads of 16: the attention width stays equal to hidden_size, the only
+        # layout a BertConfig can describe
+        pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, magnitude(), pruning_ratio=0.5, prune_num_heads=True,
+                                      head_pruning_ratio=0.5, num_heads=bert_heads(model.bert.encoder),
+                                      ignored_layers=[model.classifier])
         pruner.step()
     attention = model.bert.encoder.layer[1].attention.self
-    assert model.bert.embeddings.word_embeddings.embedding_dim == 40
-    assert (attention.num_attention_heads, attention.attention_head_size, attention.all_head_size) == (4, 10, 40)
-    assert model.bert.pooler.dense.out_features == 40 and model.classifier.in_features == 40
-    assert (model.config.hidden_size, model.config.num_attention_heads, model.config.intermediate_size) == (40, 4, 76)
-    assert count(model) < 0.45 * before
+    assert model.bert.embeddings.word_embeddings.embedding_dim == 32
+    assert (attention.num_attention_heads, attention.attention_head_size, attention.all_head_size) == (2, 16, 32)
+    assert model.bert.pooler.dense.out_features == 32 and model.classifier.in_features == 32
+    assert (model.config.hidden_size, model.config.num_attention_heads, model.config.intermediate_size) == (32, 2, 64)
+    assert "head_dim" not in model.config.to_dict()  # hidden_size / num_attention_heads says it
+    assert count(model) < 0.32 * before
     out = logits(model, input_ids=ids)
     assert out.shape == (2, 2)
     torch.testing.assert_close(logits(reload(model, tmp_path), input_ids=ids), out)
@@ -117,22 +126,7 @@ def gpt2():
     return GPT2LMHeadModel(config).eval()
 
 
-def check_pruned_gpt2(model, ids, before, tmp_path):
-    attention = model.transformer.h[0].attn
-    assert model.transformer.wte.embedding_dim == 40 and model.lm_head.in_features == 40
-    assert attention.c_attn.weight.shape == (40, 120) and attention.c_attn.nf == 120  # q, k, v: 4 heads of 10
-    assert (attention.num_heads, attention.head_dim, attention.split_size, attention.embed_dim) == (4, 10, 40, 40)
-    assert attention.scaling == pytest.approx(10 ** -0.5)
-    assert model.transformer.h[0].mlp.c_fc.nf == 156  # 256 * 0.6 = 153.6, rounded up to 4
-    assert (model.config.n_embd, model.config.n_head, model.config.n_inner) == (40, 4, 156)
-    assert count(model) < 0.5 * before
-    out = logits(model, input_ids=ids)
-    assert out.shape == (1, 8, 128)
-    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 11)
-    torch.testing.assert_close(logits(reload(model, tmp_path), input_ids=ids), out)
-
-
-def test_gpt2_with_conv1d_declared_explicitly(tmp_path):
+def test_gpt2_with_conv1d_declared_explicitly_prunes_hidden_and_mlp():
     from transformers.pytorch_utils import Conv1D
 
     from structprune.importance.elementwise import DEFAULT_TARGET_TYPES
@@ -142,28 +136,24 @@ def test_gpt2_with_conv1d_declared_explicitly(tmp_path):
     ids = torch.randint(0, 128, (1, 8))
     before = count(model)
     with no_group_left_unpruned():
+        # without prune_num_heads attention stays whole: c_attn is viewed as (-1, head_dim), so its head
+        # dims are pinned (group blocked, not a failure)
         pruner = tp.pruner.BasePruner(
             model, {"input_ids": ids}, tp.importance.MagnitudeImportance(target_types=DEFAULT_TARGET_TYPES + (Conv1D,)),
-            pruning_ratio=0.4, round_to=4, prune_num_heads=True, ignored_layers=[model.lm_head],
-            customized_pruners={Conv1D: Conv1DPruner()}, root_module_types=(nn.Linear, Conv1D),
+            pruning_ratio=0.4, ignored_layers=[model.lm_head], customized_pruners={Conv1D: Conv1DPruner()},
+            root_module_types=(nn.Linear, Conv1D),
         )
         pruner.step()
-    check_pruned_gpt2(model, ids, before, tmp_path)
+    block = model.transformer.h[0]
+    assert model.transformer.wte.embedding_dim == model.transformer.wpe.embedding_dim == 38
+    assert block.attn.c_attn.weight.shape == (38, 192) and (block.attn.c_attn.nx, block.attn.c_attn.nf) == (38, 192)
+    assert block.attn.c_proj.weight.shape == (64, 38) and block.mlp.c_fc.weight.shape == (38, 153)
+    assert block.mlp.c_proj.nx == 153 and model.lm_head.in_features == 38
+    assert count(model) < 0.5 * before
+    assert logits(model, input_ids=ids).shape == (1, 8, 128)
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 11)
 
 
-def test_gpt2_with_default_settings(tmp_path):
-    """Conv1D is declared, roots groups and is scored without any option once transformers is imported."""
-    model = gpt2()
-    ids = torch.randint(0, 128, (1, 8))
-    before = count(model)
-    with no_group_left_unpruned():
-        pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, magnitude(), pruning_ratio=0.4, round_to=4,
-                                      prune_num_heads=True, ignored_layers=[model.lm_head])
-        pruner.step()
-    check_pruned_gpt2(model, ids, before, tmp_path)
-
-
-# -- ViT ---------------------------------------------------------------------------------------------------
 def test_vit_classifier_prunes_hidden_heads_and_mlp_and_round_trips(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -175,17 +165,18 @@ def test_vit_classifier_prunes_hidden_heads_and_mlp_and_round_trips(tmp_path):
     before = count(model)
     with no_group_left_unpruned():
         pruner = tp.pruner.BasePruner(model, {"pixel_values": pixels}, magnitude(), pruning_ratio=0.4,
-                                      prune_num_heads=True, ignored_layers=[model.classifier])
+                                      prune_num_heads=True, head_pruning_ratio=0.5, ignored_layers=[model.classifier])
         pruner.step()
     attention = model.vit.layers[0].attention
     assert model.vit.embeddings.cls_token.shape[-1] == 38 and model.classifier.in_features == 38
-    assert attention.q_proj.out_features == attention.v_proj.out_features == 40
-    assert (attention.num_attention_heads, attention.head_dim) == (4, 10)
-    assert attention.scaling == pytest.approx(10 ** -0.5)
-    # ViT reads config.head_dim, so heads narrower than hidden_size / num_heads still round-trip
+    assert attention.q_proj.out_features == attention.v_proj.out_features == attention.o_proj.in_features == 32
+    assert (attention.num_attention_heads, attention.head_dim) == (2, 16)
+    assert attention.scaling == pytest.approx(16 ** -0.5)
+    assert model.vit.layers[0].mlp.fc1.out_features == 76
+    # ViT reads config.head_dim, so heads that no longer split hidden_size still round-trip
     assert (model.config.hidden_size, model.config.num_attention_heads, model.config.head_dim,
-            model.config.intermediate_size) == (38, 4, 10, 76)
-    assert count(model) < 0.45 * before
+            model.config.intermediate_size) == (38, 2, 16, 76)
+    assert count(model) < 0.4 * before
     out = logits(model, pixel_values=pixels)
     assert out.shape == (2, 10)
     torch.testing.assert_close(logits(reload(model, tmp_path), pixel_values=pixels), out)

@@ -92,6 +92,10 @@ class DependencyGraph(GroupFinder):
             )
         self.model = model
         self.verbose = verbose
+        from ..layers.declarations import register_optional_layers
+
+        for layer_type in register_optional_layers():  # layers of libraries already imported (transformers)
+            self.REGISTERED_PRUNERS.setdefault(layer_type, DEFAULT_PRUNERS[layer_type])
         for layer, pruner in (customized_pruners or {}).items():
             self.register_customized_layer(layer, pruner)
         for item in list(ignored_layers or []) + list(ignored_params or []):
@@ -372,7 +376,9 @@ class DependencyGraph(GroupFinder):
         rotary embeddings pin the head dims).
         """
         ignored = list(ignored_layers or []) + list(self.IGNORED_LAYERS)
-        types = tuple(root_module_types) if root_module_types else (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM)
+        from ..layers.declarations import default_root_types
+
+        types = tuple(root_module_types) if root_module_types else default_root_types()
         covered = set()
         for module, node in self.module2node.items():
             if isinstance(module, nn.Parameter) or not isinstance(module, types):

@@ -21,6 +21,8 @@ from .declarations import (
     MultiheadAttentionPruner,
     ParameterPruner,
     PReLUPruner,
+    TorchvisionMaxVitAttentionPruner,
+    TorchvisionSwinAttentionPruner,
     default_root_types,
     find_pruner,
     optional_linear_types,

@@ -406,6 +406,58 @@ class Conv1DPruner(BasePruningFunc):
         layer.nx, layer.nf = layer.weight.shape
 
 
+class _TiedWidthAttentionPruner(BasePruningFunc):
+    """Attention whose forward ties its width to its input's: declared whole, input channel ``c`` is
+    channel ``c`` of q, k and v (one fused projection, ``blocks=3``) and of the output projection, and
+    every head keeps the same size (``out_channel_groups`` = heads), as for nn.MultiheadAttention."""
+
+    out_tensor_dim = -1
+    in_tensor_dim = -1
+    coupled = True
+    channel_inputs = (0,)
+    qkv = "qkv"
+    proj = "proj"
+    heads = "num_heads"
+
+    def out_axes(self, layer):
+        qkv, proj = self.qkv, self.proj
+        return [Axis(f"{qkv}.weight", 0, blocks=3), Axis(f"{qkv}.weight", 1), Axis(f"{qkv}.bias", 0, blocks=3),
+                Axis(f"{proj}.weight", 0), Axis(f"{proj}.weight", 1), Axis(f"{proj}.bias", 0)]
+
+    def get_out_channels(self, layer):
+        return getattr(layer, self.proj).weight.shape[0]
+
+    get_in_channels = get_out_channels
+
+    def get_out_channel_groups(self, layer):
+        return getattr(layer, self.heads)
+
+    get_in_channel_groups = get_out_channel_groups
+
+    def update_attrs(self, layer):
+        for name in (self.qkv, self.proj):
+            linear = getattr(layer, name)
+            linear.out_features, linear.in_features = linear.weight.shape
+
+
+class TorchvisionSwinAttentionPruner(_TiedWidthAttentionPruner):
+    """torchvision ``ShiftedWindowAttention`` (and V2): the forward calls F.linear on ``qkv`` / ``proj``
+    weights itself and splits heads as ``C // num_heads`` of the input width C."""
+
+
+class TorchvisionMaxVitAttentionPruner(_TiedWidthAttentionPruner):
+    """torchvision MaxViT ``RelativePositionalMultiHeadAttention``: reshapes its output back to the input
+    width ``D``, so heads narrow with the hidden size (``head_dim`` follows)."""
+
+    qkv = "to_qkv"
+    proj = "merge"
+    heads = "n_heads"
+
+    def update_attrs(self, layer):
+        super().update_attrs(layer)
+        layer.head_dim = layer.merge.in_features // layer.n_heads
+
+
 class ParameterPruner(BasePruningFunc):
     """A bare nn.Parameter used directly in forward (class tokens, position embeddings, layer scales)."""
 
@@ -506,9 +558,12 @@ def find_pruner(module: nn.Module, table: dict) -> BasePruningFunc | None:
 
 #: Layer types of optional libraries: (module path, class name) -> pruning function. They are declared
 #: only once their library has been imported by the user (a model built from it holds such layers), so
-#: importing structprune never imports transformers.
+#: importing structprune never imports transformers or torchvision. Subclasses (ShiftedWindowAttentionV2)
+#: match through the MRO.
 OPTIONAL_PRUNERS: dict[tuple[str, str], BasePruningFunc] = {
     ("transformers.pytorch_utils", "Conv1D"): _CONV1D,
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"): TorchvisionSwinAttentionPruner(),
+    ("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention"): TorchvisionMaxVitAttentionPruner(),
 }
 
 #: Optional types that behave like Linear: they root channel groups and importance scores their weights.

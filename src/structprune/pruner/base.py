@@ -11,10 +11,10 @@ from torch import nn
 from ..graph.dependency import DependencyGraph, is_out_channel_pruning_fn
 from ..graph.group import Group
 from ..layers.base import as_index_tensor
+from ..layers.declarations import default_root_types
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
 from .schedulers import linear_scheduler
 
-DEFAULT_ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM)
 
 
 class BasePruner:
@@ -48,7 +48,7 @@ class BasePruner:
         head_pruning_ratio_dict: dict | None = None,
         customized_pruners: dict | None = None,
         unwrapped_parameters=None,
-        root_module_types=DEFAULT_ROOT_TYPES,
+        root_module_types=None,
         forward_fn: Callable | None = None,
         output_transform: Callable | None = None,
         channel_groups: dict | None = None,
@@ -89,7 +89,7 @@ class BasePruner:
         self.prune_num_heads = prune_num_heads
         self.prune_head_dims = prune_head_dims
         self.head_pruning_ratio = head_pruning_ratio
-        self.root_module_types = tuple(root_module_types) if root_module_types else DEFAULT_ROOT_TYPES
+        self.root_module_types = tuple(root_module_types) if root_module_types else default_root_types()
         self.forward_fn = forward_fn
         self.output_transform = output_transform
         self.verify = verify
@@ -160,8 +160,17 @@ class BasePruner:
 
     # -- groups ----------------------------------------------------------------------------------------
     def _groups(self) -> list[Group]:
-        return list(self.DG.get_all_groups(ignored_layers=self.ignored_layers,
-                                           root_module_types=self.root_module_types))
+        """Prunable groups, plus those refused only at full width for a reason a subset may avoid.
+
+        A reshape that spells out a head count refuses "every channel" (that would zero the count) while
+        the same channel in every head is fine; outputs, constants and buffers refuse any subset.
+        """
+        groups = []
+        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                            root_module_types=self.root_module_types, include_blocked=True):
+            if not group.blocked or all(_subset_may_pass(reason) for reason in group.blocked):
+                groups.append(group)
+        return groups
 
     def estimate_importance(self, group: Group) -> torch.Tensor | None:
         if self.importance is None:
@@ -487,6 +496,10 @@ def _block_candidates(channel_groups: int, total: int, n_prune: int, limit: int 
         if total % blocks == 0 and blocks % channel_groups == 0:
             tried += 1
             yield blocks
+
+
+def _subset_may_pass(reason: str) -> bool:
+    return "spells out the size" in reason or "regroup" in reason
 
 
 def _signature(group: Group) -> tuple:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..graph.dependency import is_out_channel_pruning_fn
 from ..graph.group import Group
+from ..layers.declarations import optional_linear_types
 
 DEFAULT_REG_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
@@ -29,6 +30,8 @@ class _Term:
 
 class RegularizerEngine:
     def __init__(self, target_types=DEFAULT_REG_TYPES):
+        if tuple(target_types) == DEFAULT_REG_TYPES:  # Linear-like layers of optional libraries too
+            target_types = DEFAULT_REG_TYPES + optional_linear_types()
         self.target_types = tuple(target_types)
         self.terms: list[_Term] = []
         self.weights: list[nn.Parameter] = []

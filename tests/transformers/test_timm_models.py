@@ -1,0 +1,110 @@
+"""timm models (pretrained=False, small inputs): prune 40% by magnitude, the output keeps its shape.
+
+Transformers prune hidden width, MLPs and per-head dims: timm reshapes fused qkv to (3, num_heads,
+head_dim) or (3, num_heads, -1), so heads stay and each head narrows; the adapters keep num_heads,
+head_dim, attn_dim and scale in step. Every group must prune (no "left unpruned" warning) except where a
+test names the group and says why.
+"""
+import pytest
+import timm
+import torch
+
+import structprune as tp
+from hf_helpers import count, magnitude, no_group_left_unpruned
+
+
+def attention_agrees(model, check_scale=True):
+    """Every timm Attention's recorded layout matches its (pruned) qkv / proj widths."""
+    from timm.layers import Attention
+
+    found = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            found += 1
+            assert module.qkv.out_features == 3 * module.num_heads * module.head_dim
+            assert module.attn_dim == module.num_heads * module.head_dim == module.proj.in_features
+            assert module.scale == pytest.approx(module.head_dim ** -0.5)
+    return found
+
+
+def check_vit(model, heads, original_head_dim):
+    assert attention_agrees(model)
+    attention = model.blocks[0].attn
+    assert attention.num_heads == heads and attention.head_dim < original_head_dim
+
+
+def check_swin(model):
+    from timm.models.swin_transformer import WindowAttention
+
+    windows = [m for m in model.modules() if isinstance(m, WindowAttention)]
+    assert windows
+    for module in windows:
+        assert module.num_heads == module.relative_position_bias_table.shape[-1]  # heads stay
+        head_dim = module.qkv.out_features // (3 * module.num_heads)
+        assert module.qkv.out_features == 3 * module.num_heads * head_dim
+        assert module.scale == pytest.approx(head_dim ** -0.5)
+    assert windows[0].qkv.out_features < 3 * 96  # the first stage's attention narrowed
+
+
+def check_levit(model):
+    from timm.models.levit import Attention, AttentionDownsample
+
+    layers = [m for m in model.modules() if isinstance(m, (Attention, AttentionDownsample))]
+    assert layers
+    narrowed = 0
+    for module in layers:
+        assert module.num_heads == module.attention_biases.shape[0]
+        assert module.val_attn_dim == module.num_heads * module.val_dim == module.proj.ln.linear.in_features
+        assert module.key_attn_dim == module.num_heads * module.key_dim
+        assert module.scale == pytest.approx(module.key_dim ** -0.5)
+        if hasattr(module, "qkv"):
+            assert module.qkv.linear.out_features == module.num_heads * (2 * module.key_dim + module.val_dim)
+            narrowed += module.key_dim < 16 or module.val_dim < 32  # levit_128s: key_dim 16, attn_ratio 2
+    assert narrowed  # per-head q/k or v dims were pruned
+
+
+def check_poolformer(model):
+    from timm.models.metaformer import Scale
+
+    scales = [m for m in model.modules() if isinstance(m, Scale)]
+    assert scales and all(m.shape[0] == m.scale.shape[0] for m in scales)
+    assert model.stem.conv.out_channels < 64
+
+
+CASES = {
+    # name: (create_model kwargs, input size, max remaining parameter fraction, extra check, groups allowed
+    #        to stay unpruned)
+    "vit_small_patch16_224": (dict(img_size=64, depth=4), 64, 0.4, lambda m: check_vit(m, 6, 64), ()),
+    "deit_tiny_patch16_224": (dict(img_size=64), 64, 0.4, lambda m: check_vit(m, 3, 64), ()),
+    "convnext_tiny": ({}, 64, 0.4, None, ()),
+    "efficientnet_b0": ({}, 64, 0.45, None, ()),
+    "mobilenetv3_large_100": ({}, 64, 0.45, None, ()),
+    "resnet50": ({}, 64, 0.4, None, ()),
+    "regnetx_002": ({}, 64, 0.45, None, ()),
+    "poolformer_s12": ({}, 64, 0.4, check_poolformer, ()),
+    # the token-mixing MLP's output is the number of patches, fixed by the stem conv: it cannot shrink
+    # (the graph does not see that yet and refuses it only after trying, hence the allowance)
+    "mixer_b16_224": (dict(img_size=64), 64, 0.4, None, ("mlp_tokens.fc2",)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_timm_model_prunes_by_forty_percent(name):
+    kwargs, size, max_fraction, check, allowed = CASES[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(x).shape
+    before = count(model)
+    head = model.get_classifier()
+    ignored = list(head) if isinstance(head, tuple) else [head]  # LeViT: (head, head_dist)
+    with no_group_left_unpruned(allowed):
+        pruner = tp.pruner.BasePruner(model, x, magnitude(), pruning_ratio=0.4, prune_num_heads=True,
+                                      head_pruning_ratio=0.5, ignored_layers=ignored)
+        pruner.step()
+    with torch.no_grad():
+        assert model(x).shape == expected
+    assert count(model) < max_fraction * before, count(model) / before
+    if check is not None:
+        check(model)

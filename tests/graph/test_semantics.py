@@ -383,3 +383,22 @@ def test_grouped_query_sdpa_with_enable_gqa():
     # one q head alone cannot go: its kv head still serves the other q head of the pair
     assert graph.get_pruning_group(model.q, tp.prune_linear_out_channels, [8, 9, 10, 11]).blocked
     assert_lossless(model, x, model.k, [4, 5, 6, 7], producers=True)
+
+
+def test_channels_reached_as_whole_heads_still_get_their_own_group():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.o = nn.Linear(8, 8)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (layer(x).view(b, t, 2, -1).transpose(1, 2) for layer in (self.q, self.k, self.v))
+            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)) + x
+
+    model = Attn()
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 8))
+    roots = {group[0].dep.target.name for group in graph.get_all_groups(include_blocked=True)}
+    # k is q's one-to-one partner (covered); v appears in q's group only as whole heads, so it roots its own
+    assert "q" in roots and "v" in roots and "k" not in roots

@@ -392,7 +392,9 @@ class DependencyGraph(GroupFinder):
             if len(group[0].idxs) == 0:
                 continue
             for item in group:
-                if self._side_of(item) == OUT:
+                # only a one-to-one image of the root is covered: channels reached as whole heads (many
+                # channels per root channel) still deserve a group of their own for finer pruning
+                if self._side_of(item) == OUT and len(set(item.root_idxs)) == len(item.root_idxs):
                     covered.add((item.dep.target.module, OUT))
             if group.blocked and not include_blocked:
                 continue

@@ -5,15 +5,12 @@ import torch
 from torch import nn
 
 import structprune as tp
+from structprune.utils.nested import call_model
 from structprune.graph.dependency import is_in_channel_pruning_fn
 
 
 def run(model, example_inputs):
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
+    return call_model(model, example_inputs)
 
 
 def leaves(output):

@@ -64,11 +64,6 @@ def reduce_to(tensor: torch.Tensor, dims: tuple[int, ...], how: str = "amax") ->
     return tensor.reshape(-1)
 
 
-def lookup_roots(state: ChannelState, channels: torch.Tensor) -> torch.Tensor:
-    pos = torch.searchsorted(state.idxs, channels)
-    return state.roots[pos.clamp(max=max(len(state.idxs) - 1, 0))]
-
-
 def dense_tables(state: ChannelState, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Membership and root lookups by channel index: one gather each, instead of a sort or a search."""
     member = torch.zeros(total, dtype=torch.bool)

@@ -11,6 +11,7 @@ from ..layers.declarations import DEFAULT_PRUNERS, ParameterPruner, find_pruner
 from .group import Group, Node
 from .discovery import IN, OUT, GroupFinder
 from .snapshot import Snapshot
+from ..utils.nested import call_model
 from .trace import Call, Tracer, _flatten
 
 
@@ -132,11 +133,7 @@ class DependencyGraph(GroupFinder):
         def forward():
             if forward_fn is not None:
                 return forward_fn(model, example_inputs)
-            if isinstance(example_inputs, dict):
-                return model(**example_inputs)
-            if isinstance(example_inputs, (tuple, list)):
-                return model(*example_inputs)
-            return model(example_inputs)
+            return call_model(model, example_inputs)
 
         # frozen layers must still be traced: their outputs need a grad_fn to be told apart from constants
         frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
@@ -226,7 +223,6 @@ class DependencyGraph(GroupFinder):
                 value.consumers.append((call, index))
                 value.shape = tuple(call.in_shapes[index])
         leaf_tensors = {id(t): t for t in tracer.keep_alive}
-        self._leaf_kind = {}
         for key, value in self.values.items():
             if value.producer is None and key[0] == "leaf":
                 tensor = leaf_tensors.get(key[1])

@@ -12,6 +12,7 @@ from ..graph.dependency import DependencyGraph, is_out_channel_pruning_fn
 from ..graph.group import Group
 from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
+from ..utils.nested import call_model, evaluating
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
 from .schedulers import linear_scheduler
 
@@ -281,23 +282,14 @@ class BasePruner:
                 )
 
     def _forward_error(self) -> str | None:
-        model = self.model
-        was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad():
+            with evaluating(self.model) as model:
                 if self.forward_fn is not None:
                     self.forward_fn(model, self.example_inputs)
-                elif isinstance(self.example_inputs, dict):
-                    model(**self.example_inputs)
-                elif isinstance(self.example_inputs, (tuple, list)):
-                    model(*self.example_inputs)
                 else:
-                    model(self.example_inputs)
+                    call_model(model, self.example_inputs)
         except Exception as error:  # noqa: BLE001 - any failure means the pruned model is broken
             return f"{type(error).__name__}: {error}"
-        finally:
-            model.train(was_training)
         return None
 
     def _select(self, group: Group, imp: torch.Tensor, n_prune: int, channel_groups: int) -> torch.Tensor:

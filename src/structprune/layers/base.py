@@ -92,6 +92,9 @@ class BasePruningFunc:
     def update_attrs(self, layer: nn.Module) -> None:
         """Make attributes such as ``out_channels`` agree with the new parameter shapes."""
 
+    def shrink_attrs(self, layer: nn.Module, removed: int) -> None:
+        """Narrow width attributes by ``removed`` for a layer that holds no channel tensors."""
+
     def check_structure(self, layer: nn.Module, idxs, side: str) -> None:
         """Raise ValueError when removing ``idxs`` on ``side`` ("output"/"input") would break the layer's
         structure (grouped convs losing channels unevenly). Called before anything changes."""
@@ -118,6 +121,10 @@ class BasePruningFunc:
         if total is not None and done is None:  # a group validates all its layers before it starts
             validate_idxs(layer, idxs, total, side)
         if len(idxs) == 0:
+            return layer
+        if all(axis.tensor(layer) is None for axis in axes):
+            # nothing to slice (non-affine norms): the width lives only in an attribute
+            self.shrink_attrs(layer, len(idxs))
             return layer
         for axis in axes:
             tensor = axis.tensor(layer)

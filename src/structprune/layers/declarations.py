@@ -160,15 +160,8 @@ class BatchnormPruner(BasePruningFunc):
 
     get_in_channels = get_out_channels
 
-    def _prune(self, layer, axes, idxs, total, side):
-        from .base import as_index_tensor
-
-        removed = len(as_index_tensor(idxs))
-        stateless = all(axis.tensor(layer) is None for axis in axes)
-        result = super()._prune(layer, axes, idxs, total, side)
-        if stateless:  # InstanceNorm without affine or running stats: only the attribute knows the width
-            layer.num_features -= removed
-        return result
+    def shrink_attrs(self, layer, removed):
+        layer.num_features -= removed  # InstanceNorm without affine or running stats
 
     def update_attrs(self, layer):
         for name in ("weight", "running_mean"):
@@ -201,18 +194,16 @@ class GroupNormPruner(BasePruningFunc):
     get_in_channel_groups = get_out_channel_groups
 
     def _prune(self, layer, axes, idxs, total, side):
-        from .base import as_index_tensor
-
         removed = len(as_index_tensor(idxs))
         if (layer.num_channels - removed) % layer.num_groups:
             raise ValueError(
                 f"GroupNorm({layer.num_groups} groups, {layer.num_channels} channels): removing {removed} channels "
                 f"leaves a count not divisible by num_groups; remove the same number from each group"
             )
-        result = super()._prune(layer, axes, idxs, total, side)
-        if not layer.affine:
-            layer.num_channels -= removed
-        return result
+        return super()._prune(layer, axes, idxs, total, side)
+
+    def shrink_attrs(self, layer, removed):
+        layer.num_channels -= removed
 
     def update_attrs(self, layer):
         if layer.affine:
@@ -236,15 +227,9 @@ class LayernormPruner(BasePruningFunc):
 
     get_in_channels = get_out_channels
 
-    def _prune(self, layer, axes, idxs, total, side):
-        from .base import as_index_tensor
-
-        removed = len(as_index_tensor(idxs))
-        result = super()._prune(layer, axes, idxs, total, side)
-        if getattr(layer, "weight", None) is None:
-            shape = tuple(layer.normalized_shape)
-            layer.normalized_shape = (shape[0] - removed,) + shape[1:]
-        return result
+    def shrink_attrs(self, layer, removed):
+        shape = tuple(layer.normalized_shape)
+        layer.normalized_shape = (shape[0] - removed,) + shape[1:]
 
     def update_attrs(self, layer):
         weight = getattr(layer, "weight", None)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..layers.base import BasePruningFunc, as_index_tensor, pruning_once, validate_idxs
 from ..layers.declarations import DEFAULT_PRUNERS, ParameterPruner, find_pruner
-from .group import Group, Node
+from .group import Group, Node, is_in_channel_pruning_fn, is_out_channel_pruning_fn, item_axes  # noqa: F401
 from .discovery import IN, OUT, GroupFinder
 from .snapshot import Snapshot
 from ..utils.nested import call_model
@@ -25,14 +25,6 @@ class _Value:
         self.producer = None  # (call, output index)
         self.consumers = []  # (call, input index)
         self.leaf = None  # the tensor, for values with no producer
-
-
-def is_out_channel_pruning_fn(fn) -> bool:
-    return getattr(fn, "__name__", "") in ("prune_out_channels",) or "out_channels" in getattr(fn, "__name__", "")
-
-
-def is_in_channel_pruning_fn(fn) -> bool:
-    return getattr(fn, "__name__", "") in ("prune_in_channels",) or "in_channels" in getattr(fn, "__name__", "")
 
 
 class DependencyGraph(GroupFinder):
@@ -408,10 +400,7 @@ class DependencyGraph(GroupFinder):
         module = item.dep.target.module
         if isinstance(module, nn.Parameter):
             return any(module is p for p in self.ignored_params)
-        pruner = item.dep.target.pruner
-        coupled = pruner.is_coupled(module)
-        axes = pruner.out_axes(module) if coupled or is_out_channel_pruning_fn(item.dep.handler) else pruner.in_axes(module)
-        return any(any(axis.tensor(module) is p for p in self.ignored_params) for axis in axes)
+        return any(any(axis.tensor(module) is p for p in self.ignored_params) for axis in item_axes(item))
 
     def _cached_group(self, node):
         module = node.module

@@ -7,6 +7,24 @@ import torch
 
 
 
+def is_out_channel_pruning_fn(fn) -> bool:
+    """``prune_out_channels`` and the documented ``prune_*_out_channels`` names."""
+    return "out_channels" in getattr(fn, "__name__", "")
+
+
+def is_in_channel_pruning_fn(fn) -> bool:
+    return "in_channels" in getattr(fn, "__name__", "")
+
+
+def item_axes(item) -> list:
+    """The axes a group item removes: out_axes for output-side items, else in_axes (coupled layers
+    declare in_axes as their out_axes, so both sides agree)."""
+    node = item.dep.target
+    if is_out_channel_pruning_fn(item.dep.handler):
+        return node.pruner.out_axes(node.module)
+    return node.pruner.in_axes(node.module)
+
+
 class Node:
     """A prunable thing in the graph: a declared module or an unwrapped parameter."""
 

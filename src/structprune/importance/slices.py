@@ -4,17 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graph.dependency import is_out_channel_pruning_fn
-from ..graph.group import GroupItem
+from ..graph.group import GroupItem, item_axes  # noqa: F401 - item_axes is re-exported for the criteria
 from ..layers.axes import Axis
-
-
-def item_axes(item: GroupItem) -> list[Axis]:
-    """The axes an item removes: the target's out_axes for output-side (and coupled) items, else in_axes."""
-    node = item.dep.target
-    if is_out_channel_pruning_fn(item.dep.handler):
-        return node.pruner.out_axes(node.module)
-    return node.pruner.in_axes(node.module)
 
 
 def is_bias(axis: Axis) -> bool:

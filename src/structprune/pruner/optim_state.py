@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graph.dependency import is_out_channel_pruning_fn
-from ..graph.group import Group
+from ..graph.group import Group, item_axes
 
 
 def plan_optimizer_state(optimizer: torch.optim.Optimizer, group: Group) -> list:
@@ -18,11 +17,8 @@ def plan_optimizer_state(optimizer: torch.optim.Optimizer, group: Group) -> list
         if isinstance(module, nn.Parameter):
             axes = [(module, node.pruning_dim, idxs)]
         else:
-            pruner = node.pruner
-            coupled = pruner.is_coupled(module)
-            declared = pruner.out_axes(module) if coupled or is_out_channel_pruning_fn(item.dep.handler) else pruner.in_axes(module)
             axes = []
-            for axis in declared:
+            for axis in item_axes(item):
                 tensor = axis.tensor(module)
                 if isinstance(tensor, nn.Parameter):
                     axes.append((tensor, axis.dim, axis.positions(idxs, tensor)))

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..graph.dependency import is_out_channel_pruning_fn
-from ..graph.group import Group
+from ..graph.group import Group, item_axes
 from ..layers.declarations import optional_linear_types
 
 DEFAULT_REG_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -90,9 +89,7 @@ class RegularizerEngine:
         module = node.module
         if isinstance(module, nn.Parameter) or not isinstance(module, self.target_types):
             return []
-        pruner = node.pruner
-        coupled = pruner.is_coupled(module)
-        axes = pruner.out_axes(module) if coupled or is_out_channel_pruning_fn(item.dep.handler) else pruner.in_axes(module)
+        axes = item_axes(item)
         idxs = roots = None
         terms = []
         for axis in axes:

@@ -10,6 +10,7 @@ from .magnitude import (
     MagnitudeImportance,
 )
 from .normalizers import NORMALIZERS, get_normalizer
+from .obdc import OBDCImportance
 from .random_score import RandomImportance
 from .reductions import REDUCTIONS, get_reduction
 from .taylor import GroupTaylorImportance, TaylorImportance
@@ -27,6 +28,7 @@ __all__ = [
     "GroupTaylorImportance",
     "HessianImportance",
     "GroupHessianImportance",
+    "OBDCImportance",
     "REDUCTIONS",
     "NORMALIZERS",
     "get_reduction",

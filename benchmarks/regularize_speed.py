@@ -43,17 +43,27 @@ MODELS = {
 }
 
 
+def _once(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def timed(fn, device, repeat):
-    samples = []
+    return statistics.median(_once(fn, device) for _ in range(repeat))
+
+
+def timed_pair(first, second, device, repeat):
+    """Medians of two functions timed alternately, so both see the same machine load and cache state."""
+    a, b = [], []
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        a.append(_once(first, device))
+        b.append(_once(second, device))
+    return statistics.median(a), statistics.median(b)
 
 
 def run(model, example, batch):
@@ -82,8 +92,8 @@ def measure(name, device, repeat):
         model.zero_grad(set_to_none=False)
         run(model, example, batch).float().sum().backward()
 
-    t_reg = timed(lambda: pruner.regularize(model, bias=True), device, repeat)
-    t_wd = timed(weight_decay, device, repeat)
+    pruner.update_reg()  # per-channel coefficients differ from here on, as in training
+    t_reg, t_wd = timed_pair(lambda: pruner.regularize(model, bias=True), weight_decay, device, repeat)
     t_step = timed(step, device, max(3, repeat // 10))
     t_update = timed(pruner.update_reg, device, 3)
     t_refresh = timed(pruner.update_regularizer, device, 3)

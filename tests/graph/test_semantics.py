@@ -402,3 +402,46 @@ def test_channels_reached_as_whole_heads_still_get_their_own_group():
     roots = {group[0].dep.target.name for group in graph.get_all_groups(include_blocked=True)}
     # k is q's one-to-one partner (covered); v appears in q's group only as whole heads, so it roots its own
     assert "q" in roots and "v" in roots and "k" not in roots
+
+
+class SpaceToDepth(nn.Module):
+    """Swin's patch merging: 2x2 neighbourhoods folded into channels after padding odd sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 6, 2, stride=2)
+        self.reduce = nn.Linear(24, 5)
+
+    def forward(self, x):
+        y = self.embed(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        # Swin's window path: pad, work on the padded tensor, crop back, add to the stream
+        y = y + F.pad(y, (0, 0, 0, 1, 0, 1)).roll((1, 1), dims=(1, 2))[:, :3, :3] * 2
+        y = F.pad(y, (0, 0, 0, 1, 0, 1))  # odd sizes padded to even before merging
+        b, h, w, c = y.shape
+        y = y.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduce(y)
+
+
+def test_space_to_depth_removes_each_channel_from_every_folded_position():
+    model = SpaceToDepth()
+    x = torch.randn(2, 3, 6, 6)
+    group = assert_lossless(model, x, model.embed, [1, 4])
+    t = targets(group)
+    # channel c sits at c, 6 + c, 12 + c, 18 + c of the folded 24 (four 2x2 positions)
+    assert t[("reduce", "prune_in_channels")] == [1, 4, 7, 10, 13, 16, 19, 22]
+    assert model.embed.out_channels == 4 and model.reduce.in_features == 16
+
+
+def test_squeeze_state_drops_dims_the_removal_does_not_depend_on():
+    from structprune.graph.channels import ChannelState, squeeze_state
+
+    # channels 1 and 3 of 4, removed at every one of 3 positions along dim 1 of a (2, 3, 4) tensor
+    idxs = torch.tensor([p * 4 + c for p in range(3) for c in (1, 3)])
+    state = squeeze_state(ChannelState((1, 2), idxs, idxs % 4), (2, 3, 4))
+    assert state.dims == (2,) and state.idxs.tolist() == [1, 3] and state.roots.tolist() == [1, 3]
+    # removed at only some positions: the position dim stays
+    partial = ChannelState((1, 2), torch.tensor([1, 3, 5]), torch.tensor([1, 3, 1]))
+    assert squeeze_state(partial, (2, 3, 4)).dims == (1, 2)
+    # same membership but different roots along dim 1: the dim stays (roots tell positions apart)
+    roots = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert squeeze_state(ChannelState((1, 2), idxs, roots), (2, 3, 4)).dims == (1, 2)

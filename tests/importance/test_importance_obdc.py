@@ -335,23 +335,3 @@ def test_pruning_a_cnn_on_digits():
     assert model(images[:5]).shape == (5, 10)
     with pytest.raises(RuntimeError, match=r"conv1 \(Conv2d\).*zero_grad"):  # statistics of the unpruned model
         obdc(only_group(model, images[:1], root=model.conv1))
-
-
-def test_a_layer_narrowed_on_its_other_side_keeps_its_scores_within_a_step():
-    """The pruner scores group after group while pruning: fc2's output channels are scored after fc1's
-    group already removed fc2's input channels, and score as they did before."""
-    torch.manual_seed(9)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2))
-    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3))
-    first = graph.get_pruning_group(model[0], tp.prune_linear_out_channels, idxs=[0, 1, 2, 3])
-    second = graph.get_pruning_group(model[1], tp.prune_linear_out_channels, idxs=[0, 1, 2, 3])
-    obdc = criterion()
-    obdc.register(model)
-    model(torch.randn(8, 3)).sum().backward()
-    before = obdc(second)
-    obdc(first)
-    graph.get_pruning_group(model[0], tp.prune_linear_out_channels, idxs=[1, 3]).prune()
-    assert model[1].in_features == 2
-    torch.testing.assert_close(obdc(second), before)
-    with pytest.raises(RuntimeError, match=r"0 \(Linear\).*zero_grad"):
-        obdc(first)  # fc1's scored (output) side itself changed

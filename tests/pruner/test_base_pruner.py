@@ -1,4 +1,5 @@
 """BasePruner options, each shown by its effect on channel counts."""
+import re
 import warnings
 
 import pytest
@@ -278,3 +279,92 @@ def test_step_slices_optimizer_state():
 def test_magnitude_pruner_alias_and_meta_pruner():
     assert tp.pruner.MagnitudePruner is tp.pruner.BasePruner
     assert tp.pruner.MetaPruner is tp.pruner.BasePruner
+
+
+class FusedHeads(nn.Module):
+    """q and k rows of 4 heads of 2 in one Linear, split and read per head (GPT-2's fused c_attn layout)."""
+
+    head_dim = 2
+
+    def __init__(self):
+        super().__init__()
+        self.qk = nn.Linear(6, 16)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        q, k = self.qk(x).split(self.qk.out_features // 2, dim=-1)
+        q = q.view(*q.shape[:-1], -1, self.head_dim)
+        k = k.view(*k.shape[:-1], -1, self.head_dim)
+        return self.out((q * k).sum(-1))
+
+
+def test_whole_heads_of_a_fused_projection_go_from_every_block():
+    torch.manual_seed(0)
+    model = FusedHeads()
+    with torch.no_grad():
+        for head, scale in enumerate([1.0, 1e-3, 2.0, 1e-2]):  # heads 1 and 3 are the weakest
+            model.qk.weight[[2 * head, 2 * head + 1, 8 + 2 * head, 9 + 2 * head]] *= scale
+    expected = model.qk.weight.detach()[[0, 1, 4, 5, 8, 9, 12, 13]].clone()
+    x = torch.randn(2, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.0, prune_num_heads=True, head_pruning_ratio=0.5,
+                             ignored_layers=[model.out]).step()
+    torch.testing.assert_close(model.qk.weight.detach(), expected)
+    assert model.out.in_features == 2 and model(x).shape == (2, 3)
+
+
+class PinnedHeads(nn.Module):
+    """Heads scaled by a fixed (4, 2) buffer: no head can go and none can narrow."""
+
+    head_dim = 2
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.out = nn.Linear(8, 3)
+        self.register_buffer("mask", torch.ones(4, 2))
+
+    def forward(self, x):
+        heads = self.proj(x).view(x.shape[0], 4, 2) * self.mask
+        return self.out(heads.flatten(1))
+
+
+def test_prune_num_heads_names_attention_it_could_not_touch():
+    model = PinnedHeads()
+    x = torch.randn(2, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, prune_num_heads=True, head_pruning_ratio=0.5,
+                             ignored_layers=[model.out]).step()
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages  # refused up front, not by a failed forward
+    assert re.search(r"prune_num_heads: .*proj \(4 blocks of 2 channels\).*register an adapter", messages[0])
+    assert model.proj.out_features == 8
+
+
+def test_every_group_is_scored_before_any_is_pruned():
+    model, x = example()
+    seen = []
+
+    class Recording(tp.importance.MagnitudeImportance):
+        def __call__(self, group):
+            seen.append(tuple(layer.weight.shape for layer in (model.conv1, model.conv2, model.conv3)))
+            return super().__call__(group)
+
+    tp.pruner.BasePruner(model, x, Recording(), pruning_ratio=0.5).step()
+    assert len(seen) >= 3 and len(set(seen)) == 1  # every score saw the unpruned model
+    assert counts(model) == (8, 16, 32)
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_hessian_statistics_of_the_unpruned_model_serve_the_whole_step(global_pruning):
+    model, x = example()
+    hessian = tp.importance.HessianImportance()
+    for sample in torch.randn(4, 1, *x.shape[1:]):
+        model.zero_grad()
+        model(sample).sum().backward()
+        hessian.accumulate_grad(model)
+    tp.pruner.BasePruner(model, x, hessian, pruning_ratio=0.5, global_pruning=global_pruning).step()
+    assert sum(counts(model)) == 56 if not global_pruning else sum(counts(model)) < 112
+    assert model(x).shape == (2, 10)

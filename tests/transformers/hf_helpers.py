@@ -20,6 +20,7 @@ def no_group_left_unpruned(allowed=()):
         yield caught
     for warning in caught:
         message = str(warning.message)
+        assert not message.startswith("prune_num_heads:"), message
         if "left unpruned" not in message:
             continue
         entries = message.split(": ", 1)[1].split("; ")

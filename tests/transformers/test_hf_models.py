@@ -154,6 +154,48 @@ def test_gpt2_with_conv1d_declared_explicitly_prunes_hidden_and_mlp():
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 11)
 
 
+def test_gpt2_with_default_settings_loses_whole_heads_from_its_fused_c_attn(tmp_path):
+    """c_attn holds q, k and v one after another: a head goes from all three blocks at once."""
+    model = gpt2()
+    ids = torch.randint(0, 128, (1, 8))
+    block = model.transformer.h[0].attn
+    scores = torch.tensor([3.0, 0.1, 2.0, 1.0])  # per head; head 1 is the weakest, then head 3
+    for index, scale in enumerate(scores):
+        for part in range(3):
+            cols = slice(part * 64 + index * 16, part * 64 + (index + 1) * 16)
+            block.c_attn.weight.data[:, cols] *= scale
+    before = count(model)
+    with no_group_left_unpruned():
+        pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, magnitude(), pruning_ratio=0.5,
+                                      prune_num_heads=True, head_pruning_ratio=0.5, ignored_layers=[model.lm_head])
+        pruner.step()
+    for layer in model.transformer.h:
+        attention = layer.attn
+        assert (attention.num_heads, attention.head_dim, attention.split_size, attention.embed_dim) == (2, 16, 32, 32)
+        assert attention.c_attn.weight.shape == (32, 96) and attention.c_proj.weight.shape == (32, 32)
+    assert model.config.n_embd == 32 and model.config.n_head == 2
+    assert count(model) < 0.4 * before
+    out = logits(model, input_ids=ids)
+    assert out.shape == (1, 8, 128)
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 11)
+    torch.testing.assert_close(logits(reload(model, tmp_path), input_ids=ids), out)
+
+
+def test_gpt2_kept_heads_are_the_strong_ones_in_q_k_and_v():
+    model = gpt2()
+    ids = torch.randint(0, 128, (1, 8))
+    weight = model.transformer.h[0].attn.c_attn.weight.data
+    for index, scale in enumerate([3.0, 0.1, 2.0, 0.2]):
+        for part in range(3):
+            weight[:, part * 64 + index * 16: part * 64 + (index + 1) * 16] *= scale
+    kept = torch.cat([weight[:, part * 64 + index * 16: part * 64 + (index + 1) * 16]
+                      for part in range(3) for index in (0, 2)], dim=1).clone()
+    pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, magnitude(), pruning_ratio=0.0,
+                                  prune_num_heads=True, head_pruning_ratio=0.5, ignored_layers=[model.lm_head])
+    pruner.step()
+    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.data, kept)
+
+
 def test_vit_classifier_prunes_hidden_heads_and_mlp_and_round_trips(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification
 

@@ -71,20 +71,37 @@ def check_poolformer(model):
     assert model.stem.conv.out_channels < 64
 
 
+def check_mixer(model):
+    # the token MLP's output is the number of patches, set by the stem conv's stride: it stays
+    assert all(block.mlp_tokens.fc2.out_features == 16 for block in model.blocks)
+    assert all(block.mlp_tokens.fc1.out_features < 384 for block in model.blocks)  # its hidden width goes
+
+
+def test_mixer_token_mlp_output_is_blocked_up_front():
+    from timm.models.mlp_mixer import MlpMixer
+
+    model = MlpMixer(img_size=64, patch_size=16, num_blocks=1, embed_dim=32).eval()
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 64, 64))
+    fc2 = model.blocks[0].mlp_tokens.fc2
+    group = graph.get_pruning_group(fc2, tp.prune_linear_out_channels, [0, 1])
+    assert not graph.check_pruning_group(group)
+    assert any("stem.proj" in reason and "changes to" in reason for reason in group.blocked), group.blocked
+
+
 CASES = {
     # name: (create_model kwargs, input size, max remaining parameter fraction, extra check, groups allowed
     #        to stay unpruned)
     "vit_small_patch16_224": (dict(img_size=64, depth=4), 64, 0.4, lambda m: check_vit(m, 6, 64), ()),
     "deit_tiny_patch16_224": (dict(img_size=64), 64, 0.4, lambda m: check_vit(m, 3, 64), ()),
+    "swin_tiny_patch4_window7_224": (dict(img_size=64), 64, 0.4, check_swin, ()),
+    "levit_128s": (dict(img_size=128), 128, 0.4, check_levit, ()),
     "convnext_tiny": ({}, 64, 0.4, None, ()),
     "efficientnet_b0": ({}, 64, 0.45, None, ()),
     "mobilenetv3_large_100": ({}, 64, 0.45, None, ()),
     "resnet50": ({}, 64, 0.4, None, ()),
     "regnetx_002": ({}, 64, 0.45, None, ()),
     "poolformer_s12": ({}, 64, 0.4, check_poolformer, ()),
-    # the token-mixing MLP's output is the number of patches, fixed by the stem conv: it cannot shrink
-    # (the graph does not see that yet and refuses it only after trying, hence the allowance)
-    "mixer_b16_224": (dict(img_size=64), 64, 0.4, None, ("mlp_tokens.fc2",)),
+    "mixer_b16_224": (dict(img_size=64), 64, 0.4, check_mixer, ()),
 }
 
 

@@ -73,6 +73,36 @@ def dense_tables(state: ChannelState, total: int) -> tuple[torch.Tensor, torch.T
     return member, roots
 
 
+def squeeze_state(state: ChannelState, shape) -> ChannelState:
+    """Drop the dims a removal does not depend on: channel ``c`` at every spatial position is channel ``c``.
+
+    Walking back through a space-to-depth reshape (Swin's patch merging, pixel unshuffle) labels each
+    element by (row parity, column parity, channel), so the state comes back spread over the spatial
+    dims although every position of a removed channel goes; layers and reshape checks need the plain
+    channel dim. A dim stays when membership or root differs along it, and one-wide dims always stay
+    (they carry a one-channel slice).
+    """
+    if len(state.dims) < 2:
+        return state
+    sizes = [shape[d] for d in state.dims]
+    total = _channel_count(shape, state.dims)
+    member = torch.zeros(total, dtype=torch.bool)
+    member[state.idxs] = True
+    roots = torch.full((total,), -1, dtype=torch.long)
+    roots[state.idxs] = state.roots
+    member, roots = member.view(sizes), roots.view(sizes)
+    drop = [axis for axis, size in enumerate(sizes) if size > 1
+            and bool((member == member.narrow(axis, 0, 1)).all())
+            and bool((roots == roots.narrow(axis, 0, 1)).all())]
+    if not drop or len(drop) == len(sizes):
+        return state
+    for axis in reversed(drop):
+        member, roots = member.select(axis, 0), roots.select(axis, 0)
+    positions = torch.nonzero(member.reshape(-1)).reshape(-1)
+    dims = tuple(d for axis, d in enumerate(state.dims) if axis not in drop)
+    return ChannelState(dims, positions, roots.reshape(-1)[positions])
+
+
 def _channel_count(shape, dims) -> int:
     count = 1
     for dim in dims:

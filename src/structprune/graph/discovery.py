@@ -8,7 +8,7 @@ from torch import nn
 
 from ..layers.declarations import tensor_dims
 from . import ops
-from .channels import Blocked, ChannelState, through_letters
+from .channels import Blocked, ChannelState, squeeze_state, through_letters
 from .group import Dependency, Group, Node
 from .trace import Call
 
@@ -36,6 +36,8 @@ class GroupFinder:
         def push(value_key, state: ChannelState):
             if value_key is None:
                 return
+            if len(state.dims) > 1 and value_key in self.values:
+                state = squeeze_state(state, self.values[value_key].shape)
             slot = (value_key, state.dims)
             if slot in states:
                 merged, grew = _merge(states[slot], state)
@@ -199,6 +201,14 @@ class GroupFinder:
         more = []
         for target in ([n_in] if operand < n_in else list(channel_inputs)):
             tshape = shapes[target]
+            changed = [d for d in state.dims if len(tshape) != len(shape) or tshape[d] != shape[d]]
+            if changed:
+                # a strided conv or a patch embedding maps positions, not channels: index i on one side is
+                # not index i on the other (MLP-Mixer's token MLP reaching the patch-embedding conv)
+                raise Blocked(
+                    f"channels run along dim {changed[0]} of {shape}, which {node.name} changes to "
+                    f"{tuple(tshape)}; removing them there has no counterpart on the other side"
+                )
             letters = _layer_letters(shape, entered_dim)
             tletters = _layer_letters(tshape, (out_dim if target >= n_in else in_dim) % len(tshape), shape, letters)
             mapped = through_letters(state, letters, shape, tletters, tshape)

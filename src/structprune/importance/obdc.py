@@ -56,10 +56,9 @@ class OBDCImportance(ElementwiseImportance):
     ``g`` must be the gradient of a per-sample loss, so backpropagate a loss SUMMED over the batch,
     as :meth:`sample_loss` returns (a batch mean would scale G by ``1/batch**2``).
 
-    The statistics are tied to the layer shapes. Within one pruning step (the pruner scores group
-    after group while pruning) a layer already narrowed on its other side is scored as it was when
-    last scored with matching shapes; once the scored side itself changed, scoring raises: call
-    :meth:`zero_grad` (alias :meth:`reset`) and accumulate again.
+    The statistics are tied to the layer shapes (pruners score every group before pruning any); once a
+    layer was pruned, scoring it raises: call :meth:`zero_grad` (alias :meth:`reset`) and accumulate
+    again.
     """
 
     def __init__(
@@ -85,7 +84,6 @@ class OBDCImportance(ElementwiseImportance):
         self.num_classes = num_classes
         self._stats: dict = {}  # layer -> [A sum, G sum, number of locations, number of samples]
         self._names: dict = {}  # layer -> module path, for errors raised inside hooks
-        self._weights: dict = {}  # layer -> copy of its weights as last scored with matching statistics
         self._hooks: list = []
 
     # -- gathering statistics -------------------------------------------------------------------------
@@ -109,7 +107,6 @@ class OBDCImportance(ElementwiseImportance):
     def zero_grad(self) -> None:
         """Forget every accumulated statistic."""
         self._stats = {}
-        self._weights = {}
 
     reset = zero_grad
 
@@ -154,7 +151,6 @@ class OBDCImportance(ElementwiseImportance):
                 a_sum, g_sum = columns.pow(2).sum(0), rows.pow(2).sum(0)
             else:
                 a_sum, g_sum = columns.T @ columns, rows.T @ rows
-            self._weights.pop(layer, None)  # new statistics: the next score takes a fresh copy
             if layer not in self._stats:
                 self._stats[layer] = [a_sum, g_sum, columns.shape[0], samples]
                 return
@@ -176,28 +172,15 @@ class OBDCImportance(ElementwiseImportance):
             f"zero_grad() and accumulate again"
         )
 
-    def _scored_weights(self, layer: nn.Module, name: str, out_side: bool, a: torch.Tensor, g: torch.Tensor) -> dict:
-        """``{"weight", "bias", "groups"}`` matching the statistics: the layer's own while its shapes agree.
-
-        The pruner scores group after group while pruning, so a layer may be scored after one of its
-        sides was narrowed by another group. While the side being scored is untouched, score the copy
-        taken at the last call that saw matching shapes (the layer as the statistics describe it).
-        """
-        if _shapes_match(layer, a, g):
-            self._weights[layer] = {
-                "weight": layer.weight.detach().float().clone(),
-                "bias": None if layer.bias is None else layer.bias.detach().float().clone(),
-                "groups": getattr(layer, "groups", 1),
-            }
-            return self._weights[layer]
-        saved = self._weights.get(layer)
-        if saved is not None:
-            now, then = layer.weight.shape, saved["weight"].shape
-            groups = getattr(layer, "groups", 1)
-            untouched = now[0] == then[0] if out_side else now[1] * groups == then[1] * saved["groups"]
-            if untouched:
-                return saved
-        raise self._stale(layer, name, a, g)
+    def _scored_weights(self, layer: nn.Module, name: str, a: torch.Tensor, g: torch.Tensor) -> dict:
+        """``{"weight", "bias", "groups"}`` of the layer, refused once its shapes no longer match A and G."""
+        if not _shapes_match(layer, a, g):
+            raise self._stale(layer, name, a, g)
+        return {
+            "weight": layer.weight.detach().float(),
+            "bias": None if layer.bias is None else layer.bias.detach().float(),
+            "groups": getattr(layer, "groups", 1),
+        }
 
     # -- scoring --------------------------------------------------------------------------------------
     def item_scores(self, item: GroupItem) -> torch.Tensor | None:
@@ -207,7 +190,7 @@ class OBDCImportance(ElementwiseImportance):
         name = item.dep.target.name
         a, g = self.kfac_factors(layer, name)
         out_side = is_out_channel_pruning_fn(item.dep.handler)
-        saved = self._scored_weights(layer, name, out_side, a, g)
+        saved = self._scored_weights(layer, name, a, g)
         if saved["groups"] > 1:
             return self._diagonal_scores(item, layer, saved, a, g)
         weight = saved["weight"].flatten(1)

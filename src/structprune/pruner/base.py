@@ -169,7 +169,7 @@ class BasePruner:
         groups = []
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types, include_blocked=True):
-            if not group.blocked or all(_subset_may_pass(reason) for reason in group.blocked):
+            if not group.blocked or any(_subset_may_pass(reason) for reason in group.blocked):
                 groups.append(group)
         return groups
 
@@ -234,7 +234,23 @@ class BasePruner:
             optimizer_plans = self._step_verified(optimizer)
         for plan in optimizer_plans:
             apply_optimizer_plan(plan)
+        self._warn_heads_refused()
         return None
+
+    def _warn_heads_refused(self) -> None:
+        """Name the attention layers that prune_num_heads could not touch and nothing else narrowed."""
+        untouched = []
+        for root, handler, total, heads, head_dim in getattr(self, "_heads_refused", []):
+            width = (self.DG.get_out_channels if is_out_channel_pruning_fn(handler) else self.DG.get_in_channels)(root)
+            if width == total:
+                untouched.append(f"{self.DG._name(root)} ({heads} blocks of {head_dim} channels)")
+        if untouched:
+            warnings.warn(
+                "prune_num_heads: the graph accepted no whole-head removal and no narrower heads for "
+                + "; ".join(untouched) + ". Their heads stay; check num_heads for these layers or register an "
+                "adapter for their attention module (structprune.adapters.register_adapter)",
+                stacklevel=3,
+            )
 
     def _plan(self) -> Iterator[Group]:
         return self._plan_global() if self.global_pruning else self._plan_local()
@@ -263,6 +279,7 @@ class BasePruner:
     def _interactive(self, plan, optimizer) -> Iterator[Group]:
         for group in plan:
             yield group
+        self._warn_heads_refused()
         self._after_step()
 
     def _prune_group(self, group: Group, optimizer=None) -> list:
@@ -302,7 +319,29 @@ class BasePruner:
             return (local[None, :] + torch.arange(channel_groups)[:, None] * block).reshape(-1)
         return torch.argsort(imp)[:n_prune]
 
+    def _prescore(self) -> None:
+        """Score every candidate group before any is pruned.
+
+        Groups share layers (conv2's output group holds conv2, whose inputs belong to conv1's group), so
+        a group scored after its neighbour was pruned would see a narrowed layer; criteria that keep
+        per-parameter statistics (Hessian, OBDC) are tied to the unpruned shapes.
+        """
+        self._scores = {}
+        heads = list(self._head_candidates()) if self.prune_num_heads else []
+        for group in [entry[0] for entry in heads] + self._groups():
+            key = _root_key(group)
+            if key not in self._scores:
+                self._scores[key] = self.estimate_importance(group)
+
+    def _importance(self, group: Group) -> torch.Tensor | None:
+        """The step's up-front score of a group; scored afresh only if whole heads changed its width."""
+        imp = getattr(self, "_scores", {}).get(_root_key(group))
+        if imp is not None and len(imp) == len(group[0].idxs):
+            return imp
+        return self.estimate_importance(group)
+
     def _plan_local(self) -> Iterator[Group]:
+        self._prescore()
         yield from self._plan_whole_heads()
         for group in self._groups():
             root = group[0].dep.target.module
@@ -314,7 +353,7 @@ class BasePruner:
             n_prune = current - self._n_keep(root, current, ratio, channel_groups)
             if n_prune <= 0:
                 continue
-            imp = self.estimate_importance(group)
+            imp = self._importance(group)
             if imp is None or torch.isnan(imp).any():
                 continue
             chosen = self._choose(group, imp, n_prune, channel_groups)
@@ -328,8 +367,36 @@ class BasePruner:
         attention module's own ``head_dim``); grouped-query attention needs whole key/value groups, so
         ever larger multiples are tried until the graph accepts one.
         """
+        self._heads_refused = []
         if not self.prune_num_heads:
             return
+        for group, root, total, head_dim in self._head_candidates():
+            ratio = self.get_target_head_pruning_ratio(root)
+            heads = total // head_dim
+            imp = self._importance(group)
+            if imp is None or torch.isnan(imp).any():
+                continue
+            scores = imp.detach().cpu().view(heads, head_dim).sum(1)
+            # the target counts from the original heads: v's heads may already have gone with q's
+            original = (self.layer_init_out_ch.get(root) or total) // head_dim
+            keep = max(1, int(math.floor(original * (1 - ratio) + 1e-9)))
+            tried = 0
+            for idxs in _head_removals(scores, head_dim, min(1.0, keep / heads)):
+                tried += 1
+                candidate = self.DG.get_pruning_group(root, group[0].dep.handler, idxs.tolist())
+                if self.DG.check_pruning_group(candidate):
+                    yield candidate
+                    break
+            else:
+                if tried:
+                    self._heads_refused.append((root, group[0].dep.handler, total, heads, head_dim))
+
+    def _head_candidates(self) -> Iterator[tuple]:
+        """(group, root, width, head_dim) of every group blocked for channels whose root has heads.
+
+        Lazy on purpose: groups are discovered after the heads before them were pruned (removing q's
+        heads removes v's too, and v's own group must see that).
+        """
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types, include_blocked=True):
             if not group.blocked:
@@ -337,29 +404,8 @@ class BasePruner:
             root = group[0].dep.target.module
             total = len(group[0].idxs)
             head_dim = self._head_dim(root, total)
-            if head_dim is None:
-                continue
-            ratio = self.get_target_head_pruning_ratio(root)
-            heads = total // head_dim
-            imp = self.estimate_importance(group)
-            if imp is None or torch.isnan(imp).any():
-                continue
-            scores = imp.detach().cpu().view(heads, head_dim).sum(1)
-            multiple = 1
-            while multiple <= heads // 2:
-                blocks = heads // multiple
-                n_blocks = blocks - max(1, int(math.floor(blocks * (1 - ratio) + 1e-9)))
-                if n_blocks <= 0 or heads % multiple:
-                    break
-                block_scores = scores.view(blocks, multiple).sum(1)
-                chosen = torch.argsort(block_scores)[:n_blocks]
-                width = head_dim * multiple
-                idxs = (chosen[:, None] * width + torch.arange(width)[None, :]).reshape(-1).sort().values
-                candidate = self.DG.get_pruning_group(root, group[0].dep.handler, idxs.tolist())
-                if self.DG.check_pruning_group(candidate):
-                    yield candidate
-                    break
-                multiple *= 2
+            if head_dim is not None:
+                yield group, root, total, head_dim
 
     def _head_dim(self, root, total: int) -> int | None:
         if root in self.num_heads and total % self.num_heads[root] == 0:
@@ -388,9 +434,11 @@ class BasePruner:
         return None
 
     def _plan_global(self) -> Iterator[Group]:
+        self._prescore()
+        yield from self._plan_whole_heads()
         entries = []
         for group in self._groups():
-            imp = self.estimate_importance(group)
+            imp = self._importance(group)
             if imp is None or torch.isnan(imp).any():
                 continue
             entries.append((group, imp.detach().cpu(), self._channel_groups(group)))
@@ -494,6 +542,10 @@ def _subset_may_pass(reason: str) -> bool:
     return "spells out the size" in reason or "regroup" in reason
 
 
+def _root_key(group: Group) -> tuple:
+    return group[0].dep.target.module, group[0].dep.handler.__name__
+
+
 def _signature(group: Group) -> tuple:
     return tuple((type(item.dep.target.module).__name__, item.dep.handler.__name__) for item in group)
 
@@ -520,3 +572,37 @@ def _split_ignored(ignored) -> tuple[list, list]:
                 f"({item!r})"
             )
     return layers, params
+
+
+def _head_removals(scores: torch.Tensor, head_dim: int, keep_fraction: float) -> Iterator[torch.Tensor]:
+    """Channel sets that remove the lowest-scoring heads, most specific first.
+
+    A root's channels are ``len(scores)`` head blocks of ``head_dim``. Contiguous runs of 1, 2, 4...
+    heads cover plain attention and grouped-query attention (q heads that share a key/value head);
+    then the same head taken from each of 2, 3 or 4 equal fused blocks covers fused projections
+    (GPT-2's c_attn holds q, k and v one after the other, each split into the same heads).
+    """
+    heads = len(scores)
+
+    def removal(block_scores, width, stride, fused):
+        blocks = len(block_scores)
+        n_blocks = blocks - max(1, int(math.floor(blocks * keep_fraction + 1e-9)))
+        if n_blocks <= 0:
+            return None
+        chosen = torch.argsort(block_scores)[:n_blocks]
+        starts = (chosen[:, None] * width + torch.arange(fused)[None, :] * stride).reshape(-1)
+        return (starts[:, None] + torch.arange(width)[None, :]).reshape(-1).sort().values
+
+    multiple = 1
+    while multiple <= heads // 2 and heads % multiple == 0:
+        idxs = removal(scores.view(heads // multiple, multiple).sum(1), head_dim * multiple, 0, 1)
+        if idxs is None:
+            break
+        yield idxs
+        multiple *= 2
+    for fused in (3, 2, 4):
+        if heads % fused == 0 and heads // fused > 1:
+            per_block = heads // fused
+            idxs = removal(scores.view(fused, per_block).sum(0), head_dim, per_block * head_dim, fused)
+            if idxs is not None:
+                yield idxs

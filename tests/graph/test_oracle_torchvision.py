@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 import structprune as tp
-from oracle import leaves, run, silence_consumers
+from oracle import run, silence_consumers
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "googlenet", "efficientnet_b0"])

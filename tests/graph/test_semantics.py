@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import structprune as tp
-from oracle import assert_lossless, run
+from oracle import assert_lossless
 
 torch.manual_seed(0)
 

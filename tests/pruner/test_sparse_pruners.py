@@ -1,6 +1,5 @@
 """BNScalePruner and GroupNormPruner: their penalties, by hand, on the shared regularizer engine."""
 import torch
-from torch import nn
 
 import structprune as tp
 from nets import example, magnitude

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import structprune as tp
-from oracle import leaves, run, silence_consumers
+from oracle import run, silence_consumers
 
 
 def targets(group):

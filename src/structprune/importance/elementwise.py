@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graph.group import Group, GroupItem
+from ..graph.group import Group, GroupItem, item_axes
 from .base import Importance
 from .normalizers import apply_normalizer, get_normalizer
 from .reductions import get_reduction, scatter_items
-from .slices import channel_sums, is_bias, item_axes, parameter_of, tensor_name
+from .slices import channel_sums, is_bias, parameter_of, tensor_name
 
 from ..layers.declarations import optional_linear_types
 

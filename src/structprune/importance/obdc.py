@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.group import GroupItem, is_out_channel_pruning_fn
+from ..graph.group import GroupItem, is_out_channel_pruning_fn, item_axes
 from .elementwise import ElementwiseImportance
-from .slices import channel_sums, is_bias, item_axes, parameter_of
+from .slices import channel_sums, is_bias, parameter_of
 
 #: Layers whose inputs and output gradients OBDC can turn into K-FAC factors.
 OBDC_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graph.group import GroupItem, item_axes  # noqa: F401 - item_axes is re-exported for the criteria
+from ..graph.group import GroupItem
 from ..layers.axes import Axis
 
 

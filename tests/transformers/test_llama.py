@@ -55,7 +55,9 @@ def test_tied_embeddings_prune_together():
     groups = list(graph.get_all_groups())
     hidden = [g for g in groups if any(i.dep.target.module is model.model.embed_tokens for i in g)]
     assert len(hidden) == 1
-    pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, tp.importance.MagnitudeImportance(), pruning_ratio=0.25)
+    # attention keeps its heads here (prune_head_dims=False: no warning about rotary-pinned head dims)
+    pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, tp.importance.MagnitudeImportance(), pruning_ratio=0.25,
+                                  prune_head_dims=False)
     pruner.step()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.model.embed_tokens.weight.shape == (128, 48) and model.lm_head.in_features == 48
@@ -75,3 +77,20 @@ def test_graph_of_a_llama_builds_fast_and_linearly():
         times[layers] = time.perf_counter() - start
         assert len(groups) == 1 + layers  # the hidden size, one MLP per layer (heads need prune_num_heads)
     assert times[8] < 60  # older tools never finish a one-layer Llama; speed itself is in benchmarks/
+
+
+def test_head_dims_pinned_by_rotary_code_are_refused_by_name_while_the_rest_prunes():
+    model = llama(layers=1)
+    ids = torch.randint(0, 128, (1, 8))
+    with pytest.warns(UserWarning, match=r"prune_head_dims: .*self_attn\.q_proj \(.*spells out.*prune_num_heads=True"):
+        tp.pruner.BasePruner(model, {"input_ids": ids}, tp.importance.MagnitudeImportance(), pruning_ratio=0.4,
+                             ignored_layers=[model.lm_head]).step()
+    attention = model.model.layers[0].self_attn
+    assert (attention.q_proj.out_features, attention.k_proj.out_features, attention.o_proj.in_features) == (64, 32, 64)
+    assert model.config.hidden_size == 38 and model.model.layers[0].mlp.up_proj.out_features == 76
+    assert model(ids).logits.shape == (1, 8, 128)
+    # whole heads remain available on the same model
+    tp.pruner.BasePruner(model, {"input_ids": ids}, tp.importance.MagnitudeImportance(), pruning_ratio=0.0,
+                         prune_num_heads=True, head_pruning_ratio=0.5, ignored_layers=[model.lm_head]).step()
+    assert (attention.q_proj.out_features, attention.k_proj.out_features) == (32, 16)
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 10)

@@ -125,3 +125,18 @@ def test_timm_model_prunes_by_forty_percent(name):
     assert count(model) < max_fraction * before, count(model) / before
     if check is not None:
         check(model)
+
+
+@pytest.mark.parametrize("prune_head_dims", [True, False])
+def test_timm_vit_head_dims_follow_prune_head_dims(prune_head_dims):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+    x = torch.randn(1, 3, 32, 32)
+    tp.pruner.BasePruner(model, x, magnitude(), pruning_ratio=0.5, prune_head_dims=prune_head_dims,
+                         ignored_layers=[model.head]).step()
+    assert model.patch_embed.proj.out_channels == 192  # the hidden width halves either way
+    for block in model.blocks:
+        assert block.attn.num_heads == 6  # heads stay without prune_num_heads
+        assert block.attn.head_dim == (32 if prune_head_dims else 64)  # every head narrows equally, or none
+        assert attention_agrees(model)
+    assert model(x).shape == (1, 1000)

@@ -169,9 +169,15 @@ class BasePruner:
         groups = []
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types, include_blocked=True):
-            if not group.blocked or any(_subset_may_pass(reason) for reason in group.blocked):
-                groups.append(group)
+            if group.blocked and not any(_subset_may_pass(reason) for reason in group.blocked):
+                continue
+            if not self.prune_head_dims and self._is_head_group(group):
+                continue  # heads keep their width; only prune_num_heads may touch them
+            groups.append(group)
         return groups
+
+    def _is_head_group(self, group: Group) -> bool:
+        return self._head_dim(group[0].dep.target.module, len(group[0].idxs)) is not None
 
     def estimate_importance(self, group: Group) -> torch.Tensor | None:
         if self.importance is None:
@@ -244,6 +250,14 @@ class BasePruner:
             width = (self.DG.get_out_channels if is_out_channel_pruning_fn(handler) else self.DG.get_in_channels)(root)
             if width == total:
                 untouched.append(f"{self.DG._name(root)} ({heads} blocks of {head_dim} channels)")
+        narrow = getattr(self, "_heads_narrow_refused", [])
+        if narrow:
+            warnings.warn(
+                "prune_head_dims: the graph refused to narrow the heads of " + "; ".join(narrow)
+                + ". They keep their width; pass prune_num_heads=True to remove whole heads instead (rotary "
+                "embeddings and code that spells out head_dim pin the head width)",
+                stacklevel=3,
+            )
         if untouched:
             warnings.warn(
                 "prune_num_heads: the graph accepted no whole-head removal and no narrower heads for "
@@ -359,6 +373,8 @@ class BasePruner:
             chosen = self._choose(group, imp, n_prune, channel_groups)
             if chosen is not None:
                 yield chosen
+            elif not self.prune_num_heads and self._is_head_group(group):
+                self._heads_narrow_refused.append(f"{self.DG._name(root)} ({self._refusal})")
 
     def _plan_whole_heads(self) -> Iterator[Group]:
         """With ``prune_num_heads``: groups that cannot lose arbitrary channels may lose whole heads.
@@ -368,6 +384,7 @@ class BasePruner:
         ever larger multiples are tried until the graph accepts one.
         """
         self._heads_refused = []
+        self._heads_narrow_refused = []
         if not self.prune_num_heads:
             return
         for group, root, total, head_dim in self._head_candidates():
@@ -422,8 +439,12 @@ class BasePruner:
         return self._parent_of
 
     def _choose(self, group, imp, n_prune, channel_groups):
-        """A prunable group for the lowest-scoring channels; regrouped symmetrically if the graph asks."""
+        """A prunable group for the lowest-scoring channels; regrouped symmetrically if the graph asks.
+
+        When none is accepted, ``self._refusal`` keeps the graph's reason for the most symmetric candidate.
+        """
         root = group[0].dep
+        self._refusal = "no candidate"
         for blocks in _block_candidates(channel_groups, len(imp), n_prune):
             idxs = self._select(group, imp.detach().cpu(), n_prune - n_prune % blocks, blocks)
             if len(idxs) == 0:
@@ -431,6 +452,7 @@ class BasePruner:
             candidate = self.DG.get_pruning_group(root.target.module, root.handler, idxs.tolist())
             if self.DG.check_pruning_group(candidate):
                 return candidate
+            self._refusal = candidate.blocked[0] if candidate.blocked else "a layer would lose every channel"
         return None
 
     def _plan_global(self) -> Iterator[Group]:

@@ -177,7 +177,9 @@ class BasePruner:
         return groups
 
     def _is_head_group(self, group: Group) -> bool:
-        return self._head_dim(group[0].dep.target.module, len(group[0].idxs)) is not None
+        """Channels that attention splits into heads: blocked at full width (a head count or head_dim is
+        spelled out) and rooted under a module with heads. o_proj's group is the hidden width, not this."""
+        return bool(group.blocked) and self._head_dim(group[0].dep.target.module, len(group[0].idxs)) is not None
 
     def estimate_importance(self, group: Group) -> torch.Tensor | None:
         if self.importance is None:

@@ -94,3 +94,33 @@ def test_head_dims_pinned_by_rotary_code_are_refused_by_name_while_the_rest_prun
                          prune_num_heads=True, head_pruning_ratio=0.5, ignored_layers=[model.lm_head]).step()
     assert (attention.q_proj.out_features, attention.k_proj.out_features) == (32, 16)
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 10)
+
+
+def test_lossless_removal_oracle_on_a_llama_block():
+    """Removing what already carries nothing must leave the logits unchanged: a key/value head (with the
+    two q heads that share it) whose o_proj columns are zero, and MLP channels whose down_proj columns are."""
+    from oracle import assert_lossless
+
+    model = llama(layers=1)
+    ids = torch.randint(0, 128, (2, 8))
+    layer = model.model.layers[0]
+    # MLP: channels 3, 50 and 100 of the 128 intermediate channels (gate, up and down together)
+    group = assert_lossless(model, {"input_ids": ids}, layer.mlp.gate_proj, [3, 50, 100])
+    assert layer.mlp.up_proj.out_features == layer.mlp.down_proj.in_features == 125
+    assert {item.dep.target.name for item in group} >= {"model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"}
+    # attention: key/value head 1 of 2 serves q heads 2 and 3 (head_dim 16)
+    attention = layer.self_attn
+    with torch.no_grad():
+        attention.o_proj.weight[:, 32:64] = 0
+        expected = model(ids).logits
+    graph = tp.DependencyGraph().build_dependency(model, {"input_ids": ids})
+    group = graph.get_pruning_group(attention.q_proj, tp.prune_linear_out_channels, list(range(32, 64)))
+    assert not group.blocked, group.blocked
+    removed = {item.dep.target.name: item.idxs for item in group}
+    assert removed["model.layers.0.self_attn.k_proj"] == list(range(16, 32))
+    assert removed["model.layers.0.self_attn.v_proj"] == list(range(16, 32))
+    assert removed["model.layers.0.self_attn.o_proj"] == list(range(32, 64))
+    group.prune()
+    assert (attention.q_proj.out_features, attention.k_proj.out_features, attention.o_proj.in_features) == (32, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)

@@ -368,3 +368,59 @@ def test_hessian_statistics_of_the_unpruned_model_serve_the_whole_step(global_pr
     tp.pruner.BasePruner(model, x, hessian, pruning_ratio=0.5, global_pruning=global_pruning).step()
     assert sum(counts(model)) == 56 if not global_pruning else sum(counts(model)) < 112
     assert model(x).shape == (2, 10)
+
+
+class TwoAttentions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = FusedHeads(), FusedHeads()
+
+    def forward(self, x):
+        return self.first(x) + self.second(x)
+
+
+def test_head_pruning_ratio_dict_overrides_the_default_per_layer_and_follows_the_schedule():
+    torch.manual_seed(0)
+    model = TwoAttentions()
+    x = torch.randn(2, 6)
+    first, second = model.first.qk, model.second.qk
+    pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.0, prune_num_heads=True, head_pruning_ratio=0.25,
+                                  head_pruning_ratio_dict={first: 0.5}, iterative_steps=2,
+                                  ignored_layers=[model.first.out, model.second.out])
+    assert pruner.get_target_head_pruning_ratio(first) == 0.0
+    pruner.step()
+    assert pruner.get_target_head_pruning_ratio(first) == 0.25 and pruner.get_target_head_pruning_ratio(second) == 0.125
+    # 4 heads of 2 channels in each of q and k; a quarter of 4 heads and an eighth both round to one head
+    assert (first.out_features, second.out_features) == (12, 12)
+    pruner.step()
+    assert pruner.get_target_head_pruning_ratio(first) == 0.5 and pruner.get_target_head_pruning_ratio(second) == 0.25
+    assert (first.out_features, second.out_features) == (8, 12)  # half of 4 heads; a quarter is still one
+    assert model(x).shape == (2, 3)
+
+
+def test_deprecated_ch_sparsity_dict_and_channel_groups_warn_and_still_apply():
+    model, x = example()
+    with pytest.warns(DeprecationWarning) as caught:
+        pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.25, ch_sparsity_dict={model.conv2: 0.5},
+                                      channel_groups={model.conv3: 4})
+    names = " ".join(str(w.message) for w in caught)
+    assert "ch_sparsity_dict" in names and "channel_groups" in names
+    assert pruner.get_target_pruning_ratio(model.conv2) == 0.0  # before the first step
+    pruner.step()
+    assert pruner.get_target_pruning_ratio(model.conv2) == 0.5
+    assert counts(model) == (12, 16, 48)
+
+
+def test_estimate_importance_uses_the_pruner_criterion():
+    model, x = example()
+    pruner = tp.pruner.BasePruner(model, x, tp.importance.MagnitudeImportance(p=1, normalizer=None), pruning_ratio=0.5)
+    group = pruner.DG.get_pruning_group(model.conv1, tp.prune_conv_out_channels, list(range(16)))
+    scores = pruner.estimate_importance(group)
+    assert scores.shape == (16,)
+    # mean over the group's items of each channel's L1 norm: conv1 rows, bn1 weights, conv2 input slices
+    by_hand = (model.conv1.weight.abs().sum((1, 2, 3)) + model.bn1.weight.abs()
+               + model.conv2.weight.abs().sum((0, 2, 3))) / 3
+    torch.testing.assert_close(scores, by_hand.detach())
+    assert tp.pruner.BasePruner(model, x, None).estimate_importance is not None
+    with pytest.raises(ValueError, match="no importance criterion"):
+        tp.pruner.BasePruner(model, x, None).estimate_importance(group)

@@ -403,7 +403,7 @@ class BasePruner:
             for idxs in _head_removals(scores, head_dim, min(1.0, keep / heads)):
                 tried += 1
                 candidate = self.DG.get_pruning_group(root, group[0].dep.handler, idxs.tolist())
-                if self.DG.check_pruning_group(candidate):
+                if self._accepts(candidate, idxs):
                     yield candidate
                     break
             else:
@@ -440,6 +440,11 @@ class BasePruner:
             self._parent_of = {child: module for module in self.model.modules() for child in module.children()}
         return self._parent_of
 
+    def _accepts(self, candidate: Group, idxs: torch.Tensor) -> bool:
+        """Prunable, and exactly the planned root channels: a product (q * k) can pull in more of the
+        root than asked for (q head 0 with k head 1 means both heads of both), which would overshoot."""
+        return len(candidate[0].idxs) == len(idxs) and self.DG.check_pruning_group(candidate)
+
     def _choose(self, group, imp, n_prune, channel_groups):
         """A prunable group for the lowest-scoring channels; regrouped symmetrically if the graph asks.
 
@@ -452,7 +457,7 @@ class BasePruner:
             if len(idxs) == 0:
                 return None
             candidate = self.DG.get_pruning_group(root.target.module, root.handler, idxs.tolist())
-            if self.DG.check_pruning_group(candidate):
+            if self._accepts(candidate, idxs):
                 return candidate
             self._refusal = candidate.blocked[0] if candidate.blocked else "a layer would lose every channel"
         return None

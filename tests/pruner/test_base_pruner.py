@@ -424,3 +424,33 @@ def test_estimate_importance_uses_the_pruner_criterion():
     assert tp.pruner.BasePruner(model, x, None).estimate_importance is not None
     with pytest.raises(ValueError, match="no importance criterion"):
         tp.pruner.BasePruner(model, x, None).estimate_importance(group)
+
+
+class ReadsItsWidth(nn.Module):
+    """Forward reads a width from an attribute no adapter knows: pruning fc1 breaks the view."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.hidden_size = 8
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x).view(-1, 2, self.hidden_size // 2).flatten(1))
+
+
+def test_a_step_that_breaks_the_model_names_the_stale_attribute():
+    model = ReadsItsWidth()
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match=r"left unpruned .*fc1 .*attributes still holding a pruned width: hidden_size=8"):
+        tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, ignored_layers=[model.fc2]).step()
+    assert model.fc1.out_features == 8 and model(x).shape == (3, 2)  # the group was put back
+
+
+def test_interactive_step_that_breaks_the_model_names_the_stale_attribute():
+    model = ReadsItsWidth()
+    x = torch.randn(3, 4)
+    pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, ignored_layers=[model.fc2])
+    with pytest.raises(RuntimeError, match=r"no longer runs.*hidden_size=8"):
+        for group in pruner.step(interactive=True):
+            group.prune()

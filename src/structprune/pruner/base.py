@@ -13,6 +13,7 @@ from ..graph.group import Group
 from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
 from ..utils.nested import call_model, evaluating
+from .diagnose import explain, layer_widths, size_attributes, stale_attributes
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
 from .schedulers import linear_scheduler
 
@@ -275,13 +276,15 @@ class BasePruner:
         plans, skipped = [], []
         for group in self._plan():
             checkpoint = self._checkpoint()
+            sizes = self._sizes()
             plan = self._prune_group(group, optimizer)
             error = self._forward_error()
             if error is None:
                 plans.append(plan)
             else:
+                hint = self._stale_hint(sizes)
                 checkpoint.restore()
-                skipped.append(f"{group[0].dep.target.name} ({error})")
+                skipped.append(f"{group[0].dep.target.name} ({error}{hint})")
         if skipped:
             warnings.warn(
                 "left unpruned because the model stopped running after pruning them: " + "; ".join(skipped),
@@ -293,10 +296,19 @@ class BasePruner:
         return _PrunerCheckpoint(self)
 
     def _interactive(self, plan, optimizer) -> Iterator[Group]:
+        sizes = self._sizes()
         for group in plan:
             yield group
         self._warn_heads_refused()
-        self._after_step()
+        self._after_step(sizes)
+
+    def _sizes(self) -> tuple:
+        """Size attributes and layer widths now, to name stale attributes if the model stops running."""
+        return size_attributes(self.model), layer_widths(self.DG)
+
+    def _stale_hint(self, sizes: tuple) -> str:
+        attributes, widths = sizes
+        return explain(stale_attributes(attributes, size_attributes(self.model), widths, layer_widths(self.DG)))
 
     def _prune_group(self, group: Group, optimizer=None) -> list:
         """Prune now; return the optimizer-state slicing to apply once the whole step is kept."""
@@ -304,12 +316,13 @@ class BasePruner:
         group.prune()
         return plan
 
-    def _after_step(self) -> None:
+    def _after_step(self, sizes: tuple | None = None) -> None:
         if self.verify:
             error = self._forward_error()
             if error is not None:
+                hint = self._stale_hint(sizes) if sizes is not None else ""
                 raise RuntimeError(
-                    f"the pruned model no longer runs on the example inputs: {error}. A module attribute "
+                    f"the pruned model no longer runs on the example inputs: {error}{hint}. A module attribute "
                     f"probably disagrees with the new shapes; register an adapter "
                     f"(structprune.adapters.register_adapter) for this model family or report it"
                 )

@@ -13,13 +13,14 @@ from ..graph.group import Group
 from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
 from ..utils.nested import call_model, evaluating
+from .heads import HeadPlanner
 from .diagnose import explain, layer_widths, size_attributes, stale_attributes
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
 from .schedulers import linear_scheduler
 
 
 
-class BasePruner:
+class BasePruner(HeadPlanner):
     """Structural pruner driven by an importance criterion (also exported as MetaPruner).
 
     ``pruning_ratio`` is the fraction of each group's original channels removed once all
@@ -177,11 +178,6 @@ class BasePruner:
             groups.append(group)
         return groups
 
-    def _is_head_group(self, group: Group) -> bool:
-        """Channels that attention splits into heads: blocked at full width (a head count or head_dim is
-        spelled out) and rooted under a module with heads. o_proj's group is the hidden width, not this."""
-        return bool(group.blocked) and self._head_dim(group[0].dep.target.module, len(group[0].idxs)) is not None
-
     def estimate_importance(self, group: Group) -> torch.Tensor | None:
         if self.importance is None:
             raise ValueError("this pruner has no importance criterion; pass importance=tp.importance....")
@@ -245,29 +241,6 @@ class BasePruner:
             apply_optimizer_plan(plan)
         self._warn_heads_refused()
         return None
-
-    def _warn_heads_refused(self) -> None:
-        """Name the attention layers that prune_num_heads could not touch and nothing else narrowed."""
-        untouched = []
-        for root, handler, total, heads, head_dim in getattr(self, "_heads_refused", []):
-            width = (self.DG.get_out_channels if is_out_channel_pruning_fn(handler) else self.DG.get_in_channels)(root)
-            if width == total:
-                untouched.append(f"{self.DG._name(root)} ({heads} blocks of {head_dim} channels)")
-        narrow = getattr(self, "_heads_narrow_refused", [])
-        if narrow:
-            warnings.warn(
-                "prune_head_dims: the graph refused to narrow the heads of " + "; ".join(narrow)
-                + ". They keep their width; pass prune_num_heads=True to remove whole heads instead (rotary "
-                "embeddings and code that spells out head_dim pin the head width)",
-                stacklevel=3,
-            )
-        if untouched:
-            warnings.warn(
-                "prune_num_heads: the graph accepted no whole-head removal and no narrower heads for "
-                + "; ".join(untouched) + ". Their heads stay; check num_heads for these layers or register an "
-                "adapter for their attention module (structprune.adapters.register_adapter)",
-                stacklevel=3,
-            )
 
     def _plan(self) -> Iterator[Group]:
         return self._plan_global() if self.global_pruning else self._plan_local()
@@ -390,68 +363,6 @@ class BasePruner:
                 yield chosen
             elif not self.prune_num_heads and self._is_head_group(group):
                 self._heads_narrow_refused.append(f"{self.DG._name(root)} ({self._refusal})")
-
-    def _plan_whole_heads(self) -> Iterator[Group]:
-        """With ``prune_num_heads``: groups that cannot lose arbitrary channels may lose whole heads.
-
-        Heads are contiguous blocks of the root's channels (``head_dim`` from ``num_heads`` or the
-        attention module's own ``head_dim``); grouped-query attention needs whole key/value groups, so
-        ever larger multiples are tried until the graph accepts one.
-        """
-        self._heads_refused = []
-        self._heads_narrow_refused = []
-        if not self.prune_num_heads:
-            return
-        for group, root, total, head_dim in self._head_candidates():
-            ratio = self.get_target_head_pruning_ratio(root)
-            heads = total // head_dim
-            imp = self._importance(group)
-            if imp is None or torch.isnan(imp).any():
-                continue
-            scores = imp.detach().cpu().view(heads, head_dim).sum(1)
-            # the target counts from the original heads: v's heads may already have gone with q's
-            original = (self.layer_init_out_ch.get(root) or total) // head_dim
-            keep = max(1, int(math.floor(original * (1 - ratio) + 1e-9)))
-            tried = 0
-            for idxs in _head_removals(scores, head_dim, min(1.0, keep / heads)):
-                tried += 1
-                candidate = self.DG.get_pruning_group(root, group[0].dep.handler, idxs.tolist())
-                if self._accepts(candidate, idxs):
-                    yield candidate
-                    break
-            else:
-                if tried:
-                    self._heads_refused.append((root, group[0].dep.handler, total, heads, head_dim))
-
-    def _head_candidates(self) -> Iterator[tuple]:
-        """(group, root, width, head_dim) of every group blocked for channels whose root has heads.
-
-        Lazy on purpose: groups are discovered after the heads before them were pruned (removing q's
-        heads removes v's too, and v's own group must see that).
-        """
-        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
-                                            root_module_types=self.root_module_types, include_blocked=True):
-            if not group.blocked:
-                continue
-            root = group[0].dep.target.module
-            total = len(group[0].idxs)
-            head_dim = self._head_dim(root, total)
-            if head_dim is not None:
-                yield group, root, total, head_dim
-
-    def _head_dim(self, root, total: int) -> int | None:
-        if root in self.num_heads and total % self.num_heads[root] == 0:
-            return total // self.num_heads[root]
-        parent = self._parents().get(root)
-        head_dim = getattr(parent, "head_dim", None)
-        if isinstance(head_dim, int) and head_dim > 0 and total % head_dim == 0 and total > head_dim:
-            return head_dim
-        return None
-
-    def _parents(self) -> dict:
-        if not hasattr(self, "_parent_of"):
-            self._parent_of = {child: module for module in self.model.modules() for child in module.children()}
-        return self._parent_of
 
     def _accepts(self, candidate: Group, idxs: torch.Tensor) -> bool:
         """Prunable, and exactly the planned root channels: a product (q * k) can pull in more of the
@@ -614,37 +525,3 @@ def _split_ignored(ignored) -> tuple[list, list]:
                 f"({item!r})"
             )
     return layers, params
-
-
-def _head_removals(scores: torch.Tensor, head_dim: int, keep_fraction: float) -> Iterator[torch.Tensor]:
-    """Channel sets that remove the lowest-scoring heads, most specific first.
-
-    A root's channels are ``len(scores)`` head blocks of ``head_dim``. Contiguous runs of 1, 2, 4...
-    heads cover plain attention and grouped-query attention (q heads that share a key/value head);
-    then the same head taken from each of 2, 3 or 4 equal fused blocks covers fused projections
-    (GPT-2's c_attn holds q, k and v one after the other, each split into the same heads).
-    """
-    heads = len(scores)
-
-    def removal(block_scores, width, stride, fused):
-        blocks = len(block_scores)
-        n_blocks = blocks - max(1, int(math.floor(blocks * keep_fraction + 1e-9)))
-        if n_blocks <= 0:
-            return None
-        chosen = torch.argsort(block_scores)[:n_blocks]
-        starts = (chosen[:, None] * width + torch.arange(fused)[None, :] * stride).reshape(-1)
-        return (starts[:, None] + torch.arange(width)[None, :]).reshape(-1).sort().values
-
-    multiple = 1
-    while multiple <= heads // 2 and heads % multiple == 0:
-        idxs = removal(scores.view(heads // multiple, multiple).sum(1), head_dim * multiple, 0, 1)
-        if idxs is None:
-            break
-        yield idxs
-        multiple *= 2
-    for fused in (3, 2, 4):
-        if heads % fused == 0 and heads // fused > 1:
-            per_block = heads // fused
-            idxs = removal(scores.view(fused, per_block).sum(0), head_dim, per_block * head_dim, fused)
-            if idxs is not None:
-                yield idxs

@@ -18,6 +18,10 @@ Attention scales follow the head size the way each family's ``__init__`` compute
 without ``scale``) already uses the actual head size.
 
 Adapters marked ``late`` (model configs) run after the others, since they read the synced attributes.
+
+``follows`` names attributes the adapter rewrites that the forward spells out in a reshape (timm's
+``self.num_heads``): during the trace they are swapped for a marked int, and the graph lets those
+reshape dims shrink too, so whole heads can go where the code would otherwise pin their number.
 """
 from __future__ import annotations
 
@@ -39,6 +43,9 @@ class Adapter:
     late: bool = False
     #: call ``sync(module, removed)`` with {layer: removed output channel indices} of the pruned group
     uses_removed: bool = False
+    #: int attributes ``sync`` rewrites that the forward spells out in a reshape (timm's num_heads): the
+    #: graph lets those reshape dims shrink (whole heads go) because the adapter follows them
+    follows: tuple = ()
 
 
 def _class_named(*names: str) -> Callable[[nn.Module], bool]:
@@ -308,12 +315,12 @@ ADAPTERS: list[Adapter] = [
     Adapter("Hugging Face GPT-2 attention (num_heads, head_dim, split_size, embed_dim, scaling)",
             _is_hf_gpt2_attention, _hf_gpt2_attention, uses_removed=True),
     Adapter("timm Attention (num_heads, head_dim, attn_dim, scale)", _is_timm_attention, _timm_attention,
-            uses_removed=True),
+            uses_removed=True, follows=("num_heads",)),
     Adapter(
         "timm Swin WindowAttention (num_heads, scale)",
         lambda module: _from("timm", module) and _class_named("WindowAttention")(module)
         and hasattr(module, "relative_position_bias_table"),
-        _timm_window_attention, uses_removed=True,
+        _timm_window_attention, uses_removed=True, follows=("num_heads",),
     ),
     Adapter(
         "timm LeViT attention (num_heads, key_dim, val_dim, scale, bias cache)",

@@ -97,9 +97,38 @@ def small_vit():
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1).eval()
 
 
+def test_timm_whole_head_through_the_graph_equals_zeroing_that_head():
+    """timm spells ``self.num_heads`` in its qkv reshape; the adapter follows that attribute, so the graph
+    lets a whole head go from q, k and v, and the group's removed channels give the adapter the layout."""
+    model, reference = small_vit(), small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    attention = model.blocks[0].attn
+    with torch.no_grad():
+        reference.blocks[0].attn.proj.weight[:, 64:128] = 0
+        expected = reference(x)
+    graph = tp.DependencyGraph().build_dependency(model, x)
+    assert type(attention.num_heads) is int  # the trace-time marker is gone
+    group = graph.get_pruning_group(attention.qkv, tp.prune_linear_out_channels,
+                                    heads_removed(3, 64, [1], blocks=3).tolist())
+    assert not group.blocked, group.blocked
+    assert {item.dep.target.name: item.idxs for item in group}["blocks.0.attn.proj"] == list(range(64, 128))
+    group.prune()
+    assert (attention.num_heads, attention.head_dim, attention.attn_dim) == (2, 64, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_timm_head_of_one_block_only_is_still_refused():
+    model = small_vit()
+    attention = model.blocks[0].attn
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 32, 32))
+    q_head = graph.get_pruning_group(attention.qkv, tp.prune_linear_out_channels, list(range(64, 128)))
+    assert q_head.blocked and not graph.check_pruning_group(q_head)
+
+
 def test_timm_whole_head_through_removed_channels_equals_zeroing_that_head():
-    """The graph refuses whole heads here (timm spells num_heads in its reshape); pruned by hand, the
-    adapter still gets the layout right when it is told which channels went."""
+    """Pruned by hand with the low-level functions, the adapter still gets the layout right when it is
+    told which channels went."""
     model, reference = small_vit(), small_vit()
     x = torch.randn(2, 3, 32, 32)
     attention = model.blocks[0].attn

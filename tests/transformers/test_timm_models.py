@@ -1,9 +1,10 @@
 """timm models (pretrained=False, small inputs): prune 40% by magnitude, the output keeps its shape.
 
-Transformers prune hidden width, MLPs and per-head dims: timm reshapes fused qkv to (3, num_heads,
-head_dim) or (3, num_heads, -1), so heads stay and each head narrows; the adapters keep num_heads,
-head_dim, attn_dim and scale in step. Every group must prune (no "left unpruned" warning) except where a
-test names the group and says why.
+Transformers prune hidden width, MLPs and heads: timm reshapes fused qkv to (3, num_heads, head_dim) or
+(3, num_heads, -1) with ``self.num_heads``, which the adapters follow (they rewrite num_heads, head_dim,
+attn_dim and scale), so with prune_num_heads whole heads go from q, k and v together; without it every
+head narrows alike. Every group must prune (no "left unpruned" warning) except where a test names the
+group and says why.
 """
 import pytest
 import timm
@@ -27,10 +28,10 @@ def attention_agrees(model, check_scale=True):
     return found
 
 
-def check_vit(model, heads, original_head_dim):
+def check_vit(model, heads, head_dim):
     assert attention_agrees(model)
-    attention = model.blocks[0].attn
-    assert attention.num_heads == heads and attention.head_dim < original_head_dim
+    for block in model.blocks:
+        assert (block.attn.num_heads, block.attn.head_dim) == (heads, head_dim)  # whole heads went
 
 
 def check_swin(model):
@@ -91,8 +92,8 @@ def test_mixer_token_mlp_output_is_blocked_up_front():
 CASES = {
     # name: (create_model kwargs, input size, max remaining parameter fraction, extra check, groups allowed
     #        to stay unpruned)
-    "vit_small_patch16_224": (dict(img_size=64, depth=4), 64, 0.4, lambda m: check_vit(m, 6, 64), ()),
-    "deit_tiny_patch16_224": (dict(img_size=64), 64, 0.4, lambda m: check_vit(m, 3, 64), ()),
+    "vit_small_patch16_224": (dict(img_size=64, depth=4), 64, 0.4, lambda m: check_vit(m, 3, 64), ()),
+    "deit_tiny_patch16_224": (dict(img_size=64), 64, 0.4, lambda m: check_vit(m, 1, 64), ()),
     "swin_tiny_patch4_window7_224": (dict(img_size=64), 64, 0.4, check_swin, ()),
     "levit_128s": (dict(img_size=128), 128, 0.4, check_levit, ()),
     "convnext_tiny": ({}, 64, 0.4, None, ()),

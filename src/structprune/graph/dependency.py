@@ -12,7 +12,7 @@ from .group import Group, Node, is_in_channel_pruning_fn, is_out_channel_pruning
 from .discovery import IN, OUT, GroupFinder
 from .snapshot import Snapshot
 from ..utils.nested import call_model
-from .trace import Call, Tracer, _flatten
+from .trace import Call, Tracer, _flatten, followed_sizes
 
 
 
@@ -106,12 +106,13 @@ class DependencyGraph(GroupFinder):
         self._param_names = {param: name for name, param in model.named_parameters(remove_duplicate=False)}
         self._buffer_ids = {id(buffer) for buffer in model.buffers()}
         self._unwrapped_dims = _normalise_unwrapped(unwrapped_parameters)
-        self._trace(model, example_inputs, forward_fn, output_transform)
-        self._all_groups_cache = {}
-        self._init_alive()
         from ..adapters import matching_modules
 
         self._adapted_modules = matching_modules(model)
+        with followed_sizes(self._adapted_modules):
+            self._trace(model, example_inputs, forward_fn, output_transform)
+        self._all_groups_cache = {}
+        self._init_alive()
         return self
 
     def _is_declared(self, module) -> bool:
@@ -452,9 +453,10 @@ class DependencyGraph(GroupFinder):
         except BaseException:
             snapshot.restore()
             raise
-        from ..adapters import sync_attributes
+        from ..adapters import removed_outputs, sync_attributes
 
-        sync_attributes(self.model, self._adapted_modules)
+        # the removed indices tell an attention adapter fewer heads from narrower heads
+        sync_attributes(self.model, self._adapted_modules, removed_outputs(group))
         for item in group:
             key = (item.dep.target.module, self._side_of(item))
             if key in self._alive:

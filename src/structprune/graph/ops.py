@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 
 from .channels import Blocked, ChannelState, backward_through, forward_through, through_letters
-from .trace import Call
+from .trace import Call, FollowedSize
 
 MOVEMENT = {
     "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "split", "split_with_sizes",
@@ -126,7 +126,11 @@ def fixed_reshape_dims(call: Call, state: ChannelState, shape) -> list[int]:
         others = tuple(d for d in range(len(sizes)) if d != axis)
         if int((kept.any(dim=others) if others else kept).sum()) < sizes[axis]:
             shrinking.append(dim)
-    free = [d for d in state.dims if requested[d] == -1] or [max(state.dims)]
+    # -1 follows the data; a FollowedSize attribute is rewritten by an adapter after pruning; without a
+    # -1 the innermost size is taken as computed at run time
+    free = [d for d in state.dims if requested[d] == -1 or isinstance(requested[d], FollowedSize)]
+    if not any(requested[d] == -1 for d in state.dims):
+        free.append(max(state.dims))
     return [d for d in shrinking if d not in free]
 
 

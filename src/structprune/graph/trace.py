@@ -6,6 +6,7 @@ internally: walking back from an output jumps from a module's output straight to
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -59,6 +60,32 @@ def _flatten(obj, out: list, slot=()):
     elif hasattr(obj, "to_tuple") and callable(obj.to_tuple):
         _flatten(obj.to_tuple(), out, slot)
     return out
+
+
+class FollowedSize(int):
+    """An int attribute an adapter keeps in step with the layer widths (timm's ``Attention.num_heads``).
+
+    It is swapped in for one trace only, so a reshape that spells it out is known to follow the
+    pruning: the adapter rewrites it afterwards. Arithmetic on it gives a plain int (derived sizes are
+    not followed).
+    """
+
+
+@contextlib.contextmanager
+def followed_sizes(adapted: list):
+    """Mark every ``Adapter.follows`` attribute of the adapted modules for the duration of a trace."""
+    saved = []
+    try:
+        for module, adapter in adapted:
+            for name in getattr(adapter, "follows", ()):
+                value = module.__dict__.get(name)
+                if type(value) is int:
+                    saved.append((module, name, value))
+                    module.__dict__[name] = FollowedSize(value)
+        yield
+    finally:
+        for module, name, value in saved:
+            module.__dict__[name] = value
 
 
 def _freeze(obj):

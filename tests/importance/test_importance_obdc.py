@@ -70,6 +70,29 @@ def test_single_linear_by_hand(has_bias, use_bias):
     torch.testing.assert_close(obdc(group), out_scores(weight, a, g))
 
 
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_layer_wider_than_max_factor_size_keeps_diagonal_factors(use_bias):
+    """A (3 inputs + bias) is wider than max_factor_size=2: only diag(A) and diag(G) are kept, and each
+    weight scores 0.5 * w**2 * A[c, c] * G[i, i]."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 2))
+    x, gy = torch.randn(6, 3), torch.randn(6, 2)
+    obdc = criterion(bias=use_bias, max_factor_size=2)
+    obdc.register(model)
+    model(x).backward(gy)
+    a_seen, g_seen = obdc.kfac_factors(model[0])
+    a_diag, g_diag = (with_one(x) ** 2).mean(0), (gy ** 2).mean(0)
+    torch.testing.assert_close(a_seen, a_diag)
+    torch.testing.assert_close(g_seen, g_diag)
+    weight, bias = model[0].weight.detach(), model[0].bias.detach()
+    expected = 0.5 * (weight ** 2 * a_diag[:3]).sum(1) * g_diag
+    if use_bias:
+        expected = expected + 0.5 * bias ** 2 * a_diag[3] * g_diag
+    torch.testing.assert_close(obdc(output_group(model, x[:1])), expected)
+    with pytest.raises(ValueError, match="max_factor_size"):
+        criterion(max_factor_size=0)
+
+
 def test_linear_linear_group_two_batches_by_hand():
     model, group = linear_linear_group()  # fc1 out channels + fc2 in channels
     torch.manual_seed(1)

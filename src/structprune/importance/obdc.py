@@ -35,7 +35,8 @@ class OBDCImportance(ElementwiseImportance):
 
     Grouped and depthwise convs use the diagonal of the factors instead (K-FAC across groups is not
     block-Kronecker): each weight scores ``0.5 * w**2 * A[c, c] * G[i, i]`` and channels sum their slice,
-    exactly like :class:`HessianImportance`. Layers of other types in a group (BatchNorm, LayerNorm...)
+    exactly like :class:`HessianImportance`. So do layers with a factor wider than ``max_factor_size``
+    (default 4096: a 4096 x 4096 float32 factor is 64 MB; full K-FAC memory grows with its square). Layers of other types in a group (BatchNorm, LayerNorm...)
     contribute nothing. Item scores are reduced and normalized as in :class:`ElementwiseImportance`.
 
     Statistics come from hooks; A and G are accumulated together when a layer's output gradient
@@ -68,6 +69,7 @@ class OBDCImportance(ElementwiseImportance):
         bias: bool = False,
         target_types: tuple = OBDC_TYPES,
         num_classes: int | None = None,
+        max_factor_size: int = 4096,
     ):
         unsupported = [t for t in target_types if not (isinstance(t, type) and issubclass(t, OBDC_TYPES))]
         if unsupported:
@@ -80,8 +82,11 @@ class OBDCImportance(ElementwiseImportance):
                 f"OBDCImportance: num_classes must be a positive int (the size of the model's last "
                 f"output dimension), got {num_classes!r}"
             )
+        if isinstance(max_factor_size, bool) or not isinstance(max_factor_size, int) or max_factor_size < 1:
+            raise ValueError(f"OBDCImportance: max_factor_size must be a positive int, got {max_factor_size!r}")
         super().__init__(group_reduction, normalizer, bias, target_types)
         self.num_classes = num_classes
+        self.max_factor_size = max_factor_size
         self._stats: dict = {}  # layer -> [A sum, G sum, number of locations, number of samples]
         self._names: dict = {}  # layer -> module path, for errors raised inside hooks
         self._hooks: list = []
@@ -147,7 +152,7 @@ class OBDCImportance(ElementwiseImportance):
         with torch.no_grad():
             columns, samples = _input_columns(layer, x)
             rows = _output_rows(layer, grad)
-            if _is_grouped(layer):
+            if self._diagonal(layer, columns.shape[1], rows.shape[1]):
                 a_sum, g_sum = columns.pow(2).sum(0), rows.pow(2).sum(0)
             else:
                 a_sum, g_sum = columns.T @ columns, rows.T @ rows
@@ -161,6 +166,10 @@ class OBDCImportance(ElementwiseImportance):
             stats[1] += g_sum
             stats[2] += columns.shape[0]
             stats[3] += samples
+
+    def _diagonal(self, layer: nn.Module, inputs: int, outputs: int) -> bool:
+        # a factor is (width x width) floats: a VGG classifier's 25088 inputs would need 2.5 GB for A
+        return getattr(layer, "groups", 1) > 1 or max(inputs, outputs) > self.max_factor_size
 
     def _name(self, layer: nn.Module) -> str:
         return self._names.get(layer, type(layer).__name__)
@@ -191,7 +200,7 @@ class OBDCImportance(ElementwiseImportance):
         a, g = self.kfac_factors(layer, name)
         out_side = is_out_channel_pruning_fn(item.dep.handler)
         saved = self._scored_weights(layer, name, a, g)
-        if saved["groups"] > 1:
+        if a.dim() == 1:  # diagonal factors: grouped convs and layers over max_factor_size
             return self._diagonal_scores(item, layer, saved, a, g)
         weight = saved["weight"].flatten(1)
         if out_side:
@@ -246,8 +255,6 @@ def _shapes_match(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> bool:
     return a.shape[0] == inputs and g.shape[0] == layer.weight.shape[0]
 
 
-def _is_grouped(layer: nn.Module) -> bool:
-    return getattr(layer, "groups", 1) > 1
 
 
 def _input_columns(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:

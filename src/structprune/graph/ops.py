@@ -79,10 +79,22 @@ def _elementwise(call, operand, state):
         if tuple(shape) == out_shape:
             results.append((other, anchor))
         elif other < n_in:
-            mapped = backward_through(_broadcast_map(tuple(shape), out_shape), shape, anchor)
+            # a broadcast operand (a norm's per-token statistic, a per-channel weight) keeps the letters
+            # of the dims it shares with the output; the broadcast ones are projected away, which is what
+            # the element correspondence gives (an element goes when all its readers go), without it
+            out_letters = [f"d{d}" for d in range(len(out_shape))]
+            mapped = through_letters(anchor, out_letters, out_shape, _broadcast_letters(tuple(shape), out_shape),
+                                     tuple(shape))
             if mapped is not None:
                 results.append((other, mapped))
     return results
+
+
+def _broadcast_letters(shape, out_shape) -> list[str]:
+    # a one-wide dim is broadcast-like even where the output is one wide too: it tells no channels apart
+    offset = len(out_shape) - len(shape)
+    return [f"d{d + offset}" if size == out_shape[d + offset] and size > 1 else f"broadcast{d}"
+            for d, size in enumerate(shape)]
 
 
 @lru_cache(maxsize=256)

@@ -141,3 +141,15 @@ def test_timm_vit_head_dims_follow_prune_head_dims(prune_head_dims):
         assert block.attn.head_dim == (32 if prune_head_dims else 64)  # every head narrows equally, or none
         assert attention_agrees(model)
     assert model(x).shape == (1, 1000)
+
+
+def test_global_pruning_removes_whole_heads_too():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+    x = torch.randn(1, 3, 32, 32)
+    before = count(model)
+    tp.pruner.BasePruner(model, x, magnitude(), pruning_ratio=0.4, global_pruning=True, prune_num_heads=True,
+                         head_pruning_ratio=0.5, ignored_layers=[model.head]).step()
+    assert [(block.attn.num_heads, block.attn.head_dim) for block in model.blocks] == [(3, 64), (3, 64)]
+    assert attention_agrees(model) and count(model) < 0.75 * before
+    assert model(x).shape == (1, 1000)

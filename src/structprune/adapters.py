@@ -313,7 +313,7 @@ ADAPTERS: list[Adapter] = [
     Adapter("Hugging Face ViT attention (num_attention_heads, head_dim, scaling)", _is_hf_vit_attention,
             _hf_vit_attention, uses_removed=True),
     Adapter("Hugging Face GPT-2 attention (num_heads, head_dim, split_size, embed_dim, scaling)",
-            _is_hf_gpt2_attention, _hf_gpt2_attention, uses_removed=True),
+            _is_hf_gpt2_attention, _hf_gpt2_attention, uses_removed=True, follows=("split_size",)),
     Adapter("timm Attention (num_heads, head_dim, attn_dim, scale)", _is_timm_attention, _timm_attention,
             uses_removed=True, follows=("num_heads",)),
     Adapter(
@@ -326,7 +326,7 @@ ADAPTERS: list[Adapter] = [
         "timm LeViT attention (num_heads, key_dim, val_dim, scale, bias cache)",
         lambda module: _from("timm.models.levit", module) and hasattr(module, "attention_biases")
         and hasattr(module, "key_dim"),
-        _timm_levit_attention,
+        _timm_levit_attention, follows=("key_dim", "val_dim"),
     ),
     Adapter(
         "timm MetaFormer Scale.shape",

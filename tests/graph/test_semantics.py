@@ -445,3 +445,56 @@ def test_squeeze_state_drops_dims_the_removal_does_not_depend_on():
     # same membership but different roots along dim 1: the dim stays (roots tell positions apart)
     roots = torch.tensor([0, 0, 1, 1, 2, 2])
     assert squeeze_state(ChannelState((1, 2), idxs, roots), (2, 3, 4)).dims == (1, 2)
+
+
+class LiteralPieces(nn.Module):
+    """Pieces cut with sizes the code writes as numbers: after a removal they would hold other channels."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(3, 8)
+        self.first, self.second = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.how == "slices":
+            a, b = y[:, :4], y[:, -4:]
+        elif self.how == "split":
+            a, b = y.split(4, dim=1)
+        else:
+            a, b = y.chunk(2, dim=1)
+        return self.first(a) + self.second(b)
+
+
+@pytest.mark.parametrize("how", ["slices", "split", "chunk"])
+def test_pieces_with_literal_sizes_refuse_removals_that_shift_channels(how):
+    model = LiteralPieces(how)
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(2, 3))
+    group = graph.get_pruning_group(model.fc, tp.prune_linear_out_channels, [1])
+    assert not graph.check_pruning_group(group)
+    assert any("spells out the size of its pieces" in reason for reason in group.blocked), group.blocked
+
+
+@pytest.mark.parametrize("how, idxs", [("split", [5]), ("chunk", [1, 5])])
+def test_pieces_with_literal_sizes_allow_removals_that_keep_every_piece(how, idxs):
+    # split(4) of 7 still gives the first piece channels 0-3; chunk(2) of 6 splits 3 + 3 where 1 and 5 went
+    model = LiteralPieces(how)
+    assert_lossless(model, torch.randn(2, 3), model.fc, idxs)
+
+
+def test_selecting_one_channel_by_number_pins_the_others_before_it():
+    class Select(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return self.head(y) * y[:, 3:4]  # channel 3 gates the output
+
+    model = Select()
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(2, 3))
+    assert not graph.check_pruning_group(graph.get_pruning_group(model.fc, tp.prune_linear_out_channels, [1]))
+    assert_lossless(model, torch.randn(2, 3), model.fc, [4, 5])  # after channel 3: nothing moves

@@ -12,7 +12,7 @@ from .group import Group, Node, is_in_channel_pruning_fn, is_out_channel_pruning
 from .discovery import IN, OUT, GroupFinder
 from .snapshot import Snapshot
 from ..utils.nested import call_model
-from .trace import Call, Tracer, _flatten, followed_sizes
+from .trace import LAYER_SIZE_NAMES, Call, Tracer, _flatten, followed_sizes
 
 
 
@@ -109,7 +109,9 @@ class DependencyGraph(GroupFinder):
         from ..adapters import matching_modules
 
         self._adapted_modules = matching_modules(model)
-        with followed_sizes(self._adapted_modules):
+        followed = [(module, adapter.follows) for module, adapter in self._adapted_modules]
+        followed += [(module, LAYER_SIZE_NAMES) for module in self.module2name if self._is_declared(module)]
+        with followed_sizes(followed):
             self._trace(model, example_inputs, forward_fn, output_transform)
         self._all_groups_cache = {}
         self._init_alive()

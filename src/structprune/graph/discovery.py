@@ -75,10 +75,17 @@ class GroupFinder:
             except Blocked as reason:
                 blocked.append(str(reason))
         for (value_key, dims), state in states.items():
+            value = self.values[value_key]
+            for call, operand in value.consumers:
+                if operand == 0 and ops.shifts_channels(call, state):
+                    blocked.append(
+                        f"'{call.name}' spells out the size of its pieces (sizes, bounds or indices along dim "
+                        f"{dims[0]} of {list(value.shape)}), so after this removal they would hold other channels; "
+                        f"remove the same channels from every piece, or make the sizes follow the data"
+                    )
             # checked once states are merged: two inputs of a cat may each cover half of a head
             if len(dims) < 2:
                 continue
-            value = self.values[value_key]
             sizes = [value.shape[d] for d in dims]
             if not ops.keeps_product(state, value.shape):
                 blocked.append(

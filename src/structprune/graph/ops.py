@@ -235,6 +235,67 @@ def _fast_concat_or_split(call, operand, state):
     return [(whole_operand, ChannelState((dim,), state.idxs + offset, state.roots))]
 
 
+PIECEWISE = SPLITS | {"__getitem__", "select", "index_select", "unbind"}
+
+
+def shifts_channels(call: Call, state: ChannelState) -> bool:
+    """Whether re-running a split/slice on the pruned input hands an output other channels.
+
+    The op runs again after pruning with the sizes, bounds and indices the code wrote: ``split(4)`` of
+    7 channels gives the first piece a channel of the second, ``x[:, 3]`` picks another channel. Replay
+    it on the kept labels and compare with the full output minus the removed channels (removing slices
+    along one dim keeps row-major order, so the flattened outputs must be equal). Sizes that follow the
+    pruning (adapter-followed attributes) are not literal: such calls are left to the element maps.
+    """
+    if call.name not in PIECEWISE or len(state.dims) != 1 or _has_followed_size((call.args, call.kwargs)):
+        return False
+    floats = [i for i in range(len(call.inputs)) if call.inputs[i] is not None and _is_float(call, i)]
+    if floats != [0]:
+        return False
+    shape, dim = tuple(call.in_shapes[0]), state.dims[0]
+    keep = torch.ones(shape[dim], dtype=torch.bool)
+    keep[state.idxs] = False
+    if bool(keep.all()):
+        return False
+    numel = 1
+    for size in shape:
+        numel *= size
+    labels = torch.arange(numel).view(shape)
+    stride = labels.stride(dim)
+    before = _replay_on(call, labels)
+    try:
+        after = _replay_on(call, labels.index_select(dim, torch.nonzero(keep).reshape(-1)))
+    except Exception:  # noqa: BLE001 - the code itself would fail on the pruned width
+        return True
+    if len(before) != len(after):
+        return True
+    for full, pruned in zip(before, after):
+        flat = full.reshape(-1)
+        expected = flat[keep[(flat // stride) % shape[dim]]]
+        if not torch.equal(pruned.reshape(-1), expected):
+            return True
+    return False
+
+
+def _replay_on(call: Call, labels: torch.Tensor) -> list[torch.Tensor]:
+    args, kwargs = _rebuild((call.args, call.kwargs), {call.input_slots[0]: labels}, ())
+    from .trace import _flatten
+
+    return [tensor for _, tensor in _flatten(call.target(*args, **kwargs), []) if isinstance(tensor, torch.Tensor)]
+
+
+def _has_followed_size(obj) -> bool:
+    if isinstance(obj, FollowedSize):
+        return True
+    if isinstance(obj, slice):
+        return any(isinstance(bound, FollowedSize) for bound in (obj.start, obj.stop, obj.step))
+    if isinstance(obj, (list, tuple)):
+        return any(_has_followed_size(item) for item in obj)
+    if isinstance(obj, dict):
+        return any(_has_followed_size(item) for item in obj.values())
+    return False
+
+
 def _dim_argument(call, ndim):
     if call.name in CONCATS:
         dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", 0)

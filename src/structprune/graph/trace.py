@@ -63,21 +63,54 @@ def _flatten(obj, out: list, slot=()):
 
 
 class FollowedSize(int):
-    """An int attribute an adapter keeps in step with the layer widths (timm's ``Attention.num_heads``).
+    """An int that pruning keeps in step with the layer widths: a layer's own size attribute
+    (``conv.in_channels``, updated by its pruning function) or one an adapter rewrites (timm's
+    ``Attention.num_heads``).
 
-    It is swapped in for one trace only, so a reshape that spells it out is known to follow the
-    pruning: the adapter rewrites it afterwards. Arithmetic on it gives a plain int (derived sizes are
-    not followed).
+    Swapped in for one trace only, so a reshape, split or slice that spells it out (or a sum, product
+    or quotient of such sizes: split offsets, ``out_features // 2``) is known to follow the pruning.
     """
+
+    def _wrap(self, result):
+        return FollowedSize(result) if type(result) is int else result
+
+    def __add__(self, other):
+        return self._wrap(int.__add__(self, other))
+
+    def __radd__(self, other):
+        return self._wrap(int.__radd__(self, other))
+
+    def __sub__(self, other):
+        return self._wrap(int.__sub__(self, other))
+
+    def __rsub__(self, other):
+        return self._wrap(int.__rsub__(self, other))
+
+    def __mul__(self, other):
+        return self._wrap(int.__mul__(self, other))
+
+    def __rmul__(self, other):
+        return self._wrap(int.__rmul__(self, other))
+
+    def __floordiv__(self, other):
+        return self._wrap(int.__floordiv__(self, other))
+
+    def __rfloordiv__(self, other):
+        return self._wrap(int.__rfloordiv__(self, other))
+
+
+#: size attributes the pruning functions of declared layers rewrite
+LAYER_SIZE_NAMES = ("in_channels", "out_channels", "in_features", "out_features", "num_features",
+                    "embedding_dim", "embed_dim", "num_channels", "hidden_size", "input_size")
 
 
 @contextlib.contextmanager
-def followed_sizes(adapted: list):
-    """Mark every ``Adapter.follows`` attribute of the adapted modules for the duration of a trace."""
+def followed_sizes(attributes: list):
+    """Mark ``(module, names)`` int attributes as :class:`FollowedSize` for the duration of a trace."""
     saved = []
     try:
-        for module, adapter in adapted:
-            for name in getattr(adapter, "follows", ()):
+        for module, names in attributes:
+            for name in names:
                 value = module.__dict__.get(name)
                 if type(value) is int:
                     saved.append((module, name, value))

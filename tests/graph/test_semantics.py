@@ -498,3 +498,52 @@ def test_selecting_one_channel_by_number_pins_the_others_before_it():
     graph = tp.DependencyGraph().build_dependency(model, torch.randn(2, 3))
     assert not graph.check_pruning_group(graph.get_pruning_group(model.fc, tp.prune_linear_out_channels, [1]))
     assert_lossless(model, torch.randn(2, 3), model.fc, [4, 5])  # after channel 3: nothing moves
+
+
+class TiedByFunction(nn.Module):
+    """nanoGPT-style weight tying: the logits reuse the embedding's weight through F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(50, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, ids):
+        h = self.wte(ids)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return F.linear(h, self.wte.weight)
+
+
+def test_a_layer_weight_used_through_a_function_joins_its_layer_group():
+    model = TiedByFunction()
+    ids = torch.randint(0, 50, (2, 5))
+    graph = tp.DependencyGraph().build_dependency(model, ids)
+    group = graph.get_pruning_group(model.wte, tp.prune_embedding_out_channels, [1, 3])
+    assert not group.blocked, group.blocked
+    assert targets(group)[("fc1", "prune_in_channels")] == [1, 3]
+    group.prune()
+    assert model.wte.weight.shape == (50, 14) and model(ids).shape == (2, 5, 50)
+
+
+class CalledBare(nn.Module):
+    """A declared layer that is never called: its weight and bias go through F.linear (timm EVA/BEiT qkv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 6)
+        self.proj = nn.Linear(6, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = F.linear(self.fc(x), self.proj.weight, self.proj.bias)
+        return self.head(torch.relu(y))
+
+
+def test_a_layer_called_only_through_its_weights_prunes_both_sides_losslessly():
+    model = CalledBare()
+    x = torch.randn(2, 3)
+    group = assert_lossless(model, x, model.fc, [0, 4])  # proj's inputs, reached through its weight
+    assert targets(group)[("proj", "prune_in_channels")] == [0, 4]
+    group = assert_lossless(model, x, model.proj, [2])  # proj as a root: starts from its weight and bias
+    assert targets(group)[("head", "prune_in_channels")] == [2]
+    assert model.proj.weight.shape == (3, 4) and model.proj.bias.shape == (3,)

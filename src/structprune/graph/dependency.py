@@ -234,6 +234,11 @@ class DependencyGraph(GroupFinder):
         named = self._param_names
         for value in self.values.values():
             tensor = value.leaf
+            owner = self._declared_params.get(tensor) if isinstance(tensor, nn.Parameter) else None
+            if owner is not None and owner not in self.module2node:
+                # a declared layer whose weight the forward uses bare (timm EVA/BEiT: F.linear(x, qkv.weight))
+                self.module2node[owner] = Node(owner, self.module2name.get(owner, type(owner).__name__),
+                                               self.get_pruner_of_module(owner))
             if isinstance(tensor, nn.Parameter) and tensor not in self._declared_params and tensor in named:
                 dim = self._unwrapped_dims.get(tensor)
                 dim = _guess_parameter_dim(tensor) if dim is None else dim % tensor.dim()

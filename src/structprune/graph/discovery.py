@@ -108,6 +108,32 @@ class GroupFinder:
             group.add_dep(Dependency(root_fn, handler, node, target), state.idxs, state.roots)
         return group
 
+    def _bare_layer_use(self, tensor, state: ChannelState):
+        """(node, side, state, []) when channels reach a declared layer's weight used outside its own
+        call, along an axis the layer declares one channel per position (F.linear(x, layer.weight))."""
+        module = self._declared_params[tensor]
+        node = self.module2node.get(module)
+        if node is None or len(state.dims) != 1 or node.pruner.is_coupled(module):
+            return None
+        for side, axes, count in ((OUT, node.pruner.out_axes(module), node.pruner.get_out_channels),
+                                  (IN, node.pruner.in_axes(module), node.pruner.get_in_channels)):
+            for axis in axes:
+                if (axis.tensor(module) is tensor and axis.dim % tensor.dim() == state.dims[0]
+                        and axis.blocks == 1 and tensor.shape[axis.dim] == count(module)):
+                    return node, side, ChannelState((0,), state.idxs, state.roots), []
+        return None
+
+    def _bare_entry(self, module, pruner, side: str, state: ChannelState):
+        """A layer never called, whose parameters the forward uses bare: its channels start on them."""
+        axes = pruner.out_axes(module) if side == OUT else pruner.in_axes(module)
+        tensors = {id(axis.tensor(module)): axis for axis in axes if axis.tensor(module) is not None}
+        for key, value in self.values.items():
+            axis = tensors.get(id(value.leaf)) if isinstance(value.leaf, nn.Parameter) else None
+            if axis is not None:
+                if axis.blocks != 1:
+                    raise Blocked(f"{self._name(module)} is used bare with fused blocks on {axis.name}; cannot map it")
+                yield key, ChannelState((axis.dim % len(value.shape),), state.idxs, state.roots)
+
     def _handler(self, node: Node, side: str):
         if isinstance(node.module, nn.Parameter):
             return node.pruner.prune_out_channels
@@ -129,6 +155,10 @@ class GroupFinder:
         tensor = value.leaf
         node = self.module2node.get(tensor) if isinstance(tensor, nn.Parameter) else None
         if node is None:
+            bare = self._bare_layer_use(tensor, state) if tensor in self._declared_params else None
+            if bare is not None:
+                yield bare
+                return
             if tensor in self._declared_params:
                 what = f"parameter {self._param_names.get(tensor, '?')} of a declared layer, used outside that layer"
             elif isinstance(tensor, torch.Tensor) and id(tensor) in self._buffer_ids:
@@ -260,6 +290,8 @@ class GroupFinder:
             return
         pruner = node.pruner
         coupled = pruner.is_coupled(module)
+        if module not in self._calls_of:
+            yield from self._bare_entry(module, pruner, side, state)
         for call in self._calls_of.get(module, ()):
             out_dim, in_dim = self._tensor_dims(pruner, module, call)
             channel_inputs = pruner.channel_inputs if pruner.channel_inputs is not None else tuple(range(len(call.inputs)))

@@ -14,7 +14,7 @@ from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
 from ..utils.nested import call_model, evaluating
 from .diagnose import explain, layer_widths, size_attributes, stale_attributes
-from .heads import HeadPlanner
+from .heads import HeadPlanner, subset_may_pass
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
 from .schedulers import linear_scheduler
 
@@ -163,17 +163,17 @@ class BasePruner(HeadPlanner):
 
     # -- groups ----------------------------------------------------------------------------------------
     def _groups(self) -> list[Group]:
-        """Prunable groups, plus those refused at full width for at least one reason a subset may avoid.
+        """Prunable groups, plus those refused at full width only for reasons a subset may avoid.
 
         A reshape that spells out a head count refuses "every channel" (that would zero the count) while
-        the same channel in every head is fine. Other reasons listed beside it may concern only the full
-        width too (LeViT's per-head bias table is reached only when whole heads go), so such groups are
-        still tried; the graph refuses each candidate that really reaches an output, constant or buffer.
+        the same channel in every head is fine; a per-head table reached along its head dim (LeViT's
+        attention biases) is reached only when whole heads go. Outputs, constants and buffers refuse any
+        subset, and trying subsets costs a discovery each, so groups that reach them are not tried.
         """
         groups = []
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types, include_blocked=True):
-            if group.blocked and not any(_subset_may_pass(reason) for reason in group.blocked):
+            if group.blocked and not all(subset_may_pass(reason) for reason in group.blocked):
                 continue
             if not self.prune_head_dims and self._is_head_group(group):
                 continue  # heads keep their width; only prune_num_heads may touch them
@@ -347,6 +347,7 @@ class BasePruner(HeadPlanner):
     def _plan_local(self) -> Iterator[Group]:
         self._prescore()
         yield from self._plan_whole_heads()
+        self._note_pinned_heads()
         for group in self._groups():
             root = group[0].dep.target.module
             current = len(group[0].idxs)
@@ -391,6 +392,7 @@ class BasePruner(HeadPlanner):
     def _plan_global(self) -> Iterator[Group]:
         self._prescore()
         yield from self._plan_whole_heads()
+        self._note_pinned_heads()
         entries = []
         for group in self._groups():
             imp = self._importance(group)
@@ -491,10 +493,6 @@ def _block_candidates(channel_groups: int, total: int, n_prune: int, limit: int 
         if total % blocks == 0 and blocks % channel_groups == 0:
             tried += 1
             yield blocks
-
-
-def _subset_may_pass(reason: str) -> bool:
-    return "spells out the size" in reason or "regroup" in reason
 
 
 def _refusal(candidate: Group, idxs: torch.Tensor) -> str:

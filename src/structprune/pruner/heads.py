@@ -12,6 +12,11 @@ from ..graph.dependency import is_out_channel_pruning_fn
 from ..graph.group import Group
 
 
+def subset_may_pass(reason: str) -> bool:
+    """Whether a reason a group is refused at full width may not apply to a symmetric subset of it."""
+    return "spells out the size" in reason or "regroup" in reason or "but channels arrive on dim" in reason
+
+
 class HeadPlanner:
     """Mixin of BasePruner: ``prune_num_heads`` planning and the warnings about untouched attention."""
 
@@ -42,6 +47,17 @@ class HeadPlanner:
                 "adapter for their attention module (structprune.adapters.register_adapter)",
                 stacklevel=3,
             )
+
+    def _note_pinned_heads(self) -> None:
+        """With prune_head_dims alone: name head groups refused for a reason no subset avoids (a rotary
+        table, a buffer), which are never tried, beside those whose narrowing the graph refused."""
+        if self.prune_num_heads or not self.prune_head_dims:
+            return
+        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                            root_module_types=self.root_module_types, include_blocked=True):
+            hard = [reason for reason in group.blocked if not subset_may_pass(reason)]
+            if hard and self._is_head_group(group):
+                self._heads_narrow_refused.append(f"{self.DG._name(group[0].dep.target.module)} ({hard[0]})")
 
     def _plan_whole_heads(self) -> Iterator[Group]:
         """With ``prune_num_heads``: groups that cannot lose arbitrary channels may lose whole heads.

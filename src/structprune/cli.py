@@ -255,14 +255,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from .graph import DependencyGraph
-
+def _load_and_count(args: argparse.Namespace):
+    """The model named on the command line, its example input (checked to run), MACs and params."""
     torch.manual_seed(args.seed)  # random init: the same seed builds and prunes the same model
     model = load_model(args.model)
     inputs = example_input(args.input_shape, args.seed)
     _run_model(model, inputs, args.model)
     macs, params = _count(model, inputs)
+    return model, inputs, macs, params
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .graph import DependencyGraph
+
+    model, inputs, macs, params = _load_and_count(args)
     print(f"model: {args.model}   input: {tuple(args.input_shape)}")
     print(f"MACs: {_human(macs)} ({macs:,})   params: {_human(params)} ({params:,})")
 
@@ -300,11 +306,7 @@ def _coupled(group, limit: int = 8) -> str:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .serialization import save_pruned
 
-    torch.manual_seed(args.seed)  # random init: the same seed builds and prunes the same model
-    model = load_model(args.model)
-    inputs = example_input(args.input_shape, args.seed)
-    _run_model(model, inputs, args.model)
-    macs, params = _count(model, inputs)
+    model, inputs, macs, params = _load_and_count(args)
     pruner = prune_model(model, inputs, args.ratio, args.importance, args.global_pruning, args.round_to, args.seed)
     after_macs, after_params = _count(model, inputs)
     out = save_pruned(model, args.out, history=pruner.pruning_history())

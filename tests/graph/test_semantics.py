@@ -235,15 +235,26 @@ def test_unwrapped_parameter_dim_override():
     assert model.gamma.shape == (4,) and model(torch.randn(2, 4)).shape == (2, 2)
 
 
-def test_repeat_kv_expand_on_head_axis():
-    class GQA(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q = nn.Linear(16, 16)  # 4 heads x 4
-            self.k = nn.Linear(16, 8)  # 2 kv heads x 4
-            self.v = nn.Linear(16, 8)
-            self.o = nn.Linear(16, 16)
+class GQAProjections(nn.Module):
+    """q of 4 heads x 4, k and v of 2 key/value heads x 4, o back to 16: forwards differ per test."""
 
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(16, 16)
+        self.k = nn.Linear(16, 8)
+        self.v = nn.Linear(16, 8)
+        self.o = nn.Linear(16, 16)
+
+
+def assert_kv_head_one_takes_q_heads_two_and_three(graph, model):
+    t = targets(graph.get_pruning_group(model.k, tp.prune_linear_out_channels, [4, 5, 6, 7]))
+    assert t[("q", "prune_out_channels")] == list(range(8, 16))
+    assert t[("v", "prune_out_channels")] == [4, 5, 6, 7]
+    assert t[("o", "prune_in_channels")] == list(range(8, 16))
+
+
+def test_repeat_kv_expand_on_head_axis():
+    class GQA(GQAProjections):
         def forward(self, x):
             b, n, _ = x.shape
             q = self.q(x).view(b, n, 4, 4).transpose(1, 2)
@@ -258,10 +269,7 @@ def test_repeat_kv_expand_on_head_axis():
     x = torch.randn(1, 5, 16)
     graph = tp.DependencyGraph().build_dependency(model, x)
     # removing kv head 1 removes k, v rows 4..7, q heads 2 and 3 and their o columns
-    t = targets(graph.get_pruning_group(model.k, tp.prune_linear_out_channels, [4, 5, 6, 7]))
-    assert t[("q", "prune_out_channels")] == list(range(8, 16))
-    assert t[("v", "prune_out_channels")] == [4, 5, 6, 7]
-    assert t[("o", "prune_in_channels")] == list(range(8, 16))
+    assert_kv_head_one_takes_q_heads_two_and_three(graph, model)
     # head dim 1 of every k head couples with dim 1 of every q head, not with v
     t = targets(graph.get_pruning_group(model.k, tp.prune_linear_out_channels, [1, 5]))
     assert t[("q", "prune_out_channels")] == [1, 5, 9, 13]
@@ -357,14 +365,7 @@ def test_inputs_as_dict_and_outputs_as_dict():
 
 
 def test_grouped_query_sdpa_with_enable_gqa():
-    class GQA(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q = nn.Linear(16, 16)  # 4 heads x 4
-            self.k = nn.Linear(16, 8)  # 2 kv heads x 4
-            self.v = nn.Linear(16, 8)
-            self.o = nn.Linear(16, 16)
-
+    class GQA(GQAProjections):
         def forward(self, x):
             b, n, _ = x.shape
             q = self.q(x).view(b, n, -1, 4).transpose(1, 2)
@@ -376,10 +377,7 @@ def test_grouped_query_sdpa_with_enable_gqa():
     model = GQA()
     x = torch.randn(1, 5, 16)
     graph = tp.DependencyGraph().build_dependency(model, x)
-    t = targets(graph.get_pruning_group(model.k, tp.prune_linear_out_channels, [4, 5, 6, 7]))
-    assert t[("q", "prune_out_channels")] == list(range(8, 16))
-    assert t[("v", "prune_out_channels")] == [4, 5, 6, 7]
-    assert t[("o", "prune_in_channels")] == list(range(8, 16))
+    assert_kv_head_one_takes_q_heads_two_and_three(graph, model)
     # one q head alone cannot go: its kv head still serves the other q head of the pair
     assert graph.get_pruning_group(model.q, tp.prune_linear_out_channels, [8, 9, 10, 11]).blocked
     assert_lossless(model, x, model.k, [4, 5, 6, 7], producers=True)

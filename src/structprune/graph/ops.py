@@ -262,7 +262,7 @@ def shifts_channels(call: Call, state: ChannelState) -> bool:
         numel *= size
     labels = torch.arange(numel).view(shape)
     stride = labels.stride(dim)
-    before = _replay_on(call, labels)
+    before = _correspondence(call, 0)  # the same replay on the full width, cached for the element maps
     try:
         after = _replay_on(call, labels.index_select(dim, torch.nonzero(keep).reshape(-1)))
     except Exception:  # noqa: BLE001 - the code itself would fail on the pruned width

@@ -254,7 +254,10 @@ def test_state_dict_structure():
     plan = sd["plan"]
     assert plan["tensors"]["0.weight"] == {"kind": "parameter", "shape": [5, 3, 3, 3], "dtype": "float32"}
     assert plan["tensors"]["1.num_batches_tracked"]["dtype"] == "int64"
-    assert plan["modules"]["0"] == {"class": "Conv2d", "attrs": {"in_channels": 3, "out_channels": 5, "groups": 1}}
+    conv = plan["modules"]["0"]
+    assert (conv["class"], conv["attrs"]) == ("Conv2d", {"in_channels": 3, "out_channels": 5, "groups": 1})
+    # plain attributes travel too (torch_pruning's state dicts carry them); tuples stay tuples
+    assert conv["extras"]["padding"] == {"__tuple__": [1, 1]} and conv["extras"]["padding_mode"] == "zeros"
     assert plan["modules"]["5"]["attrs"] == {"in_features": 64, "out_features": 5}
     assert plan["modules"][""]["class"] == "Sequential"
 

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .adapters import sync_attributes
+from .layers.axes import swap_data
 
 FORMAT_NAME = "structprune.pruned"
 FORMAT_VERSION = 1
@@ -65,6 +66,7 @@ RECORDED_ATTRIBUTES: tuple[str, ...] = (
 
 _KINDS = ("parameter", "buffer")
 _MISSING = object()
+_TUPLE_TAG = "__tuple__"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -176,9 +178,47 @@ def _tensor_entries(model: nn.Module) -> dict[str, dict]:
 
 def _module_entries(model: nn.Module) -> dict[str, dict]:
     return {
-        name: {"class": type(module).__name__, "attrs": _recorded_attrs(module)}
+        name: {"class": type(module).__name__, "attrs": _recorded_attrs(module), "extras": _plain_attrs(module)}
         for name, module in model.named_modules(remove_duplicate=False)
     }
+
+
+def _plain_attrs(module: nn.Module) -> dict[str, Any]:
+    """Every other public plain attribute (``model.customized_value = 8``, a layer's ``eps``), as torch_pruning's
+    state dicts carry them; values that JSON cannot hold (configs, callables, tensors) are left out."""
+    extras = {}
+    for name, value in vars(module).items():
+        if name.startswith("_") or name == "training" or name in RECORDED_ATTRIBUTES:
+            continue
+        encoded = _encode_plain(value)
+        if encoded is not _MISSING:
+            extras[name] = encoded
+    return extras
+
+
+def _encode_plain(value: Any) -> Any:
+    """JSON form of a plain value; tuples are tagged so they come back as tuples. _MISSING if not plain."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value if type(value) in (bool, int, float, str, type(None)) else _MISSING
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        items = [_encode_plain(item) for item in value]
+        if any(item is _MISSING for item in items):
+            return _MISSING
+        return {_TUPLE_TAG: items} if isinstance(value, tuple) else items
+    if type(value) is dict and all(isinstance(key, str) for key in value) and _TUPLE_TAG not in value:
+        items = {key: _encode_plain(item) for key, item in value.items()}
+        return _MISSING if any(item is _MISSING for item in items.values()) else items
+    return _MISSING
+
+
+def _decode_plain(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode_plain(item) for item in value]
+    if isinstance(value, dict):
+        if set(value) == {_TUPLE_TAG}:
+            return tuple(_decode_plain(item) for item in value[_TUPLE_TAG])
+        return {key: _decode_plain(item) for key, item in value.items()}
+    return value
 
 
 def _recorded_attrs(module: nn.Module) -> dict[str, int | list[int]]:
@@ -290,6 +330,8 @@ def _check_module_entry(name: str, entry: Any) -> None:
     attrs = entry.get("attrs")
     if not isinstance(attrs, dict) or not all(_is_size_value(v) for v in attrs.values()):
         raise ValueError(f"corrupted plan: module '{name}' has invalid attrs {attrs!r}")
+    if not isinstance(entry.get("extras", {}), dict):
+        raise ValueError(f"corrupted plan: module '{name}' has invalid extras {entry.get('extras')!r}")
 
 
 def _check_weights_match_plan(plan: dict, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -383,6 +425,7 @@ def _apply_plan(model: nn.Module, plan: dict, tensors: dict[str, torch.Tensor]) 
         _set_attrs(model, plan)
         sync_attributes(model)
         _refresh_rnns(model)
+        _set_extras(model, plan)
     except BaseException:
         _restore(snapshot)
         # Recompute adapter attributes from the restored shapes; the original error is what matters.
@@ -402,7 +445,7 @@ def _load_tensors(model: nn.Module, plan: dict, tensors: dict[str, torch.Tensor]
         if isinstance(current, nn.Parameter):
             if current.grad is not None and current.grad.shape != value.shape:
                 current.grad = None  # a gradient of the old shape would break the next optimizer step
-            current.data = value  # same Parameter object: optimizers and tied modules keep holding it
+            swap_data(current, value)  # same Parameter object: optimizers and tied modules keep holding it
         else:
             owner_path, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner_path), attr, value)
@@ -419,6 +462,19 @@ def _set_attrs(model: nn.Module, plan: dict) -> None:
                 continue  # only reachable with strict=False
             current = vars(module)[attr]
             setattr(module, attr, _like(current, value))
+
+
+def _set_extras(model: nn.Module, plan: dict) -> None:
+    """Plain attributes last, written to ``__dict__`` (nothing can fail after the tensors are in)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for path, entry in plan["modules"].items():
+        module = modules.get(path)
+        if module is None:
+            continue
+        for attr, value in entry.get("extras", {}).items():
+            if attr in module._parameters or attr in module._buffers or attr in module._modules:
+                continue
+            module.__dict__[attr] = _decode_plain(value)
 
 
 def _like(current: Any, value: int | list[int]) -> Any:
@@ -454,7 +510,7 @@ def _restore(saved: list[tuple]) -> None:
     for record in saved:
         if record[0] == "parameter":
             _, param, data, grad = record
-            param.data = data
+            swap_data(param, data)
             param.grad = grad
         elif record[0] == "buffer":
             _, owner, attr, tensor = record

@@ -27,7 +27,7 @@ def test_bn_scale_adds_reg_times_sign_of_gamma_to_batchnorm_only():
 
 def test_group_norm_pruner_applies_group_lasso_over_coupled_weights():
     model, x, before = prepared()
-    pruner = tp.pruner.GroupNormPruner(model, x, magnitude, reg=0.5)
+    pruner = tp.pruner.GroupNormPruner(model, x, magnitude, reg=0.5, alpha=0)
     pruner.regularize(model)
     # channel c of conv1's group: conv1.weight[c], bn1.weight[c] and conv2.weight[:, c]
     w1, g1, w2 = model.conv1.weight.detach(), model.bn1.weight.detach(), model.conv2.weight.detach()
@@ -35,6 +35,55 @@ def test_group_norm_pruner_applies_group_lasso_over_coupled_weights():
     torch.testing.assert_close(model.bn1.weight.grad, before["bn1.weight"] + 0.5 * g1 / norm)
     torch.testing.assert_close(model.conv1.weight.grad, before["conv1.weight"] + 0.5 * w1 / norm.view(-1, 1, 1, 1))
     assert torch.equal(model.conv1.bias.grad, before["conv1.bias"])  # bias only with bias=True
+
+
+def _conv1_group_norm(model):
+    w1, g1, w2 = model.conv1.weight.detach(), model.bn1.weight.detach(), model.conv2.weight.detach()
+    return (w1.pow(2).sum((1, 2, 3)) + g1.pow(2) + w2.pow(2).sum((0, 2, 3))).sqrt()
+
+
+def test_group_norm_pruner_pushes_weaker_channels_harder_by_alpha():
+    model, x, before = prepared()
+    pruner = tp.pruner.GroupNormPruner(model, x, magnitude, reg=0.5)  # alpha=4: up to 2**4 = 16x
+    pruner.regularize(model)
+    norm = _conv1_group_norm(model)
+    gamma = 16.0 ** ((norm.max() - norm) / (norm.max() - norm.min()))
+    g1 = model.bn1.weight.detach()
+    torch.testing.assert_close(model.bn1.weight.grad, before["bn1.weight"] + 0.5 * gamma * g1 / norm)
+    assert float(gamma.min()) == 1.0 and abs(float(gamma.max()) - 16.0) < 1e-4
+
+
+def test_group_norm_pruner_accepts_torch_pruning_call_forms():
+    model, x, before = prepared()
+    pruner = tp.pruner.GroupNormPruner(model, x, magnitude, reg=0.5)
+    pruner.regularize(model, alpha=2.0)  # torch_pruning: the base of the strength
+    norm = _conv1_group_norm(model)
+    gamma = 2.0 ** ((norm.max() - norm) / (norm.max() - norm.min()))
+    g1 = model.bn1.weight.detach()
+    torch.testing.assert_close(model.bn1.weight.grad, before["bn1.weight"] + 0.5 * gamma * g1 / norm)
+    # BasePruner's form regularize(model, loss): the loss is not an alpha
+    model.zero_grad()
+    model(x).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    pruner.regularize(model, model(x).sum())
+    gamma = 16.0 ** ((norm.max() - norm) / (norm.max() - norm.min()))
+    torch.testing.assert_close(model.bn1.weight.grad, grads["bn1.weight"] + 0.5 * gamma * g1 / norm)
+
+
+def test_regularize_with_a_loss_argument_is_not_taken_for_bias_or_reg():
+    model, x, before = prepared()
+    pruner = tp.pruner.BNScalePruner(model, x, magnitude, reg=0.1)
+    pruner.regularize(model, model(x).sum())
+    torch.testing.assert_close(model.bn1.weight.grad, before["bn1.weight"] + 0.1 * torch.sign(model.bn1.weight.detach()))
+    model, x, before = prepared()
+    greg = tp.pruner.GrowingRegPruner(model, x, magnitude, reg=0.1)
+    greg.regularize(model, model(x).sum())  # a truthy loss must not switch bias regularization on
+    assert torch.equal(model.conv1.bias.grad, before["conv1.bias"])
+    torch.testing.assert_close(model.conv1.weight.grad, before["conv1.weight"] + 0.1 * model.conv1.weight.detach())
+    base = tp.pruner.BasePruner(model, x, magnitude)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    base.regularize(model, model(x).sum())  # plain pruning adds nothing
+    assert all(torch.equal(p.grad, grads[name]) for name, p in model.named_parameters())
 
 
 def test_sparse_training_then_step_prunes_and_refreshes():

@@ -34,15 +34,17 @@ def test_torchvision_reference_figures(name, gmacs, mparams):
 
 def test_vit_attention_counted_per_block():
     model = torchvision.models.vit_b_16()
-    _, _, per_module = count_ops_and_params(model, torch.randn(1, 3, 224, 224), layer_wise=True)
+    macs, _, layer_macs, _ = count_ops_and_params(model, torch.randn(1, 3, 224, 224), layer_wise=True)
     tokens, width = 197, 768
     # q, k, v and output projections + QK^T + attn @ V
     expected = 4 * tokens * width * width + 2 * tokens * tokens * width
-    assert per_module["encoder.layers.encoder_layer_0.self_attention"] == expected
+    attention = model.encoder.layers.encoder_layer_0.self_attention
+    assert layer_macs[attention] == expected
     patch_embed = 14 * 14 * width * 3 * 16 * 16
-    assert per_module["conv_proj"] == patch_embed
+    assert layer_macs[model.conv_proj] == patch_embed
     # out_proj lives inside the counted attention module and isn't counted twice.
-    assert not any(key.endswith("out_proj") for key in per_module)
+    assert layer_macs[attention.out_proj] == 0
+    assert layer_macs[model] == macs
 
 
 # --------------------------------------------------------------------------- #
@@ -162,10 +164,11 @@ class ManualAttention(nn.Module):
 
 def test_functional_matmuls_are_counted_and_attributed():
     model = nn.Sequential(ManualAttention(8))
-    macs, _, per_module = count_ops_and_params(model, torch.randn(2, 4, 8), layer_wise=True)
+    macs, _, layer_macs, _ = count_ops_and_params(model, torch.randn(2, 4, 8), layer_wise=True)
     qkv = 2 * 4 * 24 * 8
     attention = 2 * (2 * 4 * 4 * 8)  # QK^T and scores @ V
-    assert per_module == {"0.qkv": qkv, "0": attention}
+    # per module, submodules included: the matmuls belong to the attention block, not to its qkv
+    assert layer_macs == {model: qkv + attention, model[0]: qkv + attention, model[0].qkv: qkv}
     assert macs == qkv + attention
 
 
@@ -201,11 +204,15 @@ def test_matmul_inside_counted_module_not_double_counted():
 
 def test_layer_wise_resnet18_sums_to_total():
     model = torchvision.models.resnet18()
-    macs, params, per_module = count_ops_and_params(model, torch.randn(1, 3, 64, 64), layer_wise=True)
-    assert sum(per_module.values()) == macs
-    assert per_module["conv1"] == 64 * 32 * 32 * 3 * 49
-    assert per_module["fc"] == 512 * 1000
-    assert params == count_params(model) == 11_689_512
+    macs, params, layer_macs, layer_params = count_ops_and_params(model, torch.randn(1, 3, 64, 64), layer_wise=True)
+    assert set(layer_macs) == set(layer_params) == set(model.modules())
+    assert layer_macs[model] == macs
+    assert sum(layer_macs[child] for child in model.children()) == macs
+    assert layer_macs[model.conv1] == 64 * 32 * 32 * 3 * 49
+    assert layer_macs[model.fc] == 512 * 1000
+    assert layer_macs[model.layer1] == sum(layer_macs[block] for block in model.layer1)
+    assert layer_params[model.fc] == 512 * 1000 + 1000
+    assert layer_params[model] == params == count_params(model) == 11_689_512
 
 
 class SharedLayer(nn.Module):

@@ -51,7 +51,7 @@ def test_snapshot_object_can_be_passed_explicitly_and_quiet(capsys):
     snapshot = before_pruning(net)
     assert snapshot.shapes["conv1"] == {"weight": (16, 3, 3, 3), "bias": (16,)}
     net.fc = nn.Linear(8, 5)
-    report = after_pruning(net, snapshot, verbose=False)
+    report = after_pruning(net, do_print=False, snapshot=snapshot)
     assert report.splitlines()[0] == "fc: (10, 8) -> (5, 8), bias: (10,) -> (5,)"
     assert capsys.readouterr().out == ""
 
@@ -61,7 +61,7 @@ def test_added_and_removed_modules():
     snapshot = take_snapshot(net)
     del net.fc
     net.head = nn.Linear(8, 2, bias=False)
-    lines = after_pruning(net, snapshot, verbose=False).splitlines()
+    lines = after_pruning(net, do_print=False, snapshot=snapshot).splitlines()
     assert "head: - -> (2, 8)" in lines
     assert "fc: (10, 8) -> -, bias: (10,) -> -" in lines
 
@@ -69,9 +69,9 @@ def test_added_and_removed_modules():
 def test_no_change_and_missing_snapshot():
     net = Net()
     before_pruning(net)
-    assert after_pruning(net, verbose=False).startswith("No parameter shape changed.")
+    assert after_pruning(net, do_print=False).startswith("No parameter shape changed.")
     with pytest.raises(RuntimeError):
-        after_pruning(Net(), verbose=False)
+        after_pruning(Net(), do_print=False)
 
 
 def test_snapshot_does_not_leak_into_state_dict():

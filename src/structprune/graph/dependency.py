@@ -126,16 +126,19 @@ class DependencyGraph(GroupFinder):
         model.eval()  # tracing must not move BatchNorm running statistics
 
         def forward():
-            if forward_fn is not None:
-                return forward_fn(model, example_inputs)
-            return call_model(model, example_inputs)
+            output = forward_fn(model, example_inputs) if forward_fn is not None else call_model(model, example_inputs)
+            if output_transform is None:
+                return output, None, None
+            # inside the trace, so the transform's ops (a .sum(), a cat of two heads) join the graph
+            boundary = tracer.next_order()
+            return output, output_transform(output), boundary
 
         # frozen layers must still be traced: their outputs need a grad_fn to be told apart from constants
         frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
         for param in frozen:
             param.requires_grad_(True)
         try:
-            output = tracer.run(model, forward)
+            output, transformed, boundary = tracer.run(model, forward)
         except Exception as error:
             raise RuntimeError(
                 f"{type(model).__name__} does not run on the given example_inputs ({_describe_inputs(example_inputs)}): "
@@ -146,17 +149,17 @@ class DependencyGraph(GroupFinder):
             for param in frozen:
                 param.requires_grad_(False)
             model.train(was_training)
-        if output_transform is not None:
-            output = output_transform(output)
-        leaves = [tensor for _, tensor in _flatten(output, []) if isinstance(tensor, torch.Tensor)]
+        leaves = [tensor for _, tensor in _flatten(output if transformed is None else transformed, [])
+                  if isinstance(tensor, torch.Tensor)]
         roots = [tensor for tensor in leaves if tensor.grad_fn is not None]
         if not roots:
             raise RuntimeError(
                 f"no parameter of {type(model).__name__} reaches its outputs ({len(leaves)} tensor outputs, "
                 f"none with a grad_fn): check requires_grad on the parameters and that the forward uses them"
             )
-        self._output_keys = {(t.grad_fn, t.output_nr) for t in roots}
-        self._collect(tracer, list(self._output_keys))
+        root_keys = {(t.grad_fn, t.output_nr) for t in roots}
+        self._output_keys = root_keys if transformed is None else _kept_outputs(tracer, output, root_keys, boundary)
+        self._collect(tracer, list(root_keys))
         self._compact()
 
     def _compact(self):
@@ -497,6 +500,24 @@ class DependencyGraph(GroupFinder):
         if isinstance(module, nn.Parameter):
             return self._param_names.get(module, "parameter")
         return self.module2name.get(module, type(module).__name__)
+
+
+def _kept_outputs(tracer: Tracer, output, transformed_keys: set, boundary: int) -> set:
+    """Model outputs that ``output_transform`` keeps: those it returns or reads with an op.
+
+    torch_pruning's transforms often end in a reduction (``out.logits.sum()``): the logits are still
+    what the model outputs, so they keep their shape as they would with ``lambda out: out.logits``;
+    outputs the transform never touches (``last_hidden_state`` beside ``pooler_output``) are internal.
+    """
+    raw = {(t.grad_fn, t.output_nr) for _, t in _flatten(output, [])
+           if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    read = {key for call in tracer.calls_after(boundary) for key in call.inputs if key in raw}
+    return (raw & transformed_keys) | read | (transformed_keys - _all_call_outputs(tracer, boundary))
+
+
+def _all_call_outputs(tracer: Tracer, boundary: int) -> set:
+    """Values the transform computed itself (a scalar sum is no model output)."""
+    return {key for call in tracer.calls_after(boundary) for key in call.outputs}
 
 
 def _describe_inputs(inputs) -> str:

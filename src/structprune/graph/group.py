@@ -86,10 +86,23 @@ def _fn_name(fn) -> str:
     return f"{type(owner).__name__}.{base}" if owner is not None else base
 
 
-class GroupItem(NamedTuple):
+class _DepAndIdxs(NamedTuple):
     dep: Dependency
     idxs: list
-    root_idxs: list
+
+
+class GroupItem(_DepAndIdxs):
+    """One coupled layer of a group: unpacks as ``dep, idxs`` (torch_pruning's protocol) and also
+    carries ``root_idxs``, the root channel each index comes from."""
+
+    def __new__(cls, dep: Dependency, idxs: list, root_idxs: list | None = None):
+        item = super().__new__(cls, dep, idxs)
+        item.root_idxs = idxs if root_idxs is None else root_idxs
+        return item
+
+    def __getnewargs__(self):
+        # copy/pickle rebuild through __new__; the two-field default would drop root_idxs
+        return self.dep, self.idxs, self.root_idxs
 
     def __repr__(self):
         return f"({self.dep}, {self.idxs})"
@@ -103,6 +116,8 @@ class Group:
         self._tensors: list = []
         self._DG = graph
         self.blocked: list[str] = []
+        #: {layer: heads removed} when the pruner planned this group as whole attention heads
+        self.heads_removed: dict = {}
 
     def add_dep(self, dep: Dependency, idxs, root_idxs=None):
         tensors = None
@@ -124,6 +139,10 @@ class Group:
         return self._tensors[k]
 
     add_and_merge = add_dep
+
+    def exec(self) -> None:
+        """torch_pruning's older name for :meth:`prune`."""
+        self.prune()
 
     def __getitem__(self, k) -> GroupItem:
         return self._group[k]

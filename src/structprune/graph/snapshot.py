@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..layers.axes import swap_data
+
 
 class Snapshot:
     """Everything a pruning function may change on the given modules, to restore on failure."""
@@ -28,7 +30,7 @@ class Snapshot:
     def restore(self):
         for kind, target, data, grad in self.entries:
             if kind == "param":
-                target.data = data
+                swap_data(target, data)
                 target.grad = grad
             elif kind == "buffers":
                 target._buffers.clear()

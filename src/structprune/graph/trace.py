@@ -225,6 +225,10 @@ class Tracer:
                 handle.remove()
         return output
 
+    def calls_after(self, order: int) -> list[Call]:
+        """Recorded function calls made after position ``order`` of the forward."""
+        return [call for call in self.function_by_output.values() if call.order > order]
+
     def next_order(self) -> int:
         self._order += 1
         return self._order

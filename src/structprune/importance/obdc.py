@@ -115,6 +115,24 @@ class OBDCImportance(ElementwiseImportance):
 
     reset = zero_grad
 
+    # -- torch_pruning's spelling of the same steps -----------------------------------------------------
+    def _prepare_model(self, model: nn.Module, pruner=None) -> None:
+        """``register(model)``; ``pruner`` is accepted for torch_pruning's call form."""
+        self.register(model)
+
+    def step(self) -> None:
+        """torch_pruning calls this after each backward; here the hooks already folded that backward's
+        statistics in, so it only checks that hooks are attached (statistics would silently be missing)."""
+        if not self._hooks:
+            raise RuntimeError("OBDCImportance.step(): no hooks are attached; call register(model) (torch_pruning: "
+                               "_prepare_model(model, pruner)) before the forward/backward passes")
+
+    def _rm_hooks(self, model: nn.Module | None = None) -> None:
+        self.remove_hooks()
+
+    def _clear_buffer(self) -> None:
+        self.zero_grad()
+
     def sample_loss(self, logits: torch.Tensor) -> torch.Tensor:
         """Cross-entropy summed over samples, against labels drawn from ``softmax(logits)``.
 

@@ -57,6 +57,20 @@ def set_tensor(layer: nn.Module, name: str, value: torch.Tensor) -> None:
     owner, attr = _resolve(layer, name)
     current = getattr(owner, attr)
     if isinstance(current, nn.Parameter):
-        current.data = value
+        swap_data(current, value)
     else:
         setattr(owner, attr, value)
+
+
+def swap_data(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param.data = value`` for a new shape, keeping the Parameter object (optimizers hold it).
+
+    A graph kept alive after ``backward()`` (a ``loss`` still in scope) holds the parameter's gradient
+    accumulator, which remembers the old shape; autograd reuses it on the next forward and rejects the
+    new-shaped gradient. Assigning data of another dtype makes PyTorch drop that cached accumulator
+    (``set_data`` resets it on a type change, not on a shape change), so a fresh one is made.
+    """
+    if tuple(param.shape) != tuple(value.shape):
+        other = torch.float64 if value.dtype != torch.float64 else torch.float32
+        param.data = torch.empty(0, dtype=other, device=value.device)
+    param.data = value

@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .axes import Axis, set_tensor
+from .axes import Axis, set_tensor, swap_data
+from .slicing_log import record_slice
 
 # (tensor id, dim) already sliced while one group is applied: tied weights (an embedding shared with the
 # output head) are reached through two layers but must be cut once
@@ -87,7 +88,9 @@ class BasePruningFunc:
         return self.out_axes(layer) if self.is_coupled(layer) else []
 
     def is_coupled(self, layer: nn.Module) -> bool:
-        return self.coupled
+        # a custom pruner written torch_pruning's way says "inputs are the outputs" by aliasing the two
+        # methods (prune_in_channels = prune_out_channels), as for a norm or a per-channel scale
+        return self.coupled or type(self).prune_in_channels is type(self).prune_out_channels
 
     def update_attrs(self, layer: nn.Module) -> None:
         """Make attributes such as ``out_channels`` agree with the new parameter shapes."""
@@ -100,7 +103,11 @@ class BasePruningFunc:
         structure (grouped convs losing channels unevenly). Called before anything changes."""
 
     # -- torch_pruning-compatible helpers ----------------------------------------------------------
-    def __call__(self, layer: nn.Module, idxs: Sequence[int], to_output: bool = True, inplace: bool = True):
+    def __call__(self, layer: nn.Module, idxs: Sequence[int], to_output: bool = True, inplace: bool = True,
+                 dry_run: bool = False):
+        if dry_run:
+            self.check(layer, idxs, to_output)
+            return layer
         if not inplace:
             import copy
 
@@ -108,6 +115,20 @@ class BasePruningFunc:
         if to_output:
             return self.prune_out_channels(layer, idxs)
         return self.prune_in_channels(layer, idxs)
+
+    def _prune_parameter_and_grad(self, weight: nn.Parameter, keep_idxs, pruning_dim: int) -> nn.Parameter:
+        """Keep ``keep_idxs`` of ``weight`` (and its gradient) along ``pruning_dim``, for custom pruners.
+
+        Returns the same Parameter object, sliced in place, so optimizers keep holding it; assigning the
+        result back (``layer.scale = self._prune_parameter_and_grad(...)``) is harmless.
+        """
+        keep = as_index_tensor(keep_idxs).to(weight.device)
+        grad = weight.grad
+        record_slice(weight, pruning_dim, keep, weight.shape)
+        swap_data(weight, torch.index_select(weight.data, pruning_dim, keep).contiguous())
+        if grad is not None:
+            weight.grad = torch.index_select(grad, pruning_dim, keep).contiguous()
+        return weight
 
     def check(self, layer: nn.Module, idxs: Sequence[int], to_output: bool) -> None:
         idxs = as_index_tensor(idxs)
@@ -137,6 +158,8 @@ class BasePruningFunc:
             positions = axis.positions(idxs, tensor)
             keep = _complement(positions, tensor.shape[axis.dim], tensor.device)
             grad = tensor.grad if isinstance(tensor, nn.Parameter) else None
+            if isinstance(tensor, nn.Parameter):
+                record_slice(tensor, axis.dim, keep, tensor.shape)
             set_tensor(layer, axis.name, _like_layout(torch.index_select(tensor.data, axis.dim, keep), tensor))
             if grad is not None:
                 axis.tensor(layer).grad = _like_layout(torch.index_select(grad, axis.dim, keep), grad)

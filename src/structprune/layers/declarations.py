@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .axes import Axis
+from .axes import Axis, swap_data
+from .slicing_log import record_slice
 from .base import BasePruningFunc, as_index_tensor
 
 
@@ -461,7 +462,8 @@ class ParameterPruner(BasePruningFunc):
         validate_idxs(tensor, idxs, tensor.shape[self.pruning_dim], "output", name="parameter")
         keep = _complement(idxs, tensor.shape[self.pruning_dim], tensor.device)
         grad = tensor.grad
-        tensor.data = tensor.data.index_select(self.pruning_dim, keep).contiguous()
+        record_slice(tensor, self.pruning_dim, keep, tensor.shape)
+        swap_data(tensor, tensor.data.index_select(self.pruning_dim, keep).contiguous())
         if grad is not None:
             tensor.grad = grad.index_select(self.pruning_dim, keep).contiguous()
         return tensor

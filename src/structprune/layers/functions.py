@@ -1,8 +1,12 @@
 """Low-level pruning functions under the names torch_pruning users know."""
 from __future__ import annotations
 
-from .declarations import (
-    _BN, _CONV, _CONV1D, _CONV_T, _EMBED, _GN, _LINEAR, _LN, _LSTM, _MHA, _PRELU, ActivationPruner, ParameterPruner,
+from .base import BasePruningFunc  # noqa: F401  (tp.pruner.function.BasePruningFunc: custom layers subclass it)
+from .declarations import (  # noqa: F401  (the pruner classes under their torch_pruning names)
+    _BN, _CONV, _CONV1D, _CONV_T, _EMBED, _GN, _LINEAR, _LN, _LSTM, _MHA, _PRELU, ActivationPruner, BatchnormPruner,
+    Conv1DPruner, ConvPruner, ConvTransposePruner, DepthwiseConvPruner, EmbeddingPruner, GroupNormPruner,
+    InstanceNormPruner, LayernormPruner, LinearPruner, LSTMPruner, MultiheadAttentionPruner, ParameterPruner,
+    PReLUPruner,
 )
 
 prune_conv_out_channels = _CONV.prune_out_channels

@@ -1,5 +1,6 @@
 """Pruners: BasePruner (MetaPruner), MagnitudePruner and the sparse-training pruners."""
 from ..layers import functions as function  # torch_pruning users write tp.pruner.function.prune_conv_out_channels
+from ..layers.base import BasePruningFunc
 from .base import BasePruner, MetaPruner
 from .growing_reg import GrowingRegPruner
 from .schedulers import linear_scheduler

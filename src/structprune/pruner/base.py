@@ -158,8 +158,9 @@ class BasePruner(HeadPlanner):
     def update_regularizer(self) -> None:
         """No regularizer here; GrowingRegPruner and friends rebuild theirs after a step."""
 
-    def regularize(self, model: nn.Module, *args, **kwargs) -> None:
-        """No-op: plain pruning adds nothing to the gradients."""
+    def regularize(self, model: nn.Module = None, loss: torch.Tensor | None = None) -> None:
+        """Plain pruning adds nothing to the gradients (torch_pruning's ``regularize(model, loss)``); the
+        sparse-training pruners (GrowingRegPruner, GroupNormPruner, BNScalePruner) override it."""
 
     # -- groups ----------------------------------------------------------------------------------------
     def _groups(self) -> list[Group]:
@@ -273,7 +274,11 @@ class BasePruner(HeadPlanner):
     def _interactive(self, plan, optimizer) -> Iterator[Group]:
         sizes = self._sizes()
         for group in plan:
+            root = group[0].dep.target
+            width = self.DG._safe_channels(root, self.DG._side_of(group[0]))
             yield group
+            if width is not None and self.DG._safe_channels(root, self.DG._side_of(group[0])) < width:
+                self._count_removed_heads(group)  # the caller pruned it
         self._warn_heads_refused()
         self._after_step(sizes)
 
@@ -289,6 +294,7 @@ class BasePruner(HeadPlanner):
         """Prune now; return the optimizer-state slicing to apply once the whole step is kept."""
         plan = plan_optimizer_state(optimizer, group) if optimizer is not None else []
         group.prune()
+        self._count_removed_heads(group)
         return plan
 
     def _after_step(self, sizes: tuple | None = None) -> None:
@@ -439,6 +445,10 @@ class BasePruner(HeadPlanner):
                 yield chosen
 
     # -- manual and history --------------------------------------------------------------------------
+    def manual_prune(self, layer: nn.Module, pruning_fn, pruning_ratios_or_idxs) -> None:
+        """torch_pruning's name for :meth:`manual_prune_width`."""
+        self.manual_prune_width(layer, pruning_fn, pruning_ratios_or_idxs)
+
     def manual_prune_width(self, layer: nn.Module, pruning_fn, ratio_or_idxs) -> None:
         """Prune a layer's group by a ratio (lowest importance first) or by explicit indices."""
         if isinstance(ratio_or_idxs, float):
@@ -473,9 +483,11 @@ class _PrunerCheckpoint:
         self.alive = dict(pruner.DG._alive)
         self.position_maps = dict(pruner.DG._position_maps)
         self.history = len(pruner.DG._history)
+        self.num_heads = dict(pruner.num_heads)
 
     def restore(self) -> None:
         self.snapshot.restore()
+        self.pruner.num_heads = dict(self.num_heads)
         graph = self.pruner.DG
         graph._alive = dict(self.alive)
         graph._position_maps = dict(self.position_maps)
@@ -509,6 +521,12 @@ def _root_key(group: Group) -> tuple:
 
 def _signature(group: Group) -> tuple:
     return tuple((type(item.dep.target.module).__name__, item.dep.handler.__name__) for item in group)
+
+
+def is_loss(value) -> bool:
+    """A tensor where a pruner's ``regularize`` takes a flag or a strength: torch_pruning's BasePruner call
+    form ``regularize(model, loss)``, which our penalties (acting on gradients) do not need."""
+    return isinstance(value, torch.Tensor)
 
 
 def _check_ratio(name: str, ratio) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import BasePruner
+from .base import BasePruner, is_loss
 from .regularizer import DEFAULT_REG_TYPES, RegularizerEngine
 
 
@@ -150,8 +150,11 @@ class GrowingRegPruner(BasePruner):
         return float(torch.cat(kept).mean() / torch.cat(removed).mean().clamp(min=1e-12))
 
     def regularize(self, model: nn.Module = None, bias: bool = False) -> None:
-        """grad += gamma * weight for every regularized channel; call after backward(), before optimizer.step()."""
-        self._engine.apply(bias)
+        """grad += gamma * weight for every regularized channel; call after backward(), before optimizer.step().
+
+        ``regularize(model, loss)`` (BasePruner's torch_pruning call form) is accepted: the loss is not needed.
+        """
+        self._engine.apply(False if is_loss(bias) else bool(bias))
 
     # -- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

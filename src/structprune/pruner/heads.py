@@ -85,11 +85,30 @@ class HeadPlanner:
                 tried += 1
                 candidate = self.DG.get_pruning_group(root, group[0].dep.handler, idxs.tolist())
                 if self._accepts(candidate, idxs):
+                    candidate.heads_removed = self._heads_removed(candidate)
                     yield candidate
                     break
             else:
                 if tried:
                     self._heads_refused.append((root, group[0].dep.handler, total, heads, head_dim))
+
+    def _heads_removed(self, group: Group) -> dict:
+        """{layer in ``num_heads``: heads this whole-head group removes from it}: the group removes the same
+        fraction of each coupled projection's heads (key/value heads go with the query heads they serve)."""
+        removed = {}
+        for item in group:
+            module = item.dep.target.module
+            if module in self.num_heads and is_out_channel_pruning_fn(item.dep.handler):
+                width = self.DG.get_out_channels(module)
+                removed[module] = round(self.num_heads[module] * len(item.idxs) / width) if width else 0
+        return removed
+
+    def _count_removed_heads(self, group: Group) -> None:
+        """Keep ``num_heads`` current once a whole-head group was pruned, as torch_pruning does: user code
+        reads ``pruner.num_heads[layer]`` to fix its attention attributes, and later steps derive head_dim
+        from it."""
+        for module, count in group.heads_removed.items():
+            self.num_heads[module] = self.num_heads[module] - count
 
     def _head_candidates(self) -> Iterator[tuple]:
         """(group, root, width, head_dim) of every group blocked for channels whose root has heads.

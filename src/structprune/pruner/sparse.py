@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import BasePruner
+from .base import BasePruner, is_loss
 from .regularizer import RegularizerEngine
 
 
@@ -29,6 +29,9 @@ class BNScalePruner(BasePruner):
         self._engine.scatter([torch.full((n,), float(self.reg)) for n in self._sizes])
 
     def regularize(self, model: nn.Module = None, reg: float | None = None, bias: bool = False) -> None:
+        """``reg * sign(gamma)`` on BatchNorm weight gradients; ``regularize(model, loss)`` (BasePruner's
+        torch_pruning call form) is accepted: the penalty acts on gradients and needs no loss."""
+        reg = None if is_loss(reg) else reg
         if reg is not None and reg != self.reg:
             self.reg = reg
             self._engine.scatter([torch.full((n,), float(reg)) for n in self._sizes])
@@ -39,12 +42,20 @@ class BNScalePruner(BasePruner):
 
 
 class GroupNormPruner(BasePruner):
-    """Group-lasso sparse training (DepGraph): every channel's gradient gets ``reg * w / ||group channel||``,
-    the norm taken over all coupled parameters of its group, so whole coupled channels shrink together."""
+    """Group-lasso sparse training (DepGraph): every channel's gradient gets ``reg * gamma * w / ||group
+    channel||``, the norm taken over all coupled parameters of its group, so whole coupled channels shrink
+    together. ``gamma = 2 ** (alpha * s)`` with ``s = (max - norm) / (max - min)`` of the group's channel
+    norms (Fang et al., DepGraph, CVPR 2023): weaker channels are pushed harder; ``alpha=0`` is plain
+    group lasso.
+    """
 
-    def __init__(self, model: nn.Module, example_inputs, importance, reg: float = 1e-4, *args, **kwargs):
+    def __init__(self, model: nn.Module, example_inputs, importance, reg: float = 1e-4, alpha: float = 4,
+                 *args, **kwargs):
         super().__init__(model, example_inputs, importance, *args, **kwargs)
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.reg = reg
+        self.alpha = alpha
         self._engine = RegularizerEngine()
         self.update_regularizer()
 
@@ -53,15 +64,26 @@ class GroupNormPruner(BasePruner):
         self._engine.compile(self._reg_groups)
         self._sizes = [len(group[0].idxs) for group in self._reg_groups]
 
-    def regularize(self, model: nn.Module = None, reg: float | None = None, bias: bool = False) -> None:
-        _group_lasso(self._engine, self._sizes, self.reg if reg is None else reg, bias)
+    def regularize(self, model: nn.Module = None, alpha: float | None = None, bias: bool = False,
+                   reg: float | None = None) -> None:
+        """``alpha`` here is the base of the strength, torch_pruning's call form ``regularize(model,
+        alpha=2**4)``: ``gamma = alpha ** s``; by default ``2 ** self.alpha``. ``regularize(model, loss)``
+        (BasePruner's call form) is accepted too: the penalty needs no loss."""
+        base = 2.0 ** self.alpha if alpha is None or is_loss(alpha) else float(alpha)
+        _group_lasso(self._engine, self._sizes, self.reg if reg is None else reg, bias, base)
 
 
-def _group_lasso(engine: RegularizerEngine, sizes: list[int], reg: float, bias: bool) -> None:
-    """The gradient of reg * sum ||channel||_2 is reg * w / ||channel|| on every coupled weight."""
+def _group_lasso(engine: RegularizerEngine, sizes: list[int], reg: float, bias: bool, base: float = 1.0) -> None:
+    """The gradient of reg * sum gamma ||channel||_2 is reg * gamma * w / ||channel|| on every coupled weight."""
     if not sizes:
         return
     norms = engine.root_norms(sum(sizes), bias=bias)
-    values = (reg / (norms + 1e-12)).split(sizes)
-    engine.scatter(list(values))
+    values = []
+    for group_norms in norms.split(sizes):
+        strength = reg / (group_norms + 1e-12)
+        if base != 1.0 and len(group_norms) > 1:
+            spread = group_norms.max() - group_norms.min()
+            strength = strength * base ** ((group_norms.max() - group_norms) / (spread + 1e-12))
+        values.append(strength)
+    engine.scatter(values)
     engine.apply(bias=bias)

@@ -502,7 +502,7 @@ def count_ops_and_params(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[Any] | Mapping[str, Any],
     layer_wise: bool = False,
-) -> tuple[int, int] | tuple[int, int, dict[str, int]]:
+) -> tuple[int, int] | tuple[int, int, dict[nn.Module, int], dict[nn.Module, int]]:
     """Count the MACs of one forward pass on ``example_inputs`` and the parameters.
 
     ``example_inputs`` is a tensor (single argument), a tuple/list (positional
@@ -511,11 +511,12 @@ def count_ops_and_params(
     training flags of all modules are restored and every hook is removed
     afterwards, also when the forward raises.
 
-    Returns ``(macs, params)``, or ``(macs, params, per_module)`` when
-    ``layer_wise`` is true, where ``per_module`` maps module paths (``""`` is
-    the root) to the MACs executed by that module itself: the whole count of
-    a counted module, or the functional matmuls run directly in its forward.
-    Its values sum to ``macs``. See the module docstring for the conventions.
+    Returns ``(macs, params)``, or with ``layer_wise`` (torch_pruning's four
+    values) ``(macs, params, layer_macs, layer_params)``: dicts keyed by every
+    module of ``model`` (the root included) giving the MACs run inside that
+    module, submodules included, and its parameter count, submodules
+    included; ``layer_macs[model] == macs``. See the module docstring for the
+    conventions.
     """
     tally = _MacTally()
     handles = _attach_hooks(model, tally)
@@ -526,5 +527,19 @@ def count_ops_and_params(
         _remove(handles)
     macs, params = tally.total, count_params(model)
     if layer_wise:
-        return macs, params, dict(tally.per_module)
+        return macs, params, _cumulative_macs(model, tally.per_module), _layer_params(model)
     return macs, params
+
+
+def _cumulative_macs(model: nn.Module, per_path: dict[str, int]) -> dict[nn.Module, int]:
+    """Self MACs per module path, summed into every enclosing module."""
+    totals: dict[str, int] = defaultdict(int)
+    for path, count in per_path.items():
+        parts = path.split(".") if path else []
+        for depth in range(len(parts) + 1):
+            totals[".".join(parts[:depth])] += count
+    return {module: totals.get(path, 0) for path, module in model.named_modules()}
+
+
+def _layer_params(model: nn.Module) -> dict[nn.Module, int]:
+    return {module: count_params(module) for module in model.modules()}

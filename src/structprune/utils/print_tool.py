@@ -92,14 +92,12 @@ def _summary(old: ShapeSnapshot, new: ShapeSnapshot) -> str:
     return f"Params: {old.num_params:,} -> {new.num_params:,} ({change:+.2f}%)"
 
 
-def after_pruning(
-    model: nn.Module, snapshot: ShapeSnapshot | None = None, verbose: bool = True
-) -> str:
-    """Return (and print, if ``verbose``) the per-module shape changes since the snapshot.
+def after_pruning(model: nn.Module, do_print: bool = True, snapshot: ShapeSnapshot | None = None) -> str:
+    """Return (and print, if ``do_print``) the per-module shape changes since the snapshot.
 
-    ``snapshot`` defaults to the one stored on ``model`` by :func:`before_pruning`.
-    The report lists only modules with a changed parameter shape, followed by
-    a line with the total parameter count before and after.
+    torch_pruning's signature: ``after_pruning(model, do_print=True)``. ``snapshot`` defaults to the one
+    stored on ``model`` by :func:`before_pruning`. The report lists only modules with a changed
+    parameter shape, followed by a line with the total parameter count before and after.
     """
     if snapshot is None:
         snapshot = getattr(model, _SNAPSHOT_ATTR, None)
@@ -108,6 +106,6 @@ def after_pruning(
     current = take_snapshot(model)
     lines = diff_snapshots(snapshot, current) or ["No parameter shape changed."]
     report = "\n".join([*lines, _summary(snapshot, current)])
-    if verbose:
+    if do_print:
         print(report)
     return report

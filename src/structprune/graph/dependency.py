@@ -11,7 +11,7 @@ from ..layers.declarations import DEFAULT_PRUNERS, ParameterPruner, find_pruner
 from .group import Group, Node, is_in_channel_pruning_fn, is_out_channel_pruning_fn, item_axes  # noqa: F401
 from .discovery import IN, OUT, GroupFinder
 from .snapshot import Snapshot
-from ..utils.nested import call_model
+from ..utils.nested import call_model, eval_mode
 from .trace import LAYER_SIZE_NAMES, Call, Tracer, _flatten, followed_sizes
 
 
@@ -122,8 +122,6 @@ class DependencyGraph(GroupFinder):
 
     def _trace(self, model, example_inputs, forward_fn, output_transform):
         tracer = Tracer(self._is_declared)
-        was_training = model.training
-        model.eval()  # tracing must not move BatchNorm running statistics
 
         def forward():
             output = forward_fn(model, example_inputs) if forward_fn is not None else call_model(model, example_inputs)
@@ -138,7 +136,8 @@ class DependencyGraph(GroupFinder):
         for param in frozen:
             param.requires_grad_(True)
         try:
-            output, transformed, boundary = tracer.run(model, forward)
+            with eval_mode(model):  # tracing must not move BatchNorm running statistics
+                output, transformed, boundary = tracer.run(model, forward)
         except Exception as error:
             raise RuntimeError(
                 f"{type(model).__name__} does not run on the given example_inputs ({_describe_inputs(example_inputs)}): "
@@ -148,7 +147,6 @@ class DependencyGraph(GroupFinder):
         finally:
             for param in frozen:
                 param.requires_grad_(False)
-            model.train(was_training)
         leaves = [tensor for _, tensor in _flatten(output if transformed is None else transformed, [])
                   if isinstance(tensor, torch.Tensor)]
         roots = [tensor for tensor in leaves if tensor.grad_fn is not None]

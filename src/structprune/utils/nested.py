@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["flatten_as_list", "call_model", "evaluating", "first_tensor"]
+__all__ = ["flatten_as_list", "call_model", "eval_mode", "evaluating", "first_tensor"]
 
 
 def flatten_as_list(obj: Any) -> list[torch.Tensor]:
@@ -62,18 +62,23 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode under ``torch.no_grad()`` for the block.
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block, then give every submodule its own flag back.
 
-    The ``training`` flag of every submodule is restored afterwards, even if
-    the block raises: restoring only the root with ``model.train(mode)`` would
-    clobber submodules that the caller had deliberately frozen in eval mode.
+    Restoring only the root with ``model.train(mode)`` would switch submodules that the caller had
+    deliberately frozen in eval mode (frozen BatchNorms in fine-tuning) back to training.
     """
     flags = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
-        with torch.no_grad():
-            yield model
+        yield model
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """:func:`eval_mode` under ``torch.no_grad()``, even if the block raises."""
+    with eval_mode(model), torch.no_grad():
+        yield model

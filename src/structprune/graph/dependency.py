@@ -12,6 +12,7 @@ from .group import Group, Node, is_in_channel_pruning_fn, is_out_channel_pruning
 from .discovery import IN, OUT, GroupFinder
 from .snapshot import Snapshot
 from ..utils.nested import call_model, eval_mode
+from ..utils.sharding import refuse_sharded
 from .trace import LAYER_SIZE_NAMES, Call, Tracer, _flatten, followed_sizes
 
 
@@ -83,6 +84,7 @@ class DependencyGraph(GroupFinder):
                 "build_dependency needs autograd to trace the model, but gradients are disabled "
                 "(torch.no_grad() or torch.inference_mode()); build the graph outside that context"
             )
+        refuse_sharded(model, "building a dependency graph")
         self.model = model
         self.verbose = verbose
         from ..layers.declarations import register_optional_layers

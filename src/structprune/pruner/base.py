@@ -13,6 +13,7 @@ from ..graph.group import Group
 from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
 from ..utils.nested import call_model, evaluating
+from ..utils.sharding import refuse_sharded
 from .diagnose import explain, layer_widths, size_attributes, stale_attributes
 from .heads import HeadPlanner, subset_may_pass
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
@@ -162,6 +163,24 @@ class BasePruner(HeadPlanner):
         """Plain pruning adds nothing to the gradients (torch_pruning's ``regularize(model, loss)``); the
         sparse-training pruners (GrowingRegPruner, GroupNormPruner, BNScalePruner) override it."""
 
+    def _check_layers_unchanged(self) -> None:
+        """The graph holds the layers it traced; one replaced since (``model.fc = nn.Linear(...)``) would be
+        pruned in the graph's copy only, silently. Say which, instead."""
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for layer, node in self.DG.module2node.items():
+            current = params.get(node.name) if isinstance(layer, nn.Parameter) else modules.get(node.name)
+            if current is not layer:
+                raise RuntimeError(
+                    f"{node.name} is no longer the {'parameter' if isinstance(layer, nn.Parameter) else 'layer'} "
+                    f"this pruner traced (it was replaced or removed after the pruner was built); build a new "
+                    f"pruner for the model as it is now"
+                )
+
+    def _parameter_names(self) -> dict:
+        """{parameter: its name in the model}, so penalties can find parameters a wrapper replaced."""
+        return {param: name for name, param in self.model.named_parameters(remove_duplicate=False)}
+
     # -- groups ----------------------------------------------------------------------------------------
     def _groups(self) -> list[Group]:
         """Prunable groups, plus those refused at full width only for reasons a subset may avoid.
@@ -224,6 +243,8 @@ class BasePruner(HeadPlanner):
                 "the model's parameters are on the meta device: importance needs real weight values; materialise "
                 "the model (to_empty + load weights) or prune explicit groups with DependencyGraph instead"
             )
+        refuse_sharded(self.model, "step()")
+        self._check_layers_unchanged()
         self.current_step += 1
         if self.current_step > self.iterative_steps:
             warnings.warn("pruning schedule already finished; step() does nothing", stacklevel=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..utils.sharding import refuse_sharded
 from .base import BasePruner, is_loss
 from .regularizer import DEFAULT_REG_TYPES, RegularizerEngine
 
@@ -52,7 +53,7 @@ class GrowingRegPruner(BasePruner):
             group: torch.full((len(group[0].idxs),), float(self.base_reg)) for group in self._reg_groups
         }
         self._selected = None  # GReg-1's channels to remove in the coming step, by root key
-        self._engine.compile(self._reg_groups)
+        self._engine.compile(self._reg_groups, self._parameter_names())
         self._scatter()
 
     def _scatter(self) -> None:
@@ -60,6 +61,7 @@ class GrowingRegPruner(BasePruner):
 
     def update_reg(self) -> None:
         """group_reg += delta_reg * standardized importance (least important channel -> +delta_reg)."""
+        refuse_sharded(self.model, "update_reg()")
         if self.schedule == "greg1":
             return self._update_greg1()
         if self.schedule == "greg2":
@@ -154,7 +156,7 @@ class GrowingRegPruner(BasePruner):
 
         ``regularize(model, loss)`` (BasePruner's torch_pruning call form) is accepted: the loss is not needed.
         """
-        self._engine.apply(False if is_loss(bias) else bool(bias))
+        self._engine.apply(False if is_loss(bias) else bool(bias), model=self.model if model is None else model)
 
     # -- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

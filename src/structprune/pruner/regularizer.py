@@ -13,6 +13,8 @@ from torch import nn
 
 from ..graph.group import Group, item_axes
 from ..layers.declarations import optional_linear_types
+from ..utils.sharding import is_sharded
+from .binding import ParameterBinding, local_terms
 
 DEFAULT_REG_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
@@ -38,8 +40,12 @@ class RegularizerEngine:
         self.biases: list[nn.Parameter] = []
         self.bias_coefs: list[torch.Tensor] = []
 
-    def compile(self, groups: list[Group]) -> None:
-        """Lay every (parameter, dim) coefficient vector out in one flat buffer, once per set of groups."""
+    def compile(self, groups: list[Group], names: dict | None = None) -> None:
+        """Lay every (parameter, dim) coefficient vector out in one flat buffer, once per set of groups.
+
+        ``names`` ({parameter: name in the model}) lets ``apply(model=...)`` find parameters a wrapper
+        replaced (FSDP2) or a user re-created; without it such parameters raise.
+        """
         self.terms = []
         for index, group in enumerate(groups):
             for k, item in enumerate(group):
@@ -86,6 +92,9 @@ class RegularizerEngine:
                 self._pairs.append((param, views))
         self.weights = [p for p in params if not is_bias[p]]
         self.biases = [p for p in params if is_bias[p]]
+        self._weight_binding = ParameterBinding(self.weights, names or {})
+        self._bias_binding = ParameterBinding(self.biases, names or {})
+        self._local_coefs: dict = {}
 
     def _view(self, param, dim, offset):
         shape = [1] * param.dim()
@@ -141,19 +150,42 @@ class RegularizerEngine:
         self.weight_coefs = [coefs[p].to(p.dtype) for p in self.weights]
         self.bias_coefs = [coefs[p].to(p.dtype) for p in self.biases]
 
-    def apply(self, bias: bool = False, sign: bool = False) -> None:
-        """grad += coef * weight (L2) or coef * sign(weight) (L1) for every compiled parameter with a grad."""
-        _apply(self.weights, self.weight_coefs, sign)
+    def apply(self, bias: bool = False, sign: bool = False, model: nn.Module | None = None) -> None:
+        """grad += coef * weight (L2) or coef * sign(weight) (L1) for every compiled parameter with a grad.
+
+        With ``model``, parameters that no longer receive gradients are looked up again by name in it
+        (see :mod:`.binding`), so wrappers that replace parameters (FSDP2) still get the penalty.
+        """
+        weights, biases = self.resolve(model, bias)
+        self._apply(weights, self.weight_coefs, sign)
         if bias:
-            _apply(self.biases, self.bias_coefs, sign)
+            self._apply(biases, self.bias_coefs, sign)
+
+    def resolve(self, model: nn.Module | None, bias: bool = False) -> tuple[list, list]:
+        """The weights (and biases) penalties go to now; see :mod:`.binding`."""
+        weights = self._weight_binding.resolve(model)
+        return weights, self._bias_binding.resolve(model) if bias else self._bias_binding.current
+
+    def _apply(self, params, coefs, sign: bool) -> None:
+        grads, values, factors = local_terms(params, coefs, self._local_coefs)
+        if grads:
+            if sign:
+                values = torch._foreach_sign(values)
+            torch._foreach_addcmul_(grads, values, factors)
 
     def root_norms(self, n_roots: int, bias: bool = False) -> torch.Tensor:
         """L2 norm of every root channel over all its coupled weights (the group-lasso norm)."""
         squares = torch.zeros_like(self._buffer)
+        current = dict(zip(self.weights + self.biases, self._weight_binding.current + self._bias_binding.current))
         for param, entries in self._layout.items():
             if self._is_bias[param] and not bias:
                 continue
-            value = param.detach()
+            value = current[param].detach()
+            if is_sharded(value):
+                raise NotImplementedError(
+                    "group-lasso norms of sharded (FSDP2) parameters are not supported: GroupNormPruner and "
+                    "BNScalePruner(group_lasso=True) need whole channels; use GrowingRegPruner under FSDP2"
+                )
             for dim, offset in entries:
                 others = [d for d in range(value.dim()) if d != dim]
                 summed = value.pow(2).sum(dim=others) if others else value.pow(2)
@@ -161,15 +193,3 @@ class RegularizerEngine:
         per_root = torch.zeros(n_roots, device=squares.device).index_add_(0, self._roots, squares[self._positions])
         return per_root.sqrt()
 
-
-def _apply(params, coefs, sign: bool = False) -> None:
-    grads, values, factors = [], [], []
-    for param, coef in zip(params, coefs):
-        if param.grad is not None:
-            grads.append(param.grad)
-            values.append(param.detach())
-            factors.append(coef)
-    if grads:
-        if sign:
-            values = torch._foreach_sign(values)
-        torch._foreach_addcmul_(grads, values, factors)

@@ -24,7 +24,7 @@ class BNScalePruner(BasePruner):
 
     def update_regularizer(self) -> None:
         self._reg_groups = self._groups()
-        self._engine.compile(self._reg_groups)
+        self._engine.compile(self._reg_groups, self._parameter_names())
         self._sizes = [len(group[0].idxs) for group in self._reg_groups]
         self._engine.scatter([torch.full((n,), float(self.reg)) for n in self._sizes])
 
@@ -36,9 +36,9 @@ class BNScalePruner(BasePruner):
             self.reg = reg
             self._engine.scatter([torch.full((n,), float(reg)) for n in self._sizes])
         if self.group_lasso:
-            _group_lasso(self._engine, self._sizes, self.reg, bias)
+            _group_lasso(self._engine, self._sizes, self.reg, bias, model=self.model if model is None else model)
         else:
-            self._engine.apply(bias=bias, sign=True)
+            self._engine.apply(bias=bias, sign=True, model=self.model if model is None else model)
 
 
 class GroupNormPruner(BasePruner):
@@ -61,7 +61,7 @@ class GroupNormPruner(BasePruner):
 
     def update_regularizer(self) -> None:
         self._reg_groups = self._groups()
-        self._engine.compile(self._reg_groups)
+        self._engine.compile(self._reg_groups, self._parameter_names())
         self._sizes = [len(group[0].idxs) for group in self._reg_groups]
 
     def regularize(self, model: nn.Module = None, alpha: float | None = None, bias: bool = False,
@@ -70,13 +70,16 @@ class GroupNormPruner(BasePruner):
         alpha=2**4)``: ``gamma = alpha ** s``; by default ``2 ** self.alpha``. ``regularize(model, loss)``
         (BasePruner's call form) is accepted too: the penalty needs no loss."""
         base = 2.0 ** self.alpha if alpha is None or is_loss(alpha) else float(alpha)
-        _group_lasso(self._engine, self._sizes, self.reg if reg is None else reg, bias, base)
+        _group_lasso(self._engine, self._sizes, self.reg if reg is None else reg, bias, base,
+                     model=self.model if model is None else model)
 
 
-def _group_lasso(engine: RegularizerEngine, sizes: list[int], reg: float, bias: bool, base: float = 1.0) -> None:
+def _group_lasso(engine: RegularizerEngine, sizes: list[int], reg: float, bias: bool, base: float = 1.0,
+                 model: nn.Module | None = None) -> None:
     """The gradient of reg * sum gamma ||channel||_2 is reg * gamma * w / ||channel|| on every coupled weight."""
     if not sizes:
         return
+    engine.resolve(model, bias)  # the norms must be those of the parameters being trained
     norms = engine.root_norms(sum(sizes), bias=bias)
     values = []
     for group_norms in norms.split(sizes):
@@ -86,4 +89,4 @@ def _group_lasso(engine: RegularizerEngine, sizes: list[int], reg: float, bias: 
             strength = strength * base ** ((group_norms.max() - group_norms) / (spread + 1e-12))
         values.append(strength)
     engine.scatter(values)
-    engine.apply(bias=bias)
+    engine.apply(bias=bias, model=model)

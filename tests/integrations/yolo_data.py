@@ -6,9 +6,29 @@ uses one folder per class (the class is the rectangle's colour).
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+
+def offline_ultralytics(config_dir: str) -> None:
+    """Make Ultralytics work without a network; call before importing it.
+
+    ``YOLO_OFFLINE`` makes its is_online() answer False without a DNS lookup, the requirements check
+    never pip-installs (export), settings live in ``config_dir``, and the Arial.ttf every dataset check
+    asks for (and downloads when missing) is matplotlib's DejaVuSans.
+    """
+    import matplotlib
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS", "1")
+    os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
+    font = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+    target = Path(config_dir) / "Ultralytics"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(font, target / "Arial.ttf")
+
 
 COLOURS = ((230, 40, 40), (40, 40, 230))  # class 0 red, class 1 blue
 NAMES = {0: "red", 1: "blue"}

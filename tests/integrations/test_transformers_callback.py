@@ -93,7 +93,7 @@ def run_like_trainer(model, ids, callbacks, epochs, batch, on_pre_step=None):
             state.global_step += 1
             state.epoch = epoch + (step + 1) / steps_per_epoch
             handler.on_step_end(args, state, control)
-            losses.append(float(loss))
+            losses.append(loss.item())
         handler.on_epoch_end(args, state, control)
     handler.on_train_end(args, state, control)
     return optimizer, losses
@@ -108,7 +108,8 @@ def test_growing_reg_callback_regularizes_prunes_fine_tunes_and_saves(tmp_path):
     params_before = sum(p.numel() for p in model.parameters())
     reg, delta = 1e-3, 5e-2
     pruner = tp.pruner.GrowingRegPruner(model, {"input_ids": ids[:1]}, tp.importance.MagnitudeImportance(),
-                                        reg=reg, delta_reg=delta, pruning_ratio=0.5, ignored_layers=[model.lm_head])
+                                        reg=reg, delta_reg=delta, pruning_ratio=0.5, prune_head_dims=False,
+                                        ignored_layers=[model.lm_head])
     callback = GrowingRegCallback(pruner, prune_at_step=20, save_dir=str(tmp_path / "pruned"))
     gate = model.model.layers[0].mlp.gate_proj
     penalties = []
@@ -135,6 +136,7 @@ def test_growing_reg_callback_regularizes_prunes_fine_tunes_and_saves(tmp_path):
     assert callback.params_before == params_before and callback.params_after == params_after
     assert params_after < 0.6 * params_before
     assert model.config.hidden_size == 32 and model.config.intermediate_size == 64
+    assert model.config.num_attention_heads == 4 and model.config.head_dim == 16  # heads keep their width
     inner = unwrap_optimizer(optimizer)
     for parameter in model.parameters():
         assert inner.state[parameter]["exp_avg"].shape == parameter.shape

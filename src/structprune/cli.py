@@ -21,6 +21,8 @@ PROG = "structprune"
 IMPORTANCES = ("l1", "l2", "taylor", "random")
 DEFAULT_INPUT_SHAPE = "1,3,224,224"
 SOURCE_FILE = "structprune_cli.json"  # written next to the pruned model: how it was made
+ULTRALYTICS = "ultralytics"
+ULTRALYTICS_IMGSZ = 640
 
 MAIN_EPILOG = """examples:
   structprune demo
@@ -43,11 +45,16 @@ examples:
 
 PRUNE_EPILOG = """MODEL is torchvision:NAME, timm:NAME (built with pretrained=False) or path/to/file.py:factory.
 The output folder is read back with  tp.load_pruned(fresh_model, DIR).
+MODEL may also be ultralytics:NAME.yaml (random init) or ultralytics:path/to/weights.pt (extra 'yolo'):
+the output folder then holds NAME.pt, loaded with  YOLO("DIR/NAME.pt")  (--input-shape sets the traced
+image size, 640 by default).
 
 examples:
   structprune prune torchvision:resnet18 --ratio 0.5 --importance l2 --out resnet18-50
   structprune prune timm:resnet50 --ratio 0.3 --importance taylor --global --round-to 8 --out r50
-  structprune prune my_models.py:build_net --ratio 0.25 --importance l1 --input-shape 1,3,32,32 --out net"""
+  structprune prune my_models.py:build_net --ratio 0.25 --importance l1 --input-shape 1,3,32,32 --out net
+  structprune prune ultralytics:yolov8n.yaml --ratio 0.5 --out pruned/
+  structprune prune ultralytics:runs/detect/train/weights/best.pt --ratio 0.3 --out pruned/"""
 
 
 class CLIError(Exception):
@@ -108,6 +115,8 @@ def load_model(spec: str) -> nn.Module:
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
         raise CLIError(f"model must be torchvision:NAME, timm:NAME or path/to/file.py:factory, got {spec!r}")
+    if source == ULTRALYTICS:
+        raise CLIError(f"{spec}: Ultralytics models are pruned with  structprune prune {spec} --ratio R --out DIR")
     loaders: dict[str, Callable[[str], nn.Module]] = {"torchvision": _torchvision_model, "timm": _timm_model}
     loader = loaders.get(source)
     model = loader(name) if loader is not None else _factory_model(Path(source), name)
@@ -258,6 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _load_and_count(args: argparse.Namespace):
     """The model named on the command line, its example input (checked to run), MACs and params."""
     torch.manual_seed(args.seed)  # random init: the same seed builds and prunes the same model
+    args.input_shape = args.input_shape or parse_shape(DEFAULT_INPUT_SHAPE)
     model = load_model(args.model)
     inputs = example_input(args.input_shape, args.seed)
     _run_model(model, inputs, args.model)
@@ -306,6 +316,8 @@ def _coupled(group, limit: int = 8) -> str:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .serialization import save_pruned
 
+    if args.model.startswith(ULTRALYTICS + ":"):
+        return _prune_ultralytics(args)
     model, inputs, macs, params = _load_and_count(args)
     pruner = prune_model(model, inputs, args.ratio, args.importance, args.global_pruning, args.round_to, args.seed)
     after_macs, after_params = _count(model, inputs)
@@ -319,6 +331,61 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"MACs:   {_change(macs, after_macs)}")
     print(f"params: {_change(params, after_params)}")
     print(f"saved to {out}/ ; load with tp.load_pruned(<fresh {args.model} model>, {str(out)!r})")
+    return 0
+
+
+def _ultralytics_model(name: str):
+    """``YOLO(name)`` (``RTDETR`` for rtdetr names): a yaml from Ultralytics' configs or a local .pt/.yaml."""
+    try:
+        from .integrations import ultralytics as tpu
+
+        tpu.require_ultralytics()
+    except ImportError as error:
+        raise CLIError(str(error)) from None
+    from ultralytics import RTDETR, YOLO
+
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml", ".pt"):
+        raise CLIError(f"{ULTRALYTICS}:{name}: give a model yaml (yolov8n.yaml) or a weights file (.pt)")
+    if path.suffix == ".pt" and not path.is_file():
+        raise CLIError(f"{ULTRALYTICS}:{name}: no such file (structprune never downloads weights)")
+    try:
+        return (RTDETR if "rtdetr" in path.stem else YOLO)(name)
+    except Exception as error:  # unknown yaml name, unreadable checkpoint
+        raise CLIError(f"{ULTRALYTICS}:{name} could not be loaded: {type(error).__name__}: {error}") from None
+
+
+def _prune_ultralytics(args: argparse.Namespace) -> int:
+    """Prune an Ultralytics model with its head kept and save it where YOLO(path) reads it."""
+    from .integrations import ultralytics as tpu
+
+    name = args.model.split(":", 1)[1]
+    torch.manual_seed(args.seed)  # yaml models are random init: the same seed, the same model
+    yolo = _ultralytics_model(name)
+    imgsz = args.input_shape[-1] if args.input_shape else ULTRALYTICS_IMGSZ
+    model = yolo.model
+    inputs = tpu.make_example_inputs(model, imgsz, seed=args.seed)
+    torch.manual_seed(args.seed)
+    criterion = make_importance(args.importance)
+    if args.importance == "taylor":
+        model.zero_grad()
+        sum(t.float().sum() for t in tpu.head_outputs(model, inputs)).backward()
+    _, summary = tpu.prune(yolo, args.ratio, criterion, example_inputs=inputs, round_to=args.round_to,
+                           global_pruning=args.global_pruning)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{Path(name).stem}.pt"
+    yolo.save(path)
+    source = {"model": args.model, "imgsz": int(inputs.shape[-1]), "ratio": args.ratio,
+              "importance": args.importance, "global": args.global_pruning, "round_to": args.round_to,
+              "seed": args.seed}
+    (out / SOURCE_FILE).write_text(json.dumps(source, indent=1))
+    print(f"model: {args.model}   image: {summary.imgsz}x{summary.imgsz}   importance: {args.importance}"
+          f"{'  (global)' if args.global_pruning else ''}")
+    print(f"MACs:   {_change(summary.macs_before, summary.macs_after)}")
+    print(f"params: {_change(summary.params_before, summary.params_after)}")
+    print(f"saved to {path} ; load with YOLO({str(path)!r}); fine-tune with "
+          f"yolo.train(..., trainer=tp.integrations.ultralytics.trainer(yolo))")
     return 0
 
 
@@ -376,9 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME or path/to/file.py:factory")
-    parser.add_argument("--input-shape", type=parse_shape, default=parse_shape(DEFAULT_INPUT_SHAPE),
-                        help=f"example input shape, comma-separated ({DEFAULT_INPUT_SHAPE})")
+    parser.add_argument("model", metavar="MODEL",
+                        help="torchvision:NAME, timm:NAME, path/to/file.py:factory (prune: also ultralytics:NAME)")
+    parser.add_argument("--input-shape", type=parse_shape, default=None,
+                        help=f"example input shape, comma-separated ({DEFAULT_INPUT_SHAPE}; "
+                        f"ultralytics: 1,3,{ULTRALYTICS_IMGSZ},{ULTRALYTICS_IMGSZ})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and example inputs (0)")
 
 

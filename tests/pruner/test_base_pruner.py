@@ -276,6 +276,32 @@ def test_step_slices_optimizer_state():
     optimizer.step()  # training continues with the same optimizer
 
 
+def test_optimizer_state_follows_two_groups_of_one_step_that_prune_the_same_axis():
+    """Plans are made before any is applied (so a failed step can roll back): the second group sees the
+    weight already narrowed by the first while the state is not yet (GQA: whole q heads, then the q heads
+    of a removed kv head). Each plan must still slice the state, composed in order."""
+    model, x = example()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(x).sum().backward()
+    optimizer.step()
+    moment = optimizer.state[model.conv2.weight]["exp_avg"].clone()
+    graph = tp.DependencyGraph().build_dependency(model, x)
+    plans = []
+    for idxs in ([0, 1, 2, 3], [0, 5]):  # the second in the numbering left by the first
+        group = graph.get_pruning_group(model.conv2, tp.prune_conv_out_channels, idxs)
+        plans.append(tp.pruner.optim_state.plan_optimizer_state(optimizer, group))
+        group.prune()
+    for plan in plans:
+        tp.pruner.optim_state.apply_optimizer_plan(plan)
+    kept = [i for i in range(4, 32) if i not in (4, 9)]
+    sliced = optimizer.state[model.conv2.weight]["exp_avg"]
+    assert sliced.shape == model.conv2.weight.shape
+    torch.testing.assert_close(sliced, moment[kept])
+    model.zero_grad()
+    model(x).sum().backward()
+    optimizer.step()
+
+
 def test_magnitude_pruner_alias_and_meta_pruner():
     assert tp.pruner.MagnitudePruner is tp.pruner.BasePruner
     assert tp.pruner.MetaPruner is tp.pruner.BasePruner

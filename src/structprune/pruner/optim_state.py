@@ -30,16 +30,19 @@ def plan_optimizer_state(optimizer: torch.optim.Optimizer, group: Group) -> list
             keep[positions] = False
             keep = torch.nonzero(keep).reshape(-1)
             for name, value in state.items():
-                # compare only the pruned dim: earlier groups of the same step may still be pending
-                if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape[dim] == param.shape[dim]:
-                    plan.append((state, name, dim, keep))
+                if isinstance(value, torch.Tensor) and value.dim() == param.dim():
+                    # the width is checked when applied: an earlier group of the same step may prune this
+                    # very axis (GQA: whole q heads, then the q heads of removed kv heads), and plans apply
+                    # in order, so by then the state has the width the parameter has now
+                    plan.append((state, name, dim, keep, param.shape[dim]))
     return plan
 
 
 def apply_optimizer_plan(plan: list) -> None:
-    for state, name, dim, keep in plan:
+    for state, name, dim, keep, width in plan:
         value = state[name]
-        state[name] = value.index_select(dim, keep.to(value.device)).contiguous()
+        if value.shape[dim] == width:
+            state[name] = value.index_select(dim, keep.to(value.device)).contiguous()
 
 
 def prune_optimizer_state(optimizer, group: Group) -> None:

@@ -360,13 +360,10 @@ def matching_modules(model: nn.Module) -> list[tuple[nn.Module, Adapter]]:
 def removed_outputs(group) -> dict:
     """{layer: removed output channel indices} of a group about to be (or just) pruned, in the numbering
     the group uses (current channels before the prune); what ``uses_removed`` adapters receive."""
-    from .graph.dependency import is_out_channel_pruning_fn
-
     removed = {}
     for item in group:
         module = item.dep.target.module
-        coupled = not isinstance(module, nn.Parameter) and item.dep.target.pruner.is_coupled(module)
-        if isinstance(module, nn.Module) and (coupled or is_out_channel_pruning_fn(item.dep.handler)):
+        if isinstance(module, nn.Module) and item.side == "out":
             removed[module] = torch.as_tensor(item.idxs, dtype=torch.long)
     return removed
 

@@ -1,2 +1,3 @@
 from .dependency import DependencyGraph, is_in_channel_pruning_fn, is_out_channel_pruning_fn
 from .group import Dependency, Group, GroupItem, Node
+from .side import Side

@@ -10,6 +10,7 @@ from ..layers.base import BasePruningFunc, as_index_tensor, pruning_once, valida
 from ..layers.declarations import DEFAULT_PRUNERS, ParameterPruner, find_pruner
 from .group import Group, Node, is_in_channel_pruning_fn, is_out_channel_pruning_fn, item_axes  # noqa: F401
 from .discovery import IN, OUT, GroupFinder
+from .side import Side, side_of_pruning_fn
 from .snapshot import Snapshot
 from ..utils.nested import call_model
 from .trace import LAYER_SIZE_NAMES, Call, Tracer, _flatten, followed_sizes
@@ -286,6 +287,10 @@ class DependencyGraph(GroupFinder):
     # -- groups ----------------------------------------------------------------------------------------
     def get_pruning_group(self, module, pruning_fn, idxs) -> Group:
         """Every (layer, side, indices) that must go with removing ``idxs`` via ``pruning_fn`` on ``module``."""
+        return self.get_group_by_side(module, side_of_pruning_fn(pruning_fn), idxs, trigger=pruning_fn)
+
+    def get_group_by_side(self, module, side: Side, idxs, trigger=None) -> Group:
+        """Every (layer, side, indices) that must go with removing ``idxs`` from ``side`` of ``module``."""
         node = self.module2node.get(module)
         if node is None:
             if module not in self.module2name and module not in self._param_names:
@@ -298,16 +303,15 @@ class DependencyGraph(GroupFinder):
                 f"does not take part in the traced forward; register a customized pruner for its type"
             )
         idxs = as_index_tensor(idxs)
-        side = OUT if is_out_channel_pruning_fn(pruning_fn) else IN
-        if isinstance(module, nn.Parameter) or node.pruner.is_coupled(module):
-            side = OUT
+        side = node.side_for(Side(side))
         total = self._channels(node, side)
         if total is not None:
             # a group over every channel is fine to inspect and score; pruning it is refused later
-            validate_idxs(module, idxs, total, side + "put", name=node.name, allow_all=True)
+            validate_idxs(module, idxs, total, side.word, name=node.name, allow_all=True)
         alive = self._alive.get((module, side))
         original = alive[idxs] if alive is not None and (module, side) in self._position_maps else idxs
-        return self._to_current(self._discover(node, side, original, pruning_fn))
+        trigger = self._handler(node, side) if trigger is None else trigger
+        return self._to_current(self._discover(node, side, original, trigger))
 
     # The trace describes the model as built; after pruning, its index maps still hold for the channels
     # that remain. Groups are found in original numbering and shown in current numbering.
@@ -317,15 +321,11 @@ class DependencyGraph(GroupFinder):
         self._original_counts = {}
         self._alive = {}
         for module, node in self.module2node.items():
-            out_total = self._safe_channels(node, OUT)
-            if out_total is not None:
-                self._alive[(module, OUT)] = torch.arange(out_total)
-                self._original_counts[(module, OUT)] = out_total
-            if not isinstance(module, nn.Parameter) and not node.pruner.is_coupled(module):
-                in_total = self._safe_channels(node, IN)
-                if in_total is not None:
-                    self._alive[(module, IN)] = torch.arange(in_total)
-                    self._original_counts[(module, IN)] = in_total
+            for side in node.sides:
+                total = self._safe_channels(node, side)
+                if total is not None:
+                    self._alive[(module, side)] = torch.arange(total)
+                    self._original_counts[(module, side)] = total
 
     def _safe_channels(self, node, side):
         try:
@@ -333,18 +333,12 @@ class DependencyGraph(GroupFinder):
         except (NotImplementedError, AttributeError):
             return None
 
-    def _side_of(self, item) -> str:
-        module = item.dep.target.module
-        if isinstance(module, nn.Parameter) or item.dep.target.pruner.is_coupled(module):
-            return OUT
-        return OUT if is_out_channel_pruning_fn(item.dep.handler) else IN
-
     def _to_current(self, original: Group) -> Group:
         group = Group(self)
         group.blocked = original.blocked
-        root_map = self._position_maps.get((original[0].dep.target.module, self._side_of(original[0])))
+        root_map = self._position_maps.get((original[0].dep.target.module, original[0].side))
         for k, item in enumerate(original):
-            position_map = self._position_maps.get((item.dep.target.module, self._side_of(item)))
+            position_map = self._position_maps.get((item.dep.target.module, item.side))
             idxs, roots = original.item_tensors(k)
             keep = None
             if position_map is not None:
@@ -390,12 +384,11 @@ class DependencyGraph(GroupFinder):
             for item in group:
                 # only a one-to-one image of the root is covered: channels reached as whole heads (many
                 # channels per root channel) still deserve a group of their own for finer pruning
-                if self._side_of(item) == OUT and len(set(item.root_idxs)) == len(item.root_idxs):
+                if item.side is OUT and len(set(item.root_idxs)) == len(item.root_idxs):
                     covered.add((item.dep.target.module, OUT))
             if group.blocked and not include_blocked:
                 continue
-            if any(_is_ignored(item.dep.target.module, ignored) and is_out_channel_pruning_fn(item.dep.handler)
-                   for item in group):
+            if any(_is_ignored(item.dep.target.module, ignored) and item.side is OUT for item in group):
                 continue
             if any(self._owns_ignored_param(item) for item in group):
                 continue
@@ -424,16 +417,12 @@ class DependencyGraph(GroupFinder):
         for item in group:
             module = item.dep.target.module
             pruner = item.dep.target.pruner
-            if is_out_channel_pruning_fn(item.dep.handler):
-                total = pruner.get_out_channels(module)
-            else:
-                total = pruner.get_in_channels(module)
+            total = self._channels(item.dep.target, item.side)
             if total is not None and len(set(item.idxs)) >= total:
                 return False
             if not isinstance(module, nn.Parameter) and not pruner.is_coupled(module):
-                side = "output" if is_out_channel_pruning_fn(item.dep.handler) else "input"
                 try:
-                    pruner.check_structure(module, item.idxs, side)
+                    pruner.check_structure(module, item.idxs, item.side.word)
                 except ValueError:
                     return False
         return True
@@ -443,13 +432,12 @@ class DependencyGraph(GroupFinder):
         for item in group:
             module = item.dep.target.module
             pruner = item.dep.target.pruner
-            total = pruner.get_out_channels(module) if is_out_channel_pruning_fn(item.dep.handler) else pruner.get_in_channels(module)
-            side = "output" if is_out_channel_pruning_fn(item.dep.handler) else "input"
+            total = self._channels(item.dep.target, item.side)
             if total is not None:
-                validate_idxs(module, as_index_tensor(item.idxs), total, side, name=item.dep.target.name)
+                validate_idxs(module, as_index_tensor(item.idxs), total, item.side.word, name=item.dep.target.name)
             if not isinstance(module, nn.Parameter) and not pruner.is_coupled(module):
                 try:
-                    pruner.check_structure(module, item.idxs, side)
+                    pruner.check_structure(module, item.idxs, item.side.word)
                 except ValueError as error:
                     raise ValueError(f"{item.dep.target.name}: {error}") from None
         snapshot = Snapshot([item.dep.target.module for item in group])
@@ -465,7 +453,7 @@ class DependencyGraph(GroupFinder):
         # the removed indices tell an attention adapter fewer heads from narrower heads
         sync_attributes(self.model, self._adapted_modules, removed_outputs(group))
         for item in group:
-            key = (item.dep.target.module, self._side_of(item))
+            key = (item.dep.target.module, item.side)
             if key in self._alive:
                 keep = torch.ones(len(self._alive[key]), dtype=torch.bool)
                 keep[torch.tensor(item.idxs, dtype=torch.long)] = False
@@ -476,8 +464,8 @@ class DependencyGraph(GroupFinder):
                 position_map[alive] = torch.arange(len(alive))
                 self._position_maps[key] = position_map
 
-    def _record(self, node: Node, fn, idxs):
-        self._history.append((node.name, is_out_channel_pruning_fn(fn), [int(i) for i in idxs]))
+    def _record(self, node: Node, side: Side, idxs):
+        self._history.append((node.name, side is OUT, [int(i) for i in idxs]))
 
     def pruning_history(self) -> list:
         return list(self._history)
@@ -489,9 +477,7 @@ class DependencyGraph(GroupFinder):
             module = named.get(name, params.get(name))
             if module is None:
                 raise KeyError(f"pruning history names '{name}', which the model does not have")
-            pruner = self.get_pruner_of_module(module)
-            fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
-            self.get_pruning_group(module, fn, idxs).prune(record_history=True)
+            self.get_group_by_side(module, OUT if is_out else IN, idxs).prune(record_history=True)
 
     def _name(self, module) -> str:
         if isinstance(module, nn.Parameter):

@@ -10,22 +10,23 @@ from ..layers.declarations import tensor_dims
 from . import ops
 from .channels import Blocked, ChannelState, squeeze_state, through_letters
 from .group import Dependency, Group, Node
+from .side import Side
 from .trace import Call
 
-OUT, IN = "out", "in"
+OUT, IN = Side.OUT, Side.IN
 
 
 class GroupFinder:
     """Mixin of DependencyGraph: needs ``values``, ``module2node``, ``_calls_of`` and ``_output_keys``."""
 
-    def _discover(self, node: Node, side: str, idxs: torch.Tensor, trigger) -> Group:
+    def _discover(self, node: Node, side: Side, idxs: torch.Tensor, trigger) -> Group:
         deps: dict = {}
         order: list = []
         blocked: list[str] = []
         states: dict = {}
         queue: deque = deque()
 
-        def add_dep(target: Node, target_side: str, state: ChannelState):
+        def add_dep(target: Node, target_side: Side, state: ChannelState):
             key = (target, target_side)
             if key not in deps:
                 deps[key] = state
@@ -105,7 +106,7 @@ class GroupFinder:
         for target, target_side in order:
             state = deps[(target, target_side)]
             handler = self._handler(target, target_side)
-            group.add_dep(Dependency(root_fn, handler, node, target), state.idxs, state.roots)
+            group.add_dep(Dependency(root_fn, handler, node, target, target_side), state.idxs, state.roots)
         return group
 
     def _bare_layer_use(self, tensor, state: ChannelState):
@@ -123,7 +124,7 @@ class GroupFinder:
                     return node, side, ChannelState((0,), state.idxs, state.roots), []
         return None
 
-    def _bare_entry(self, module, pruner, side: str, state: ChannelState):
+    def _bare_entry(self, module, pruner, side: Side, state: ChannelState):
         """A layer never called, whose parameters the forward uses bare: its channels start on them."""
         axes = pruner.out_axes(module) if side == OUT else pruner.in_axes(module)
         tensors = {id(axis.tensor(module)): axis for axis in axes if axis.tensor(module) is not None}
@@ -134,10 +135,8 @@ class GroupFinder:
                     raise Blocked(f"{self._name(module)} is used bare with fused blocks on {axis.name}; cannot map it")
                 yield key, ChannelState((axis.dim % len(value.shape),), state.idxs, state.roots)
 
-    def _handler(self, node: Node, side: str):
-        if isinstance(node.module, nn.Parameter):
-            return node.pruner.prune_out_channels
-        return node.pruner.prune_out_channels if side == OUT else node.pruner.prune_in_channels
+    def _handler(self, node: Node, side: Side):
+        return node.pruner.prune_out_channels if side is OUT else node.pruner.prune_in_channels
 
     def _visit(self, value, state: ChannelState):
         """Yield (node, side, layer-state, [(value, state)...]) for everything touching ``value``."""
@@ -207,7 +206,6 @@ class GroupFinder:
         pruner = node.pruner
         n_in = len(call.inputs)
         out_dim, in_dim = self._tensor_dims(pruner, module, call)
-        coupled = pruner.is_coupled(module)
         channel_inputs = pruner.channel_inputs if pruner.channel_inputs is not None else tuple(range(n_in))
         channel_inputs = tuple(i for i in channel_inputs if i < n_in and call.inputs[i] is not None)
         shapes = call.in_shapes + call.out_shapes
@@ -230,7 +228,7 @@ class GroupFinder:
                 fiber *= shape[dim] if dim != entered_dim else 1
             if layer_state is None or len(layer_state.idxs) * fiber != len(state.idxs):
                 raise Blocked(f"{node.name} would lose part of a channel: channels arrive along dims {state.dims}")
-            side = OUT if coupled else side
+            side = node.side_for(side)
             # every call of the layer sees the change (shared layers, coupled norms)
             yield node, side, layer_state, list(self._layer_entry(node, side, layer_state))
             return
@@ -279,7 +277,7 @@ class GroupFinder:
         except (NotImplementedError, AttributeError):
             return None
 
-    def _layer_entry(self, node: Node, side: str, state: ChannelState):
+    def _layer_entry(self, node: Node, side: Side, state: ChannelState):
         """Channel states on the tensors a layer produces/reads, for the root of a group."""
         module = node.module
         if isinstance(module, nn.Parameter):

@@ -8,8 +8,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..graph.dependency import DependencyGraph, is_out_channel_pruning_fn
+from ..graph.dependency import DependencyGraph
 from ..graph.group import Group
+from ..graph.side import Side, side_of_pruning_fn
 from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
 from ..utils.nested import call_model, evaluating
@@ -114,8 +115,8 @@ class BasePruner(HeadPlanner):
         for module, node in self.DG.module2node.items():
             if isinstance(module, nn.Parameter):
                 continue
-            self.layer_init_out_ch[module] = self.DG._safe_channels(node, "out")
-            self.layer_init_in_ch[module] = self.DG._safe_channels(node, "in")
+            self.layer_init_out_ch[module] = self.DG._safe_channels(node, Side.OUT)
+            self.layer_init_in_ch[module] = self.DG._safe_channels(node, Side.IN)
         self.init_num_heads = dict(self.num_heads)
         self._initial_groups = None
 
@@ -193,7 +194,7 @@ class BasePruner(HeadPlanner):
             if isinstance(module, nn.Parameter):
                 continue
             pruner = item.dep.target.pruner
-            if is_out_channel_pruning_fn(item.dep.handler):
+            if item.side is Side.OUT:
                 value = self.out_channel_groups.get(module, pruner.get_out_channel_groups(module))
             else:
                 value = self.in_channel_groups.get(module, pruner.get_in_channel_groups(module))
@@ -377,13 +378,13 @@ class BasePruner(HeadPlanner):
 
         When none is accepted, ``self._refusal`` keeps the graph's reason for the most symmetric candidate.
         """
-        root = group[0].dep
+        root = group[0]
         self._refusal = "no candidate"
         for blocks in _block_candidates(channel_groups, len(imp), n_prune):
             idxs = self._select(group, imp.detach().cpu(), n_prune - n_prune % blocks, blocks)
             if len(idxs) == 0:
                 return None
-            candidate = self.DG.get_pruning_group(root.target.module, root.handler, idxs.tolist())
+            candidate = self.DG.get_group_by_side(root.dep.target.module, root.side, idxs.tolist())
             if self._accepts(candidate, idxs):
                 return candidate
             self._refusal = _refusal(candidate, idxs)
@@ -444,7 +445,7 @@ class BasePruner(HeadPlanner):
         if isinstance(ratio_or_idxs, float):
             _check_ratio("ratio", ratio_or_idxs)
             node = self.DG.module2node[layer]
-            total = self.DG._channels(node, "out" if is_out_channel_pruning_fn(pruning_fn) else "in")
+            total = self.DG._channels(node, side_of_pruning_fn(pruning_fn))
             group = self.DG.get_pruning_group(layer, pruning_fn, list(range(total)))
             imp = self.estimate_importance(group)
             idxs = torch.argsort(imp)[: int(total * ratio_or_idxs)].tolist()
@@ -504,11 +505,11 @@ def _refusal(candidate: Group, idxs: torch.Tensor) -> str:
 
 
 def _root_key(group: Group) -> tuple:
-    return group[0].dep.target.module, group[0].dep.handler.__name__
+    return group[0].dep.target.module, group[0].side
 
 
 def _signature(group: Group) -> tuple:
-    return tuple((type(item.dep.target.module).__name__, item.dep.handler.__name__) for item in group)
+    return tuple((type(item.dep.target.module).__name__, item.side) for item in group)
 
 
 def _check_ratio(name: str, ratio) -> None:

@@ -8,8 +8,8 @@ from typing import Iterator
 
 import torch
 
-from ..graph.dependency import is_out_channel_pruning_fn
 from ..graph.group import Group
+from ..graph.side import Side
 
 
 def subset_may_pass(reason: str) -> bool:
@@ -28,8 +28,8 @@ class HeadPlanner:
     def _warn_heads_refused(self) -> None:
         """Name the attention layers that prune_num_heads could not touch and nothing else narrowed."""
         untouched = []
-        for root, handler, total, heads, head_dim in getattr(self, "_heads_refused", []):
-            width = (self.DG.get_out_channels if is_out_channel_pruning_fn(handler) else self.DG.get_in_channels)(root)
+        for root, side, total, heads, head_dim in getattr(self, "_heads_refused", []):
+            width = (self.DG.get_out_channels if side is Side.OUT else self.DG.get_in_channels)(root)
             if width == total:
                 untouched.append(f"{self.DG._name(root)} ({heads} blocks of {head_dim} channels)")
         narrow = getattr(self, "_heads_narrow_refused", [])
@@ -83,13 +83,13 @@ class HeadPlanner:
             tried = 0
             for idxs in _head_removals(scores, head_dim, min(1.0, keep / heads)):
                 tried += 1
-                candidate = self.DG.get_pruning_group(root, group[0].dep.handler, idxs.tolist())
+                candidate = self.DG.get_group_by_side(root, group[0].side, idxs.tolist())
                 if self._accepts(candidate, idxs):
                     yield candidate
                     break
             else:
                 if tried:
-                    self._heads_refused.append((root, group[0].dep.handler, total, heads, head_dim))
+                    self._heads_refused.append((root, group[0].side, total, heads, head_dim))
 
     def _head_candidates(self) -> Iterator[tuple]:
         """(group, root, width, head_dim) of every group blocked for channels whose root has heads.

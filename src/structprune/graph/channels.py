@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class Blocked(Exception):
-    """These channels cannot be removed: they reach a constant, a model output, or an op we cannot map."""
+from .refusal import Blocked  # noqa: F401  (raised by the index maps; imported from here by older code)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .refusal import Refusal
 from .side import Side, is_in_channel_pruning_fn, is_out_channel_pruning_fn, side_of_pruning_fn  # noqa: F401
 
 
@@ -116,7 +117,8 @@ class Group:
         self._group: list[GroupItem] = []
         self._tensors: list = []
         self._DG = graph
-        self.blocked: list[str] = []
+        #: why the group cannot be pruned as a whole (empty: it can); each a Refusal (kind, layer, message)
+        self.blocked: list[Refusal] = []
 
     def add_dep(self, dep: Dependency, idxs, root_idxs=None):
         tensors = None

@@ -11,7 +11,8 @@ from functools import lru_cache
 
 import torch
 
-from .channels import Blocked, ChannelState, backward_through, forward_through, through_letters
+from .channels import ChannelState, backward_through, forward_through, through_letters
+from .refusal import Blocked, RefusalKind
 from .trace import Call, FollowedSize
 
 MOVEMENT = {
@@ -320,7 +321,7 @@ def _correspondence(call: Call, source: int) -> list[torch.Tensor]:
     try:
         result = call.target(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - any failure means we cannot map this op
-        raise Blocked(f"cannot map channels through '{call.name}': {error}") from error
+        raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name, f"cannot map channels through '{call.name}': {error}") from error
     from .trace import _flatten
 
     outputs = [tensor for _, tensor in _flatten(result, [])]
@@ -380,12 +381,13 @@ def _grouped_query_attention(call, operand, state):
     n_in = len(call.inputs)
     source = "out" if operand >= n_in else operand
     if source not in letters:
-        raise Blocked("channels reach the attention mask of scaled_dot_product_attention")
+        raise Blocked(RefusalKind.UNPRUNABLE_ARGUMENT, call.name,
+                      "channels reach the attention mask of scaled_dot_product_attention")
     if source in maps:  # k or v: into the expanded space first
         state = forward_through(maps[source], shapes[source], state)
         if state is None:
             return []
-    _check_head_grid(state, letters[source], virtual[source], k[-3], groups)
+    _check_head_grid(state, letters[source], virtual[source], k[-3], groups, call.name)
     results = []
     for target in (0, 1, 2, "out"):
         if target == source:
@@ -401,7 +403,7 @@ def _grouped_query_attention(call, operand, state):
     return results
 
 
-def _check_head_grid(state, letters, shape, kv_heads, groups):
+def _check_head_grid(state, letters, shape, kv_heads, groups, name=None):
     """Removed q heads must leave every k/v head serving the same number of q heads (a product grid)."""
     head_dim = len(shape) - 3
     heads = through_letters(state, letters, shape, [letters[head_dim]], (shape[head_dim],))
@@ -412,6 +414,7 @@ def _check_head_grid(state, letters, shape, kv_heads, groups):
     grid = kept.view(kv_heads, groups)
     if bool(kept.any()) and not torch.equal(grid, grid.any(1, keepdim=True) & grid.any(0, keepdim=True)):
         raise Blocked(
+            RefusalKind.GROUPED_QUERY, name,
             "grouped-query attention: removed query heads must be whole key/value groups or the same position "
             "in every group, so each key/value head keeps serving as many query heads"
         )
@@ -427,11 +430,11 @@ def _repeat_heads(shape, groups):
 # -- lettered ops ----------------------------------------------------------------------------------
 def _lettered(call, operand, state, letters):
     if letters is None:
-        raise Blocked(f"'{call.name}' changes the shape of channels it does not name")
+        raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name, f"'{call.name}' changes the shape of channels it does not name")
     shapes = call.in_shapes + call.out_shapes
     source_letters = letters[operand]
     if source_letters is None:
-        raise Blocked(f"'{call.name}' operand {operand} cannot carry channels")
+        raise Blocked(RefusalKind.UNPRUNABLE_ARGUMENT, call.name, f"'{call.name}' operand {operand} cannot carry channels")
     results = []
     for other, other_letters in enumerate(letters):
         if other == operand or other_letters is None:
@@ -448,7 +451,7 @@ def _check_not_dropped(call, operand, state, source_letters, letters):
     """A state whose letters vanish everywhere is fine only for contractions and reductions."""
     if call.name in REDUCTIONS or call.name in MATMULS:
         return
-    raise Blocked(f"'{call.name}' changes the size of the channel dim {state.dims}")
+    raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name, f"'{call.name}' changes the size of the channel dim {state.dims}")
 
 
 def _right_aligned(shape, tail_letters, prefix):

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..graph.dependency import DependencyGraph
 from ..graph.group import Group
+from ..graph.refusal import Refusal, RefusalKind
 from ..graph.side import Side, side_of_pruning_fn
 from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
@@ -119,6 +120,12 @@ class BasePruner(HeadPlanner):
             self.layer_init_in_ch[module] = self.DG._safe_channels(node, Side.IN)
         self.init_num_heads = dict(self.num_heads)
         self._initial_groups = None
+        #: this step's up-front importance of every candidate group, by root (see _prescore)
+        self._scores: dict = {}
+        #: why _choose's last candidate was refused (the most symmetric one tried)
+        self._refusal: Refusal | None = None
+        self._parent_of: dict | None = None  # module -> its parent, built on first use
+        self._reset_head_notes()
 
     # -- scopes and targets --------------------------------------------------------------------------
     def _init_scopes(self, pruning_ratio_dict, head_pruning_ratio_dict):
@@ -340,7 +347,7 @@ class BasePruner(HeadPlanner):
 
     def _importance(self, group: Group) -> torch.Tensor | None:
         """The step's up-front score of a group; scored afresh only if whole heads changed its width."""
-        imp = getattr(self, "_scores", {}).get(_root_key(group))
+        imp = self._scores.get(_root_key(group))
         if imp is not None and len(imp) == len(group[0].idxs):
             return imp
         return self.estimate_importance(group)
@@ -366,7 +373,7 @@ class BasePruner(HeadPlanner):
             if chosen is not None:
                 yield chosen
             elif not self.prune_num_heads and self._is_head_group(group):
-                self._heads_narrow_refused.append(f"{self.DG._name(root)} ({self._refusal})")
+                self._heads_narrow_refused.append((self.DG._name(root), self._refusal))
 
     def _accepts(self, candidate: Group, idxs: torch.Tensor) -> bool:
         """Prunable, and exactly the planned root channels: a product (q * k) can pull in more of the
@@ -379,7 +386,7 @@ class BasePruner(HeadPlanner):
         When none is accepted, ``self._refusal`` keeps the graph's reason for the most symmetric candidate.
         """
         root = group[0]
-        self._refusal = "no candidate"
+        self._refusal = Refusal(RefusalKind.NO_CANDIDATE, root.dep.target.name, "no candidate")
         for blocks in _block_candidates(channel_groups, len(imp), n_prune):
             idxs = self._select(group, imp.detach().cpu(), n_prune - n_prune % blocks, blocks)
             if len(idxs) == 0:
@@ -496,12 +503,14 @@ def _block_candidates(channel_groups: int, total: int, n_prune: int, limit: int 
             yield blocks
 
 
-def _refusal(candidate: Group, idxs: torch.Tensor) -> str:
+def _refusal(candidate: Group, idxs: torch.Tensor) -> Refusal:
     if candidate.blocked:
         return candidate.blocked[0]
+    root = candidate[0].dep.target.name
     if len(candidate[0].idxs) != len(idxs):
-        return f"the graph widens {len(idxs)} planned channels to {len(candidate[0].idxs)}"
-    return "a layer would lose every channel"
+        return Refusal(RefusalKind.WIDENED, root,
+                       f"the graph widens {len(idxs)} planned channels to {len(candidate[0].idxs)}")
+    return Refusal(RefusalKind.CHECK_FAILED, root, "a layer would lose every channel")
 
 
 def _root_key(group: Group) -> tuple:

@@ -9,16 +9,24 @@ from typing import Iterator
 import torch
 
 from ..graph.group import Group
+from ..graph.refusal import Refusal
 from ..graph.side import Side
 
 
-def subset_may_pass(reason: str) -> bool:
+def subset_may_pass(reason: Refusal) -> bool:
     """Whether a reason a group is refused at full width may not apply to a symmetric subset of it."""
-    return "spells out the size" in reason or "regroup" in reason or "but channels arrive on dim" in reason
+    return reason.kind.may_pass_for_subset
 
 
 class HeadPlanner:
     """Mixin of BasePruner: ``prune_num_heads`` planning and the warnings about untouched attention."""
+
+    def _reset_head_notes(self) -> None:
+        """What the warnings of a step name; reset when a step is planned."""
+        #: attention roots whose heads no removal could take: (root, side, width, heads, head_dim)
+        self._heads_refused: list[tuple] = []
+        #: head groups the graph refused to narrow: (root path, the refusal)
+        self._heads_narrow_refused: list[tuple[str, Refusal]] = []
 
     def _is_head_group(self, group: Group) -> bool:
         """Channels that attention splits into heads: blocked at full width (a head count or head_dim is
@@ -28,11 +36,11 @@ class HeadPlanner:
     def _warn_heads_refused(self) -> None:
         """Name the attention layers that prune_num_heads could not touch and nothing else narrowed."""
         untouched = []
-        for root, side, total, heads, head_dim in getattr(self, "_heads_refused", []):
+        for root, side, total, heads, head_dim in self._heads_refused:
             width = (self.DG.get_out_channels if side is Side.OUT else self.DG.get_in_channels)(root)
             if width == total:
                 untouched.append(f"{self.DG._name(root)} ({heads} blocks of {head_dim} channels)")
-        narrow = getattr(self, "_heads_narrow_refused", [])
+        narrow = [f"{name} ({refusal})" for name, refusal in self._heads_narrow_refused]
         if narrow:
             warnings.warn(
                 "prune_head_dims: the graph refused to narrow the heads of " + "; ".join(narrow)
@@ -57,7 +65,7 @@ class HeadPlanner:
                                             root_module_types=self.root_module_types, include_blocked=True):
             hard = [reason for reason in group.blocked if not subset_may_pass(reason)]
             if hard and self._is_head_group(group):
-                self._heads_narrow_refused.append(f"{self.DG._name(group[0].dep.target.module)} ({hard[0]})")
+                self._heads_narrow_refused.append((self.DG._name(group[0].dep.target.module), hard[0]))
 
     def _plan_whole_heads(self) -> Iterator[Group]:
         """With ``prune_num_heads``: groups that cannot lose arbitrary channels may lose whole heads.
@@ -66,8 +74,7 @@ class HeadPlanner:
         attention module's own ``head_dim``); grouped-query attention needs whole key/value groups, so
         ever larger multiples are tried until the graph accepts one.
         """
-        self._heads_refused = []
-        self._heads_narrow_refused = []
+        self._reset_head_notes()
         if not self.prune_num_heads:
             return
         for group, root, total, head_dim in self._head_candidates():
@@ -117,7 +124,7 @@ class HeadPlanner:
         return None
 
     def _parents(self) -> dict:
-        if not hasattr(self, "_parent_of"):
+        if self._parent_of is None:
             self._parent_of = {child: module for module in self.model.modules() for child in module.children()}
         return self._parent_of
 

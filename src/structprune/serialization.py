@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .adapters import sync_attributes
+from .graph.snapshot import Snapshot
 
 FORMAT_NAME = "structprune.pruned"
 FORMAT_VERSION = 1
@@ -376,7 +377,7 @@ def _owner_path(tensor_name: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 def _apply_plan(model: nn.Module, plan: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Resize tensors, restore attributes and sync model-level attributes; all or nothing."""
-    snapshot = _snapshot(model, plan)
+    snapshot = Snapshot([model])
     try:
         with torch.no_grad():
             _load_tensors(model, plan, tensors)
@@ -384,7 +385,7 @@ def _apply_plan(model: nn.Module, plan: dict, tensors: dict[str, torch.Tensor]) 
         sync_attributes(model)
         _refresh_rnns(model)
     except BaseException:
-        _restore(snapshot)
+        snapshot.restore()
         # Recompute adapter attributes from the restored shapes; the original error is what matters.
         with contextlib.suppress(Exception):
             sync_attributes(model)
@@ -433,36 +434,6 @@ def _refresh_rnns(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.RNNBase):
             module.flatten_parameters()
-
-
-def _snapshot(model: nn.Module, plan: dict) -> list[tuple]:
-    """What _apply_plan may change: tensor data and grads (by reference, not copied) and attributes."""
-    saved: list[tuple] = []
-    for name, (tensor, kind) in _named_tensors(model).items():
-        owner_path, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_path)
-        if kind == "parameter":
-            saved.append(("parameter", tensor, tensor.data, tensor.grad))
-        else:
-            saved.append(("buffer", owner, attr, tensor))
-    for module in model.modules():
-        saved.append(("attrs", module, {k: v for k, v in vars(module).items() if k in RECORDED_ATTRIBUTES}))
-    return saved
-
-
-def _restore(saved: list[tuple]) -> None:
-    for record in saved:
-        if record[0] == "parameter":
-            _, param, data, grad = record
-            param.data = data
-            param.grad = grad
-        elif record[0] == "buffer":
-            _, owner, attr, tensor = record
-            setattr(owner, attr, tensor)
-        else:
-            _, module, attrs = record
-            for attr, value in attrs.items():
-                setattr(module, attr, value)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from ..layers.declarations import DEFAULT_PRUNERS, ParameterPruner, find_pruner
 from .group import Group, Node, is_in_channel_pruning_fn, is_out_channel_pruning_fn, item_axes  # noqa: F401
 from .discovery import IN, OUT, GroupFinder
 from .side import Side, side_of_pruning_fn
-from .snapshot import Snapshot
+from .snapshot import Checkpoint, Snapshot
 from ..utils.nested import call_model
 from .trace import LAYER_SIZE_NAMES, Call, Tracer, _flatten, followed_sizes
 
@@ -463,6 +463,18 @@ class DependencyGraph(GroupFinder):
                 position_map = torch.full((original_count,), -1, dtype=torch.long)
                 position_map[alive] = torch.arange(len(alive))
                 self._position_maps[key] = position_map
+
+    def checkpoint(self) -> Checkpoint:
+        """The model's state and the graph's channel bookkeeping now; ``restore()`` undoes every group
+        pruned since."""
+        alive, position_maps, history = dict(self._alive), dict(self._position_maps), len(self._history)
+
+        def restore_graph():
+            self._alive = dict(alive)
+            self._position_maps = dict(position_maps)
+            del self._history[history:]
+
+        return Checkpoint(Snapshot([self.model]), restore_graph)
 
     def _record(self, node: Node, side: Side, idxs):
         self._history.append((node.name, side is OUT, [int(i) for i in idxs]))

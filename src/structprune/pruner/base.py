@@ -11,6 +11,7 @@ from torch import nn
 from ..graph.dependency import DependencyGraph
 from ..graph.group import Group
 from ..graph.refusal import Refusal, RefusalKind
+from ..graph.snapshot import Checkpoint
 from ..graph.side import Side, side_of_pruning_fn
 from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
@@ -275,8 +276,8 @@ class BasePruner(HeadPlanner):
             )
         return plans
 
-    def _checkpoint(self) -> "_PrunerCheckpoint":
-        return _PrunerCheckpoint(self)
+    def _checkpoint(self) -> Checkpoint:
+        return self.DG.checkpoint()
 
     def _interactive(self, plan, optimizer) -> Iterator[Group]:
         sizes = self._sizes()
@@ -468,26 +469,6 @@ class BasePruner(HeadPlanner):
 
 
 MetaPruner = BasePruner
-
-
-class _PrunerCheckpoint:
-    """Model tensors and attributes plus the graph's bookkeeping, to undo part of a step."""
-
-    def __init__(self, pruner: BasePruner):
-        from ..graph.snapshot import Snapshot
-
-        self.pruner = pruner
-        self.snapshot = Snapshot(list(pruner.model.modules()))
-        self.alive = dict(pruner.DG._alive)
-        self.position_maps = dict(pruner.DG._position_maps)
-        self.history = len(pruner.DG._history)
-
-    def restore(self) -> None:
-        self.snapshot.restore()
-        graph = self.pruner.DG
-        graph._alive = dict(self.alive)
-        graph._position_maps = dict(self.position_maps)
-        del graph._history[self.history:]
 
 
 def _block_candidates(channel_groups: int, total: int, n_prune: int, limit: int = 24):

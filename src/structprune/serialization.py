@@ -50,19 +50,15 @@ from torch import nn
 
 from .adapters import sync_attributes
 from .graph.snapshot import Snapshot
+from .layers.registry import RECORDED_SIZE_NAMES
 
 FORMAT_NAME = "structprune.pruned"
 FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
 
-#: Size attributes recorded for every module that has them (and restored on load). Only plain
-#: instance attributes holding an int or a sequence of ints are recorded.
-RECORDED_ATTRIBUTES: tuple[str, ...] = (
-    "out_channels", "in_channels", "groups", "out_features", "in_features", "num_features",
-    "num_channels", "normalized_shape", "embedding_dim", "num_parameters", "embed_dim", "kdim", "vdim",
-    "head_dim", "num_heads", "hidden_size", "input_size",
-)
+#: Size attributes recorded for every module that has them (and restored on load); see layers/registry.py
+RECORDED_ATTRIBUTES: tuple[str, ...] = RECORDED_SIZE_NAMES
 
 _KINDS = ("parameter", "buffer")
 _MISSING = object()

@@ -8,12 +8,13 @@ from torch import nn
 
 from ..layers.base import BasePruningFunc, as_index_tensor, pruning_once, validate_idxs
 from ..layers.declarations import DEFAULT_PRUNERS, ParameterPruner, find_pruner
+from ..layers.registry import LAYER_SIZE_NAMES, LayerRole, layer_types
 from .group import Group, Node, is_in_channel_pruning_fn, is_out_channel_pruning_fn, item_axes  # noqa: F401
 from .discovery import IN, OUT, GroupFinder
 from .side import Side, side_of_pruning_fn
 from .snapshot import Checkpoint, Snapshot
 from ..utils.nested import call_model
-from .trace import LAYER_SIZE_NAMES, Call, Tracer, _flatten, followed_sizes
+from .trace import Call, Tracer, _flatten, followed_sizes
 
 
 
@@ -366,9 +367,7 @@ class DependencyGraph(GroupFinder):
         rotary embeddings pin the head dims).
         """
         ignored = list(ignored_layers or []) + list(self.IGNORED_LAYERS)
-        from ..layers.declarations import default_root_types
-
-        types = tuple(root_module_types) if root_module_types else default_root_types()
+        types = tuple(root_module_types) if root_module_types else layer_types(LayerRole.ROOT)
         covered = set()
         for module, node in self.module2node.items():
             if isinstance(module, nn.Parameter) or not isinstance(module, types):

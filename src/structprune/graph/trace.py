@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..layers.registry import LAYER_SIZE_NAMES  # noqa: F401  (its older home)
+
 
 @dataclass(eq=False)
 class Call:
@@ -97,11 +99,6 @@ class FollowedSize(int):
 
     def __rfloordiv__(self, other):
         return self._wrap(int.__rfloordiv__(self, other))
-
-
-#: size attributes the pruning functions of declared layers rewrite
-LAYER_SIZE_NAMES = ("in_channels", "out_channels", "in_features", "out_features", "num_features",
-                    "embedding_dim", "embed_dim", "num_channels", "hidden_size", "input_size")
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ from .declarations import (
     DEFAULT_PRUNERS,
     OPTIONAL_LINEAR_LIKE,
     OPTIONAL_PRUNERS,
-    ROOT_TYPES,
     ActivationPruner,
     BatchnormPruner,
     Conv1DPruner,
@@ -23,9 +22,21 @@ from .declarations import (
     PReLUPruner,
     TorchvisionMaxVitAttentionPruner,
     TorchvisionSwinAttentionPruner,
-    default_root_types,
     find_pruner,
     optional_linear_types,
     register_optional_layers,
+)
+from .registry import (
+    FORWARD_SIZE_NAMES,
+    LAYER_SIZE_NAMES,
+    RECORDED_SIZE_NAMES,
+    ROLE_TYPES,
+    ROOT_TYPES,
+    SIZE_ATTRIBUTES,
+    LayerRole,
+    SizeAttribute,
+    default_root_types,
+    layer_types,
+    resolve_layer_types,
 )
 from .functions import *  # noqa: F401,F403  (the documented prune_* names)

@@ -14,7 +14,7 @@ from ..graph.refusal import Refusal, RefusalKind
 from ..graph.snapshot import Checkpoint
 from ..graph.side import Side, side_of_pruning_fn
 from ..layers.base import as_index_tensor
-from ..layers.declarations import default_root_types
+from ..layers.registry import LayerRole, layer_types
 from ..utils.nested import call_model, evaluating
 from .diagnose import explain, layer_widths, size_attributes, stale_attributes
 from .heads import HeadPlanner, subset_may_pass
@@ -95,7 +95,7 @@ class BasePruner(HeadPlanner):
         self.prune_num_heads = prune_num_heads
         self.prune_head_dims = prune_head_dims
         self.head_pruning_ratio = head_pruning_ratio
-        self.root_module_types = tuple(root_module_types) if root_module_types else default_root_types()
+        self.root_module_types = tuple(root_module_types) if root_module_types else layer_types(LayerRole.ROOT)
         self.forward_fn = forward_fn
         self.output_transform = output_transform
         self.verify = verify

@@ -3,11 +3,16 @@
 Every recorded function call is classified once into a kind; each kind maps a channel state on one
 operand to states on the others (inputs first, then outputs). Movement ops (cat, split, view, permute,
 expand, indexing...) are replayed on integer labels, so their index maps are exact by construction.
+
+A kind is registered on its index map with :func:`op_kind`, naming the ops it handles; a new op is one
+more name there, a new kind one more decorated function.
 """
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -15,37 +20,67 @@ from .channels import ChannelState, backward_through, forward_through, through_l
 from .refusal import Blocked, RefusalKind
 from .trace import Call, FollowedSize
 
-MOVEMENT = {
-    "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "split", "split_with_sizes",
-    "tensor_split", "chunk", "unbind", "narrow", "select", "__getitem__", "index_select", "view", "reshape",
-    "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose", "transpose_", "t", "T", "mT",
-    "movedim", "moveaxis", "swapaxes", "swapdims", "expand", "expand_as", "broadcast_to", "repeat",
-    "repeat_interleave", "tile", "flip", "roll", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
-    "native_channel_shuffle", "view_as", "reshape_as", "unfold", "gather", "take_along_dim", "squeeze_",
-    "unsqueeze_", "contiguous", "clone", "as_strided",
-}
-REDUCTIONS = {
-    "sum", "mean", "amax", "amin", "max", "min", "norm", "var", "std", "prod", "logsumexp", "nansum",
-    "nanmean", "var_mean", "std_mean", "median", "nanmedian",
-}
-MATMULS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum", "scaled_dot_product_attention",
-           "linear", "conv1d", "conv2d", "conv3d"}
+IndexMap = Callable[[Call, int, ChannelState], "list[tuple[int, ChannelState]]"]
+
+
+@dataclass(frozen=True)
+class OpKind:
+    """What an op does to the channel axis, and the pure index map that says it exactly."""
+
+    name: str
+    #: the op names (function or method names as traced) of this kind; empty for a fallback kind
+    op_names: frozenset
+    index_map: IndexMap
+    #: a narrower test than the name (grouped-query SDPA); kinds with one are tried first
+    applies: Callable[[Call], bool] | None = None
+    #: channels may vanish from every other operand (contractions, reductions) without a refusal
+    contracts: bool = False
+
+
+#: every registered kind, in registration order
+OP_KINDS: list[OpKind] = []
+_BY_OP_NAME: dict[str, list[OpKind]] = {}
+_FALLBACKS: list[OpKind] = []
+
+
+def op_kind(name: str, op_names=(), applies: Callable[[Call], bool] | None = None,
+            contracts: bool = False) -> Callable[[IndexMap], IndexMap]:
+    """Register the decorated index map as op kind ``name`` for ``op_names`` (none: a fallback, tried in
+    registration order on ops no named kind claims, each with its ``applies`` test)."""
+
+    def register(index_map: IndexMap) -> IndexMap:
+        kind = OpKind(name, frozenset(op_names), index_map, applies, contracts)
+        OP_KINDS.append(kind)
+        if not kind.op_names:
+            _FALLBACKS.append(kind)
+        for op in kind.op_names:
+            kinds = _BY_OP_NAME.setdefault(op, [])
+            kinds.append(kind)
+            kinds.sort(key=lambda k: k.applies is None)  # stable: conditional kinds first
+        return index_map
+
+    return register
+
+
+def kind_of(call: Call) -> OpKind:
+    """The kind of a recorded call, found once and cached on it."""
+    kind = call.cache.get("kind")
+    if kind is None:
+        kind = _classify(call)
+        call.cache["kind"] = kind
+    return kind
+
+
+def _classify(call: Call) -> OpKind:
+    for kind in _BY_OP_NAME.get(call.name, []) + _FALLBACKS:
+        if kind.applies is None or kind.applies(call):
+            return kind
+    raise LookupError(f"no op kind claims '{call.name}'")  # the last fallback applies to every call
 
 
 def relate(call: Call, operand: int, state: ChannelState) -> list[tuple[int, ChannelState]]:
     """Channel states on every other operand of ``call`` implied by ``state`` on ``operand``."""
-    name = call.name
-    if name in MOVEMENT:
-        return _movement(call, operand, state)
-    if name == "scaled_dot_product_attention" and _is_grouped_query(call):
-        return _grouped_query_attention(call, operand, state)
-    if name in MATMULS:
-        return _lettered(call, operand, state, _matmul_letters(call))
-    if name in REDUCTIONS:
-        return _lettered(call, operand, state, _reduction_letters(call))
-    if _is_broadcast(call):
-        return _elementwise(call, operand, state)
-    return _lettered(call, operand, state, _same_size_letters(call))
+    return kind_of(call).index_map(call, operand, state)
 
 
 # -- elementwise -----------------------------------------------------------------------------------
@@ -63,6 +98,7 @@ def _compute_is_broadcast(call: Call) -> bool:
     return all(tuple(out) == tuple(shape) for out in call.out_shapes)
 
 
+@op_kind("elementwise", applies=_is_broadcast)
 def _elementwise(call, operand, state):
     shapes = call.in_shapes + call.out_shapes
     out_shape = tuple(call.out_shapes[0])
@@ -107,6 +143,18 @@ def _broadcast_map(shape, out_shape):
 
 
 # -- movement --------------------------------------------------------------------------------------
+MOVEMENT = {
+    "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "split", "split_with_sizes",
+    "tensor_split", "chunk", "unbind", "narrow", "select", "__getitem__", "index_select", "view", "reshape",
+    "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose", "transpose_", "t", "T", "mT",
+    "movedim", "moveaxis", "swapaxes", "swapdims", "expand", "expand_as", "broadcast_to", "repeat",
+    "repeat_interleave", "tile", "flip", "roll", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    "native_channel_shuffle", "view_as", "reshape_as", "unfold", "gather", "take_along_dim", "squeeze_",
+    "unsqueeze_", "contiguous", "clone", "as_strided",
+}
+
+
+@op_kind("movement", MOVEMENT)
 def _movement(call, operand, state):
     return _movement_unchecked(call, operand, state)
 
@@ -363,6 +411,7 @@ def _is_grouped_query(call) -> bool:
     return len(q) >= 3 and len(k) >= 3 and q[-3] != k[-3]
 
 
+@op_kind("grouped-query attention", {"scaled_dot_product_attention"}, applies=_is_grouped_query)
 def _grouped_query_attention(call, operand, state):
     """SDPA with enable_gqa: each k/v head serves q_heads / kv_heads consecutive q heads.
 
@@ -428,6 +477,24 @@ def _repeat_heads(shape, groups):
 
 
 # -- lettered ops ----------------------------------------------------------------------------------
+MATMULS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum", "scaled_dot_product_attention",
+           "linear", "conv1d", "conv2d", "conv3d"}
+REDUCTIONS = {
+    "sum", "mean", "amax", "amin", "max", "min", "norm", "var", "std", "prod", "logsumexp", "nansum",
+    "nanmean", "var_mean", "std_mean", "median", "nanmedian",
+}
+
+
+@op_kind("matmul", MATMULS, contracts=True)
+def _matmul(call, operand, state):
+    return _lettered(call, operand, state, _matmul_letters(call))
+
+
+@op_kind("reduction", REDUCTIONS, contracts=True)
+def _reduction(call, operand, state):
+    return _lettered(call, operand, state, _reduction_letters(call))
+
+
 def _lettered(call, operand, state, letters):
     if letters is None:
         raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name, f"'{call.name}' changes the shape of channels it does not name")
@@ -449,7 +516,7 @@ def _lettered(call, operand, state, letters):
 
 def _check_not_dropped(call, operand, state, source_letters, letters):
     """A state whose letters vanish everywhere is fine only for contractions and reductions."""
-    if call.name in REDUCTIONS or call.name in MATMULS:
+    if kind_of(call).contracts:
         return
     raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name, f"'{call.name}' changes the size of the channel dim {state.dims}")
 
@@ -542,6 +609,12 @@ def _reduction_letters(call):
         l for d, l in enumerate(letters) if d not in reduced]
     outputs = [out if len(s) == len(out) else None for s in call.out_shapes]
     return [letters] + [None] * (len(call.in_shapes) - 1) + outputs
+
+
+@op_kind("same size")
+def _same_size(call, operand, state):
+    """Unknown op (pooling, interpolate, pad...): the last fallback, it claims every call."""
+    return _lettered(call, operand, state, _same_size_letters(call))
 
 
 def _same_size_letters(call):

@@ -12,9 +12,10 @@ from ..layers.registry import LAYER_SIZE_NAMES, LayerRole, layer_types
 from .group import Group, Node, is_in_channel_pruning_fn, is_out_channel_pruning_fn, item_axes  # noqa: F401
 from .discovery import IN, OUT, GroupFinder
 from .side import Side, side_of_pruning_fn
+from .hooks import hooks_for, removed_outputs
 from .snapshot import Checkpoint, Snapshot
-from ..utils.nested import call_model
-from .trace import Call, Tracer, _flatten, followed_sizes
+from ..utils.nested import call_model, flatten_as_list
+from .trace import Call, Tracer, followed_sizes
 
 
 
@@ -108,10 +109,8 @@ class DependencyGraph(GroupFinder):
         self._param_names = {param: name for name, param in model.named_parameters(remove_duplicate=False)}
         self._buffer_ids = {id(buffer) for buffer in model.buffers()}
         self._unwrapped_dims = _normalise_unwrapped(unwrapped_parameters)
-        from ..adapters import matching_modules
-
-        self._adapted_modules = matching_modules(model)
-        followed = [(module, adapter.follows) for module, adapter in self._adapted_modules]
+        self._hooks = hooks_for(model)
+        followed = [pair for hook in self._hooks for pair in hook.follows]
         followed += [(module, LAYER_SIZE_NAMES) for module in self.module2name if self._is_declared(module)]
         with followed_sizes(followed):
             self._trace(model, example_inputs, forward_fn, output_transform)
@@ -150,7 +149,7 @@ class DependencyGraph(GroupFinder):
             model.train(was_training)
         if output_transform is not None:
             output = output_transform(output)
-        leaves = [tensor for _, tensor in _flatten(output, []) if isinstance(tensor, torch.Tensor)]
+        leaves = flatten_as_list(output)
         roots = [tensor for tensor in leaves if tensor.grad_fn is not None]
         if not roots:
             raise RuntimeError(
@@ -447,10 +446,9 @@ class DependencyGraph(GroupFinder):
         except BaseException:
             snapshot.restore()
             raise
-        from ..adapters import removed_outputs, sync_attributes
-
-        # the removed indices tell an attention adapter fewer heads from narrower heads
-        sync_attributes(self.model, self._adapted_modules, removed_outputs(group))
+        removed = removed_outputs(group)
+        for hook in self._hooks:
+            hook.after_apply(removed)
         for item in group:
             key = (item.dep.target.module, item.side)
             if key in self._alive:

@@ -15,10 +15,13 @@ from functools import lru_cache
 from typing import Callable
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .channels import ChannelState, backward_through, forward_through, through_letters
 from .refusal import Blocked, RefusalKind
-from .trace import Call, FollowedSize
+from .signatures import argument, shape_argument
+from ..utils.nested import flatten_as_list
+from .trace import Call, FollowedSize, rebuild
 
 IndexMap = Callable[[Call, int, ChannelState], "list[tuple[int, ChannelState]]"]
 
@@ -171,11 +174,7 @@ def fixed_reshape_dims(call: Call, state: ChannelState, shape) -> list[int]:
     """
     if call.name not in RESHAPES:
         return []
-    requested = [a for a in call.args[1:] if a is not None]
-    if len(requested) == 1 and isinstance(requested[0], (tuple, list)):
-        requested = list(requested[0])
-    if "shape" in call.kwargs:
-        requested = list(call.kwargs["shape"])
+    requested = shape_argument(call)
     if len(requested) != len(shape) or not all(isinstance(a, int) for a in requested):
         return []
     sizes = [shape[d] for d in state.dims]
@@ -255,7 +254,7 @@ def _fast_concat_or_split(call, operand, state):
     if dim is None or any(len(p) != len(whole) for p in pieces):
         return None
     if call.name == "narrow":
-        start = call.args[2] if len(call.args) > 2 else call.kwargs.get("start")
+        start = argument(call, "start")
         offsets = [int(start)]
     else:
         offsets = [0]
@@ -296,7 +295,7 @@ def shifts_channels(call: Call, state: ChannelState) -> bool:
     along one dim keeps row-major order, so the flattened outputs must be equal). Sizes that follow the
     pruning (adapter-followed attributes) are not literal: such calls are left to the element maps.
     """
-    if call.name not in PIECEWISE or len(state.dims) != 1 or _has_followed_size((call.args, call.kwargs)):
+    if call.name not in PIECEWISE or len(state.dims) != 1 or _has_followed_size(call):
         return False
     floats = [i for i in range(len(call.inputs)) if call.inputs[i] is not None and _is_float(call, i)]
     if floats != [0]:
@@ -327,31 +326,21 @@ def shifts_channels(call: Call, state: ChannelState) -> bool:
 
 
 def _replay_on(call: Call, labels: torch.Tensor) -> list[torch.Tensor]:
-    args, kwargs = _rebuild((call.args, call.kwargs), {call.input_slots[0]: labels}, ())
-    from .trace import _flatten
-
-    return [tensor for _, tensor in _flatten(call.target(*args, **kwargs), []) if isinstance(tensor, torch.Tensor)]
+    args, kwargs = rebuild((call.args, call.kwargs), {call.input_slots[0]: labels})
+    return flatten_as_list(call.target(*args, **kwargs))
 
 
-def _has_followed_size(obj) -> bool:
-    if isinstance(obj, FollowedSize):
-        return True
-    if isinstance(obj, slice):
-        return any(isinstance(bound, FollowedSize) for bound in (obj.start, obj.stop, obj.step))
-    if isinstance(obj, (list, tuple)):
-        return any(_has_followed_size(item) for item in obj)
-    if isinstance(obj, dict):
-        return any(_has_followed_size(item) for item in obj.values())
+def _has_followed_size(call: Call) -> bool:
+    """Whether an argument is a size that follows the pruning, alone or as a slice bound."""
+    for leaf in pytree.tree_leaves((call.args, call.kwargs)):
+        bounds = (leaf.start, leaf.stop, leaf.step) if isinstance(leaf, slice) else (leaf,)
+        if any(isinstance(bound, FollowedSize) for bound in bounds):
+            return True
     return False
 
 
 def _dim_argument(call, ndim):
-    if call.name in CONCATS:
-        dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", 0)
-    elif call.name == "narrow":
-        dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim")
-    else:
-        dim = call.args[2] if len(call.args) > 2 else call.kwargs.get("dim", 0)
+    dim = argument(call, "dim", None if call.name == "narrow" else 0)
     return dim % ndim if isinstance(dim, int) else None
 
 
@@ -370,9 +359,7 @@ def _correspondence(call: Call, source: int) -> list[torch.Tensor]:
         result = call.target(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - any failure means we cannot map this op
         raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name, f"cannot map channels through '{call.name}': {error}") from error
-    from .trace import _flatten
-
-    outputs = [tensor for _, tensor in _flatten(result, [])]
+    outputs = flatten_as_list(result)
     cache[source] = [tensor.reshape(tuple(shape)) for tensor, shape in zip(outputs, call.out_shapes)]
     return cache[source]
 
@@ -389,20 +376,7 @@ def _substitute(call, source):
             replaced[slot] = torch.arange(numel).view(shape)
         elif _is_float(call, index):
             replaced[slot] = torch.full(shape, -1, dtype=torch.long)
-    args, kwargs = _rebuild((call.args, call.kwargs), replaced, ())
-    return args, kwargs
-
-
-def _rebuild(obj, replaced, slot):
-    if slot in replaced:
-        return replaced[slot]
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_rebuild(item, replaced, slot + (i,)) for i, item in enumerate(obj))
-    if isinstance(obj, dict):
-        return {key: _rebuild(item, replaced, slot + (key,)) for key, item in obj.items()}
-    return obj
+    return rebuild((call.args, call.kwargs), replaced)
 
 
 # -- grouped-query attention ------------------------------------------------------------------------
@@ -539,7 +513,7 @@ def _matmul_letters(call):
         result = [x, ["o", "i"]] + ([["o"]] if len(shapes) > 2 else [])
         return result + [_right_aligned(call.out_shapes[0], ["o"], "B")]
     if name in ("conv1d", "conv2d", "conv3d"):
-        groups = call.args[6] if len(call.args) > 6 else call.kwargs.get("groups", 1)
+        groups = argument(call, "groups", 1)
         if groups != 1:
             return None
         spatial = len(shapes[0]) - 2
@@ -568,7 +542,8 @@ def _mm_letters(a, b, out):
 
 
 def _einsum_letters(call):
-    equation = call.args[0] if call.args and isinstance(call.args[0], str) else None
+    equation = argument(call, "equation")
+    equation = equation if isinstance(equation, str) else None
     if equation is None or "->" not in equation:
         return None
     lhs, rhs = equation.replace(" ", "").split("->")
@@ -589,10 +564,7 @@ def _einsum_letters(call):
 
 
 def _reduction_dims(call, ndim):
-    if call.name == "norm":
-        dim = call.kwargs.get("dim", call.args[2] if len(call.args) > 2 else None)
-    else:
-        dim = call.kwargs.get("dim", call.args[1] if len(call.args) > 1 else None)
+    dim = argument(call, "dim")
     if dim is None:
         return set(range(ndim))
     if isinstance(dim, int):
@@ -604,7 +576,7 @@ def _reduction_letters(call):
     shape = call.in_shapes[0]
     letters = list(string.ascii_letters[: len(shape)])
     reduced = _reduction_dims(call, len(shape))
-    keep = call.kwargs.get("keepdim", call.args[2] if len(call.args) > 2 and call.name != "norm" else False)
+    keep = argument(call, "keepdim", False)
     out = [("_" if d in reduced else l) for d, l in enumerate(letters)] if keep else [
         l for d, l in enumerate(letters) if d not in reduced]
     outputs = [out if len(s) == len(out) else None for s in call.out_shapes]

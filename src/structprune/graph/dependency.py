@@ -418,7 +418,7 @@ class DependencyGraph(GroupFinder):
             total = self._channels(item.dep.target, item.side)
             if total is not None and len(set(item.idxs)) >= total:
                 return False
-            if not isinstance(module, nn.Parameter) and not pruner.is_coupled(module):
+            if IN in item.dep.target.sides:  # a layer with inputs of its own: grouped convs check evenness
                 try:
                     pruner.check_structure(module, item.idxs, item.side.word)
                 except ValueError:
@@ -433,7 +433,7 @@ class DependencyGraph(GroupFinder):
             total = self._channels(item.dep.target, item.side)
             if total is not None:
                 validate_idxs(module, as_index_tensor(item.idxs), total, item.side.word, name=item.dep.target.name)
-            if not isinstance(module, nn.Parameter) and not pruner.is_coupled(module):
+            if IN in item.dep.target.sides:  # a layer with inputs of its own: grouped convs check evenness
                 try:
                     pruner.check_structure(module, item.idxs, item.side.word)
                 except ValueError as error:

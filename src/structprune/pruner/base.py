@@ -19,8 +19,10 @@ from ..utils.nested import call_model, evaluating
 from .diagnose import explain, layer_widths, size_attributes, stale_attributes
 from .heads import HeadPlanner, subset_may_pass
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
+from .options import PrunerOptions, check_ratio, split_ignored
 from .schedulers import linear_scheduler
 
+_OPTION_NAMES = frozenset(PrunerOptions.names())
 
 
 class BasePruner(HeadPlanner):
@@ -29,6 +31,8 @@ class BasePruner(HeadPlanner):
     ``pruning_ratio`` is the fraction of each group's original channels removed once all
     ``iterative_steps`` have run. Channel counts after a step are ``floor(original * (1 - ratio))``,
     at least one channel (or one channel group), rounded up to a multiple of ``round_to`` when given.
+    Every keyword is documented on :class:`~structprune.pruner.options.PrunerOptions`; ``self.options``
+    holds them as given (deprecated spellings resolved).
     """
 
     def __init__(
@@ -62,56 +66,44 @@ class BasePruner(HeadPlanner):
         ch_sparsity_dict: dict | None = None,
         verify: bool = True,
     ):
-        if ch_sparsity is not None:
-            warnings.warn("ch_sparsity is deprecated; use pruning_ratio", DeprecationWarning, stacklevel=2)
-            pruning_ratio = ch_sparsity
-        if ch_sparsity_dict is not None:
-            warnings.warn("ch_sparsity_dict is deprecated; use pruning_ratio_dict", DeprecationWarning, stacklevel=2)
-            pruning_ratio_dict = ch_sparsity_dict
-        if channel_groups:
-            warnings.warn("channel_groups is deprecated; use out_channel_groups", DeprecationWarning, stacklevel=2)
-            out_channel_groups = {**(out_channel_groups or {}), **channel_groups}
-        _check_ratio("pruning_ratio", pruning_ratio)
-        _check_ratio("head_pruning_ratio", head_pruning_ratio)
-        if not 0.0 < max_pruning_ratio <= 1.0:
-            raise ValueError(f"max_pruning_ratio must lie in (0, 1], got {max_pruning_ratio}")
-        if not isinstance(iterative_steps, int) or iterative_steps <= 0:
-            raise ValueError(f"iterative_steps must be a positive integer, got {iterative_steps!r}")
-        if round_to is not None and (not isinstance(round_to, int) or round_to <= 0):
-            raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
-        for key, ratio in (pruning_ratio_dict or {}).items():
-            _check_ratio(f"pruning_ratio_dict[{_describe(key)}]", ratio)
+        # the keywords map onto PrunerOptions one to one (a test keeps the signature and the fields equal)
+        options = PrunerOptions(**{name: value for name, value in locals().items() if name in _OPTION_NAMES})
+        for note in options.resolve_deprecated():
+            warnings.warn(note, DeprecationWarning, stacklevel=2)
+        options.validate()
+        self.options = options
 
         self.model = model
         self.example_inputs = example_inputs
-        self.importance = importance
-        self.global_pruning = global_pruning
-        self.pruning_ratio = pruning_ratio
-        self.max_pruning_ratio = max_pruning_ratio
-        self.iterative_steps = iterative_steps
-        self.iterative_pruning_ratio_scheduler = iterative_pruning_ratio_scheduler
-        self.round_to = round_to
-        self.isomorphic = isomorphic
-        self.prune_num_heads = prune_num_heads
-        self.prune_head_dims = prune_head_dims
-        self.head_pruning_ratio = head_pruning_ratio
-        self.root_module_types = tuple(root_module_types) if root_module_types else layer_types(LayerRole.ROOT)
-        self.forward_fn = forward_fn
-        self.output_transform = output_transform
-        self.verify = verify
+        self.importance = options.importance
+        self.global_pruning = options.global_pruning
+        self.pruning_ratio = options.pruning_ratio
+        self.max_pruning_ratio = options.max_pruning_ratio
+        self.iterative_steps = options.iterative_steps
+        self.iterative_pruning_ratio_scheduler = options.iterative_pruning_ratio_scheduler
+        self.round_to = options.round_to
+        self.isomorphic = options.isomorphic
+        self.prune_num_heads = options.prune_num_heads
+        self.prune_head_dims = options.prune_head_dims
+        self.head_pruning_ratio = options.head_pruning_ratio
+        roots = options.root_module_types
+        self.root_module_types = tuple(roots) if roots else layer_types(LayerRole.ROOT)
+        self.forward_fn = options.forward_fn
+        self.output_transform = options.output_transform
+        self.verify = options.verify
         self.current_step = 0
 
-        self.ignored_layers, ignored_params = _split_ignored(ignored_layers)
-        self.in_channel_groups = dict(in_channel_groups or {})
-        self.out_channel_groups = dict(out_channel_groups or {})
-        self.num_heads = dict(num_heads or {})
+        self.ignored_layers, ignored_params = split_ignored(options.ignored_layers)
+        self.in_channel_groups = dict(options.in_channel_groups or {})
+        self.out_channel_groups = dict(options.out_channel_groups or {})
+        self.num_heads = dict(options.num_heads or {})
 
         self.DG = DependencyGraph().build_dependency(
-            model, example_inputs, forward_fn=forward_fn, output_transform=output_transform,
-            unwrapped_parameters=unwrapped_parameters, customized_pruners=customized_pruners,
+            model, example_inputs, forward_fn=self.forward_fn, output_transform=self.output_transform,
+            unwrapped_parameters=options.unwrapped_parameters, customized_pruners=options.customized_pruners,
             ignored_layers=self.ignored_layers, ignored_params=ignored_params,
         )
-        self._init_scopes(pruning_ratio_dict, head_pruning_ratio_dict)
+        self._init_scopes(options.pruning_ratio_dict, options.head_pruning_ratio_dict)
         self.layer_init_out_ch = {}
         self.layer_init_in_ch = {}
         for module, node in self.DG.module2node.items():
@@ -120,7 +112,6 @@ class BasePruner(HeadPlanner):
             self.layer_init_out_ch[module] = self.DG._safe_channels(node, Side.OUT)
             self.layer_init_in_ch[module] = self.DG._safe_channels(node, Side.IN)
         self.init_num_heads = dict(self.num_heads)
-        self._initial_groups = None
         #: this step's up-front importance of every candidate group, by root (see _prescore)
         self._scores: dict = {}
         #: why _choose's last candidate was refused (the most symmetric one tried)
@@ -451,7 +442,7 @@ class BasePruner(HeadPlanner):
     def manual_prune_width(self, layer: nn.Module, pruning_fn, ratio_or_idxs) -> None:
         """Prune a layer's group by a ratio (lowest importance first) or by explicit indices."""
         if isinstance(ratio_or_idxs, float):
-            _check_ratio("ratio", ratio_or_idxs)
+            check_ratio("ratio", ratio_or_idxs)
             node = self.DG.module2node[layer]
             total = self.DG._channels(node, side_of_pruning_fn(pruning_fn))
             group = self.DG.get_pruning_group(layer, pruning_fn, list(range(total)))
@@ -500,27 +491,3 @@ def _root_key(group: Group) -> tuple:
 
 def _signature(group: Group) -> tuple:
     return tuple((type(item.dep.target.module).__name__, item.side) for item in group)
-
-
-def _check_ratio(name: str, ratio) -> None:
-    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {ratio!r}")
-
-
-def _describe(key) -> str:
-    return type(key).__name__ if not isinstance(key, (tuple, list)) else "(" + ", ".join(type(k).__name__ for k in key) + ")"
-
-
-def _split_ignored(ignored) -> tuple[list, list]:
-    layers, params = [], []
-    for item in ignored or []:
-        if isinstance(item, nn.Parameter):
-            params.append(item)
-        elif isinstance(item, nn.Module) or isinstance(item, type):
-            layers.append(item)
-        else:
-            raise TypeError(
-                f"ignored_layers accepts modules, module types and nn.Parameters; got {type(item).__name__} "
-                f"({item!r})"
-            )
-    return layers, params

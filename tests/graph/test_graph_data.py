@@ -154,3 +154,21 @@ def test_graph_checkpoint_undoes_pruned_groups_and_their_numbering():
     assert sorted(item.idxs[0] for item in group) == [7] * len(group)
     group.prune()
     assert model(x).shape == (1, 4, 6, 6)
+
+
+def test_torch_pruning_names_kept_simple_and_loud():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3))
+    assert dict(graph.CUSTOMIZED_PRUNERS) == {}
+    custom = tp.layers.LinearPruner()
+    graph.register_customized_layer(model[0], custom)
+    assert dict(graph.CUSTOMIZED_PRUNERS) == {model[0]: custom}
+    with pytest.raises(TypeError):
+        graph.CUSTOMIZED_PRUNERS[nn.Linear] = custom  # register_customized_layer is the way in
+    node = graph.module2node[model[1]]
+    assert node.enable_index_mapping is True
+    with pytest.warns(UserWarning, match="enable_index_mapping=False is ignored"):
+        node.enable_index_mapping = False
+    group = graph.get_pruning_group(model[0], tp.prune_linear_out_channels, [1])
+    assert group.has_dep(group[1].dep) and group.has_pruning_op(group[1].dep, [1])
+    assert sorted(tp.layers.functions.__all__) == sorted(n for n in dir(tp) if n.startswith("prune_"))

@@ -27,10 +27,6 @@ class ChannelState:
             self.idxs, self.roots = self.idxs[order], self.roots[order]
 
 
-def empty_long() -> torch.Tensor:
-    return torch.empty(0, dtype=torch.long)
-
-
 def channel_labels(shape: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
     """Tensor of ``shape`` whose value is each element's flat channel index over ``dims``."""
     label = torch.zeros((), dtype=torch.long)

@@ -1,6 +1,7 @@
 """DependencyGraph: trace once, then find the coupled channels of any layer by walking channel states."""
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Callable, Iterable
 
 import torch
@@ -35,7 +36,6 @@ class DependencyGraph(GroupFinder):
 
     def __init__(self):
         self.REGISTERED_PRUNERS: dict = dict(DEFAULT_PRUNERS)
-        self.CUSTOMIZED_PRUNERS: dict = {}
         self.module2node: dict = {}
         self.module2name: dict = {}
         self._history: list = []
@@ -46,8 +46,14 @@ class DependencyGraph(GroupFinder):
     # -- registration --------------------------------------------------------------------------------
     def register_customized_layer(self, layer_type_or_instance, layer_pruner: BasePruningFunc):
         """Teach the graph a layer: a type (all its instances) or one module instance."""
-        self.CUSTOMIZED_PRUNERS[layer_type_or_instance] = layer_pruner
         self.REGISTERED_PRUNERS[layer_type_or_instance] = layer_pruner
+
+    @property
+    def CUSTOMIZED_PRUNERS(self) -> MappingProxyType:
+        """The pruners registered beyond the defaults (torch_pruning's name), read-only: register with
+        ``register_customized_layer``."""
+        return MappingProxyType({key: pruner for key, pruner in self.REGISTERED_PRUNERS.items()
+                                 if DEFAULT_PRUNERS.get(key) is not pruner})
 
     def get_pruner_of_module(self, module) -> BasePruningFunc | None:
         if isinstance(module, nn.Parameter):

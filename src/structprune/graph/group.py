@@ -1,6 +1,7 @@
 """Node, Dependency and Group: the torch_pruning-shaped view of coupled channels."""
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -29,7 +30,17 @@ class Node:
         self.pruning_dim = pruning_dim
         self.inputs: list[Node] = []
         self.outputs: list[Node] = []
-        self.enable_index_mapping = True
+
+    @property
+    def enable_index_mapping(self) -> bool:
+        """torch_pruning's switch for concat/split index mapping; structprune always maps indices exactly."""
+        return True
+
+    @enable_index_mapping.setter
+    def enable_index_mapping(self, value: bool) -> None:
+        if not value:
+            warnings.warn(f"{self.name}: enable_index_mapping=False is ignored; structprune maps the indices "
+                          f"of every op exactly, so there is nothing to switch off", stacklevel=2)
 
     @property
     def type(self):

@@ -26,17 +26,5 @@ from .declarations import (
     optional_linear_types,
     register_optional_layers,
 )
-from .registry import (
-    FORWARD_SIZE_NAMES,
-    LAYER_SIZE_NAMES,
-    RECORDED_SIZE_NAMES,
-    ROLE_TYPES,
-    ROOT_TYPES,
-    SIZE_ATTRIBUTES,
-    LayerRole,
-    SizeAttribute,
-    default_root_types,
-    layer_types,
-    resolve_layer_types,
-)
+from .registry import ROOT_TYPES, default_root_types  # size attributes and layer roles: layers/registry.py
 from .functions import *  # noqa: F401,F403  (the documented prune_* names)

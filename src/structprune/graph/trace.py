@@ -63,8 +63,9 @@ def flatten_args(obj) -> tuple[list, pytree.TreeSpec]:
         args, kwargs = obj
         return [*args, *kwargs.values()], _flat_spec(len(args), tuple(kwargs))
     leaves, spec = pytree.tree_flatten(obj, is_leaf=_is_none)
-    if any(container_contents(leaf) is not None for leaf in leaves):
-        plain = [leaf if container_contents(leaf) is None else container_contents(leaf) for leaf in leaves]
+    contents = [container_contents(leaf) for leaf in leaves]
+    if any(inner is not None for inner in contents):
+        plain = [leaf if inner is None else inner for leaf, inner in zip(leaves, contents)]
         return flatten_args(pytree.tree_unflatten(plain, spec))
     return leaves, spec
 

@@ -33,6 +33,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .graph.hooks import ModelHook, register_graph_hook, removed_outputs  # noqa: F401  (removed_outputs: its older home)
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -357,20 +359,6 @@ def matching_modules(model: nn.Module) -> list[tuple[nn.Module, Adapter]]:
     return [pair for pair in pairs if not pair[1].late] + [pair for pair in pairs if pair[1].late]
 
 
-def removed_outputs(group) -> dict:
-    """{layer: removed output channel indices} of a group about to be (or just) pruned, in the numbering
-    the group uses (current channels before the prune); what ``uses_removed`` adapters receive."""
-    from .graph.dependency import is_out_channel_pruning_fn
-
-    removed = {}
-    for item in group:
-        module = item.dep.target.module
-        coupled = not isinstance(module, nn.Parameter) and item.dep.target.pruner.is_coupled(module)
-        if isinstance(module, nn.Module) and (coupled or is_out_channel_pruning_fn(item.dep.handler)):
-            removed[module] = torch.as_tensor(item.idxs, dtype=torch.long)
-    return removed
-
-
 def sync_attributes(model: nn.Module, matches: list | None = None, removed: dict | None = None) -> list[str]:
     """Run every matching adapter; returns what was synced (for logs and tests).
 
@@ -385,3 +373,16 @@ def sync_attributes(model: nn.Module, matches: list | None = None, removed: dict
             adapter.sync(module)
         done.append(adapter.name)
     return done
+
+
+def _graph_hook(model: nn.Module) -> ModelHook | None:
+    """Every graph built for ``model`` syncs its adapters after each applied group; the removed indices tell
+    an attention adapter fewer heads from narrower heads."""
+    matches = matching_modules(model)  # module types do not change: found once per graph
+    if not matches:
+        return None
+    return ModelHook(lambda removed: sync_attributes(model, matches, removed),
+                     [(module, adapter.follows) for module, adapter in matches if adapter.follows])
+
+
+register_graph_hook(_graph_hook)

@@ -305,9 +305,7 @@ def _layer_label(node) -> str:
 
 
 def _coupled(group, limit: int = 8) -> str:
-    from .graph.dependency import is_out_channel_pruning_fn
-
-    names = [f"{item.dep.target.name}[{'out' if is_out_channel_pruning_fn(item.dep.handler) else 'in'}]"
+    names = [f"{item.dep.target.name}[{item.side}]"
              for item in list(group)[1:]]
     shown = ", ".join(names[:limit]) or "-"
     return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")

@@ -50,19 +50,16 @@ from torch import nn
 
 from .adapters import sync_attributes
 from .layers.axes import swap_data
+from .graph.snapshot import Snapshot
+from .layers.registry import RECORDED_SIZE_NAMES
 
 FORMAT_NAME = "structprune.pruned"
 FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
 
-#: Size attributes recorded for every module that has them (and restored on load). Only plain
-#: instance attributes holding an int or a sequence of ints are recorded.
-RECORDED_ATTRIBUTES: tuple[str, ...] = (
-    "out_channels", "in_channels", "groups", "out_features", "in_features", "num_features",
-    "num_channels", "normalized_shape", "embedding_dim", "num_parameters", "embed_dim", "kdim", "vdim",
-    "head_dim", "num_heads", "hidden_size", "input_size",
-)
+#: Size attributes recorded for every module that has them (and restored on load); see layers/registry.py
+RECORDED_ATTRIBUTES: tuple[str, ...] = RECORDED_SIZE_NAMES
 
 _KINDS = ("parameter", "buffer")
 _MISSING = object()
@@ -418,7 +415,7 @@ def _owner_path(tensor_name: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 def _apply_plan(model: nn.Module, plan: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Resize tensors, restore attributes and sync model-level attributes; all or nothing."""
-    snapshot = _snapshot(model, plan)
+    snapshot = Snapshot([model])
     try:
         with torch.no_grad():
             _load_tensors(model, plan, tensors)
@@ -427,7 +424,7 @@ def _apply_plan(model: nn.Module, plan: dict, tensors: dict[str, torch.Tensor]) 
         _refresh_rnns(model)
         _set_extras(model, plan)
     except BaseException:
-        _restore(snapshot)
+        snapshot.restore()
         # Recompute adapter attributes from the restored shapes; the original error is what matters.
         with contextlib.suppress(Exception):
             sync_attributes(model)
@@ -489,36 +486,6 @@ def _refresh_rnns(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.RNNBase):
             module.flatten_parameters()
-
-
-def _snapshot(model: nn.Module, plan: dict) -> list[tuple]:
-    """What _apply_plan may change: tensor data and grads (by reference, not copied) and attributes."""
-    saved: list[tuple] = []
-    for name, (tensor, kind) in _named_tensors(model).items():
-        owner_path, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_path)
-        if kind == "parameter":
-            saved.append(("parameter", tensor, tensor.data, tensor.grad))
-        else:
-            saved.append(("buffer", owner, attr, tensor))
-    for module in model.modules():
-        saved.append(("attrs", module, {k: v for k, v in vars(module).items() if k in RECORDED_ATTRIBUTES}))
-    return saved
-
-
-def _restore(saved: list[tuple]) -> None:
-    for record in saved:
-        if record[0] == "parameter":
-            _, param, data, grad = record
-            swap_data(param, data)
-            param.grad = grad
-        elif record[0] == "buffer":
-            _, owner, attr, tensor = record
-            setattr(owner, attr, tensor)
-        else:
-            _, module, attrs = record
-            for attr, value in attrs.items():
-                setattr(module, attr, value)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -480,3 +480,21 @@ def test_interactive_step_that_breaks_the_model_names_the_stale_attribute():
     with pytest.raises(RuntimeError, match=r"no longer runs.*hidden_size=8"):
         for group in pruner.step(interactive=True):
             group.prune()
+
+
+def test_every_keyword_is_documented_once_on_pruner_options():
+    """BasePruner's keywords and PrunerOptions' fields are the same names with the same defaults, in
+    torch_pruning's order, and each field carries a comment (the one place they are documented)."""
+    import inspect
+
+    from structprune.pruner.options import PrunerOptions
+
+    parameters = list(inspect.signature(tp.pruner.BasePruner.__init__).parameters.values())[3:]
+    fields = PrunerOptions.__dataclass_fields__
+    assert [p.name for p in parameters] == list(fields)
+    assert all(p.default == fields[p.name].default for p in parameters)
+    source = inspect.getsource(PrunerOptions)
+    assert all(f"#: " in source.split(f"    {name}:")[0].rsplit("\n", 2)[-2] for name in fields)
+    model, x = example()
+    pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.25, round_to=2)
+    assert pruner.options.pruning_ratio == 0.25 and pruner.options.round_to == 2 and pruner.round_to == 2

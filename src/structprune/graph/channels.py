@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class Blocked(Exception):
-    """These channels cannot be removed: they reach a constant, a model output, or an op we cannot map."""
+from .refusal import Blocked  # noqa: F401  (raised by the index maps; imported from here by older code)
 
 
 @dataclass
@@ -27,10 +25,6 @@ class ChannelState:
         if len(self.idxs) > 1 and not bool((self.idxs[1:] > self.idxs[:-1]).all()):
             order = torch.argsort(self.idxs)
             self.idxs, self.roots = self.idxs[order], self.roots[order]
-
-
-def empty_long() -> torch.Tensor:
-    return torch.empty(0, dtype=torch.long)
 
 
 def channel_labels(shape: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:

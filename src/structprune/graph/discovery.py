@@ -8,24 +8,26 @@ from torch import nn
 
 from ..layers.declarations import tensor_dims
 from . import ops
-from .channels import Blocked, ChannelState, squeeze_state, through_letters
+from .channels import ChannelState, squeeze_state, through_letters
 from .group import Dependency, Group, Node
+from .refusal import Blocked, Refusal, RefusalKind
+from .side import Side
 from .trace import Call
 
-OUT, IN = "out", "in"
+OUT, IN = Side.OUT, Side.IN
 
 
 class GroupFinder:
     """Mixin of DependencyGraph: needs ``values``, ``module2node``, ``_calls_of`` and ``_output_keys``."""
 
-    def _discover(self, node: Node, side: str, idxs: torch.Tensor, trigger) -> Group:
+    def _discover(self, node: Node, side: Side, idxs: torch.Tensor, trigger) -> Group:
         deps: dict = {}
         order: list = []
-        blocked: list[str] = []
+        blocked: list[Refusal] = []
         states: dict = {}
         queue: deque = deque()
 
-        def add_dep(target: Node, target_side: str, state: ChannelState):
+        def add_dep(target: Node, target_side: Side, state: ChannelState):
             key = (target, target_side)
             if key not in deps:
                 deps[key] = state
@@ -54,7 +56,7 @@ class GroupFinder:
             for value_key, state in self._layer_entry(node, side, root_state):
                 push(value_key, state)
         except Blocked as reason:
-            blocked.append(str(reason))
+            blocked.append(reason.refusal)
         steps = 0
         limit = 64 * (len(self.values) + 1) * 8
         while queue:
@@ -73,39 +75,42 @@ class GroupFinder:
                     for next_key, next_state in more:
                         push(next_key, next_state)
             except Blocked as reason:
-                blocked.append(str(reason))
+                blocked.append(reason.refusal)
         for (value_key, dims), state in states.items():
             value = self.values[value_key]
             for call, operand in value.consumers:
                 if operand == 0 and ops.shifts_channels(call, state):
-                    blocked.append(
+                    blocked.append(Refusal(
+                        RefusalKind.SPELLED_OUT_PIECES, call.name,
                         f"'{call.name}' spells out the size of its pieces (sizes, bounds or indices along dim "
                         f"{dims[0]} of {list(value.shape)}), so after this removal they would hold other channels; "
                         f"remove the same channels from every piece, or make the sizes follow the data"
-                    )
+                    ))
             # checked once states are merged: two inputs of a cat may each cover half of a head
             if len(dims) < 2:
                 continue
             sizes = [value.shape[d] for d in dims]
             if not ops.keeps_product(state, value.shape):
-                blocked.append(
+                blocked.append(Refusal(
+                    RefusalKind.REGROUP, value.producer[0].name if value.producer is not None else None,
                     f"channels regrouped into dims {sizes} (by a reshape, view or split) would keep a different "
                     f"selection in each group; remove whole groups or the same index in every group"
-                )
+                ))
             elif value.producer is not None:
                 fixed = ops.fixed_reshape_dims(value.producer[0], state, value.shape)
                 if fixed:
-                    blocked.append(
+                    blocked.append(Refusal(
+                        RefusalKind.SPELLED_OUT_SIZE, value.producer[0].name,
                         f"'{value.producer[0].name}' to {list(value.shape)} spells out the size of dims {fixed}, "
                         f"which this removal would shrink; only the dim written as -1 (or the innermost) may change"
-                    )
+                    ))
         group = Group(self)
         group.blocked = sorted(set(blocked))
         root_fn = trigger
         for target, target_side in order:
             state = deps[(target, target_side)]
             handler = self._handler(target, target_side)
-            group.add_dep(Dependency(root_fn, handler, node, target), state.idxs, state.roots)
+            group.add_dep(Dependency(root_fn, handler, node, target, target_side), state.idxs, state.roots)
         return group
 
     def _bare_layer_use(self, tensor, state: ChannelState):
@@ -123,7 +128,7 @@ class GroupFinder:
                     return node, side, ChannelState((0,), state.idxs, state.roots), []
         return None
 
-    def _bare_entry(self, module, pruner, side: str, state: ChannelState):
+    def _bare_entry(self, module, pruner, side: Side, state: ChannelState):
         """A layer never called, whose parameters the forward uses bare: its channels start on them."""
         axes = pruner.out_axes(module) if side == OUT else pruner.in_axes(module)
         tensors = {id(axis.tensor(module)): axis for axis in axes if axis.tensor(module) is not None}
@@ -131,18 +136,17 @@ class GroupFinder:
             axis = tensors.get(id(value.leaf)) if isinstance(value.leaf, nn.Parameter) else None
             if axis is not None:
                 if axis.blocks != 1:
-                    raise Blocked(f"{self._name(module)} is used bare with fused blocks on {axis.name}; cannot map it")
+                    raise Blocked(RefusalKind.UNMAPPABLE_OP, self._name(module),
+                                  f"{self._name(module)} is used bare with fused blocks on {axis.name}; cannot map it")
                 yield key, ChannelState((axis.dim % len(value.shape),), state.idxs, state.roots)
 
-    def _handler(self, node: Node, side: str):
-        if isinstance(node.module, nn.Parameter):
-            return node.pruner.prune_out_channels
-        return node.pruner.prune_out_channels if side == OUT else node.pruner.prune_in_channels
+    def _handler(self, node: Node, side: Side):
+        return node.pruner.prune_out_channels if side is OUT else node.pruner.prune_in_channels
 
     def _visit(self, value, state: ChannelState):
         """Yield (node, side, layer-state, [(value, state)...]) for everything touching ``value``."""
         if value.key in self._output_keys:
-            raise Blocked(f"channels reach a model output {value.shape}; outputs keep their shape")
+            raise Blocked(RefusalKind.MODEL_OUTPUT, None, f"channels reach a model output {value.shape}; outputs keep their shape")
         if value.producer is None:
             yield from self._visit_leaf(value, state)
         else:
@@ -159,20 +163,24 @@ class GroupFinder:
             if bare is not None:
                 yield bare
                 return
+            layer = None
             if tensor in self._declared_params:
-                what = f"parameter {self._param_names.get(tensor, '?')} of a declared layer, used outside that layer"
+                kind, layer = RefusalKind.DECLARED_PARAMETER, self._param_names.get(tensor, '?')
+                what = f"parameter {layer} of a declared layer, used outside that layer"
             elif isinstance(tensor, torch.Tensor) and id(tensor) in self._buffer_ids:
-                what = "a buffer of the model"
+                kind, what = RefusalKind.BUFFER, "a buffer of the model"
             else:
-                what = "a constant or a model input"
-            raise Blocked(f"channels reach {what}, shape {tuple(value.shape)}; it cannot lose channels")
+                kind, what = RefusalKind.CONSTANT_OR_INPUT, "a constant or a model input"
+            raise Blocked(kind, layer, f"channels reach {what}, shape {tuple(value.shape)}; it cannot lose channels")
         if any(tensor is p for p in self.ignored_params):
-            raise Blocked(f"channels reach ignored parameter {node.name}")
+            raise Blocked(RefusalKind.IGNORED_PARAMETER, node.name, f"channels reach ignored parameter {node.name}")
         if len(state.dims) != 1:
-            raise Blocked(f"parameter {node.name} would lose channels along several dims {state.dims}")
+            raise Blocked(RefusalKind.SEVERAL_DIMS, node.name,
+                          f"parameter {node.name} would lose channels along several dims {state.dims}")
         dim = state.dims[0]
         if node.pruning_dim != dim:
             raise Blocked(
+                RefusalKind.DIM_MISMATCH, node.name,
                 f"parameter {node.name} {tuple(value.shape)} is pruned along dim {node.pruning_dim} but channels "
                 f"arrive on dim {dim}; if it belongs to a layer type structprune does not know, register a customized "
                 f"pruner for that type (customized_pruners={{Type: MyPruner()}} or register_customized_layer); if it "
@@ -197,7 +205,8 @@ class GroupFinder:
                     continue  # an output nobody uses (and that is no model output)
             if key is None:
                 if other < n_in:
-                    raise Blocked(f"channels reach a constant argument of '{call.name}'")
+                    raise Blocked(RefusalKind.UNPRUNABLE_ARGUMENT, call.name,
+                                  f"channels reach a constant argument of '{call.name}'")
                 continue
             yield None, None, None, [(key, mapped)]
 
@@ -207,7 +216,6 @@ class GroupFinder:
         pruner = node.pruner
         n_in = len(call.inputs)
         out_dim, in_dim = self._tensor_dims(pruner, module, call)
-        coupled = pruner.is_coupled(module)
         channel_inputs = pruner.channel_inputs if pruner.channel_inputs is not None else tuple(range(n_in))
         channel_inputs = tuple(i for i in channel_inputs if i < n_in and call.inputs[i] is not None)
         shapes = call.in_shapes + call.out_shapes
@@ -220,7 +228,8 @@ class GroupFinder:
             if operand >= n_in and operand - n_in > 0:
                 return  # secondary outputs such as attention weights carry no channels
             if operand < n_in and operand not in channel_inputs:
-                raise Blocked(f"channels reach argument {operand} of {node.name}, which cannot be pruned")
+                raise Blocked(RefusalKind.UNPRUNABLE_ARGUMENT, node.name,
+                              f"channels reach argument {operand} of {node.name}, which cannot be pruned")
             return
         entered_dim = entered_dim % len(shape)
         if entered_dim in state.dims:
@@ -229,8 +238,9 @@ class GroupFinder:
             for dim in state.dims:
                 fiber *= shape[dim] if dim != entered_dim else 1
             if layer_state is None or len(layer_state.idxs) * fiber != len(state.idxs):
-                raise Blocked(f"{node.name} would lose part of a channel: channels arrive along dims {state.dims}")
-            side = OUT if coupled else side
+                raise Blocked(RefusalKind.PARTIAL_CHANNEL, node.name,
+                              f"{node.name} would lose part of a channel: channels arrive along dims {state.dims}")
+            side = node.side_for(side)
             # every call of the layer sees the change (shared layers, coupled norms)
             yield node, side, layer_state, list(self._layer_entry(node, side, layer_state))
             return
@@ -243,6 +253,7 @@ class GroupFinder:
                 # a strided conv or a patch embedding maps positions, not channels: index i on one side is
                 # not index i on the other (MLP-Mixer's token MLP reaching the patch-embedding conv)
                 raise Blocked(
+                    RefusalKind.SIZE_CHANGING_LAYER, node.name,
                     f"channels run along dim {changed[0]} of {shape}, which {node.name} changes to "
                     f"{tuple(tshape)}; removing them there has no counterpart on the other side"
                 )
@@ -279,7 +290,7 @@ class GroupFinder:
         except (NotImplementedError, AttributeError):
             return None
 
-    def _layer_entry(self, node: Node, side: str, state: ChannelState):
+    def _layer_entry(self, node: Node, side: Side, state: ChannelState):
         """Channel states on the tensors a layer produces/reads, for the root of a group."""
         module = node.module
         if isinstance(module, nn.Parameter):

@@ -1,26 +1,21 @@
 """Node, Dependency and Group: the torch_pruning-shaped view of coupled channels."""
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
-
-
-def is_out_channel_pruning_fn(fn) -> bool:
-    """``prune_out_channels`` and the documented ``prune_*_out_channels`` names."""
-    return "out_channels" in getattr(fn, "__name__", "")
-
-
-def is_in_channel_pruning_fn(fn) -> bool:
-    return "in_channels" in getattr(fn, "__name__", "")
+from .refusal import Refusal
+from .side import Side, is_in_channel_pruning_fn, is_out_channel_pruning_fn, side_of_pruning_fn  # noqa: F401
 
 
 def item_axes(item) -> list:
     """The axes a group item removes: out_axes for output-side items, else in_axes (coupled layers
     declare in_axes as their out_axes, so both sides agree)."""
     node = item.dep.target
-    if is_out_channel_pruning_fn(item.dep.handler):
+    if item.side is Side.OUT:
         return node.pruner.out_axes(node.module)
     return node.pruner.in_axes(node.module)
 
@@ -35,24 +30,51 @@ class Node:
         self.pruning_dim = pruning_dim
         self.inputs: list[Node] = []
         self.outputs: list[Node] = []
-        self.enable_index_mapping = True
+
+    @property
+    def enable_index_mapping(self) -> bool:
+        """torch_pruning's switch for concat/split index mapping; structprune always maps indices exactly."""
+        return True
+
+    @enable_index_mapping.setter
+    def enable_index_mapping(self, value: bool) -> None:
+        if not value:
+            warnings.warn(f"{self.name}: enable_index_mapping=False is ignored; structprune maps the indices "
+                          f"of every op exactly, so there is nothing to switch off", stacklevel=2)
 
     @property
     def type(self):
         return type(self.module)
+
+    def side_for(self, side: Side) -> Side:
+        """The side ``side`` means on this node: parameters and coupled layers (norms, depthwise convs)
+        have one set of channels, their outputs."""
+        if isinstance(self.module, nn.Parameter) or self.pruner.is_coupled(self.module):
+            return Side.OUT
+        return side
+
+    @property
+    def sides(self) -> tuple[Side, ...]:
+        """The sides whose channels can be told apart on this node."""
+        return (Side.OUT,) if self.side_for(Side.IN) is Side.OUT else (Side.OUT, Side.IN)
 
     def __repr__(self):
         return f"<Node: ({self.name} ({type(self.module).__name__}))>"
 
 
 class Dependency:
-    """Pruning ``trigger`` on ``source`` requires pruning ``handler`` on ``target``."""
+    """Pruning ``trigger`` on ``source`` requires pruning ``handler`` on ``target``'s ``side``.
 
-    def __init__(self, trigger, handler, source: Node, target: Node):
+    Group discovery gives the side; a Dependency built by hand (torch_pruning style) takes it from the
+    handler's name once, here.
+    """
+
+    def __init__(self, trigger, handler, source: Node, target: Node, side: Side | None = None):
         self.trigger = trigger
         self.handler = handler
         self.source = source
         self.target = target
+        self.side = target.side_for(side_of_pruning_fn(handler) if side is None else Side(side))
 
     @property
     def layer(self):
@@ -104,6 +126,10 @@ class GroupItem(_DepAndIdxs):
         # copy/pickle rebuild through __new__; the two-field default would drop root_idxs
         return self.dep, self.idxs, self.root_idxs
 
+    @property
+    def side(self) -> Side:
+        return self.dep.side
+
     def __repr__(self):
         return f"({self.dep}, {self.idxs})"
 
@@ -115,7 +141,8 @@ class Group:
         self._group: list[GroupItem] = []
         self._tensors: list = []
         self._DG = graph
-        self.blocked: list[str] = []
+        #: why the group cannot be pruned as a whole (empty: it can); each a Refusal (kind, layer, message)
+        self.blocked: list[Refusal] = []
         #: {layer: heads removed} when the pruner planned this group as whole attention heads
         self.heads_removed: dict = {}
 
@@ -174,8 +201,8 @@ class Group:
     def prune(self, idxs=None, record_history: bool = True):
         """Remove the group's channels (or, with ``idxs``, those root indices) from every coupled layer."""
         if idxs is not None:
-            root = self._group[0].dep
-            fresh = self._DG.get_pruning_group(root.target.module, root.handler, idxs)
+            root = self._group[0]
+            fresh = self._DG.get_group_by_side(root.dep.target.module, root.side, idxs)
             return fresh.prune(record_history=record_history)
         if self.blocked:
             raise RuntimeError(
@@ -184,7 +211,7 @@ class Group:
         self._DG._apply_group(self)
         if record_history:
             root = self._group[0]
-            self._DG._record(root.dep.target, root.dep.handler, root.idxs)
+            self._DG._record(root.dep.target, root.side, root.idxs)
 
     def details(self) -> str:
         width = 30

@@ -3,48 +3,87 @@
 Every recorded function call is classified once into a kind; each kind maps a channel state on one
 operand to states on the others (inputs first, then outputs). Movement ops (cat, split, view, permute,
 expand, indexing...) are replayed on integer labels, so their index maps are exact by construction.
+
+A kind is registered on its index map with :func:`op_kind`, naming the ops it handles; a new op is one
+more name there, a new kind one more decorated function.
 """
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
+from torch.utils import _pytree as pytree
 
-from .channels import Blocked, ChannelState, backward_through, forward_through, through_letters
-from .trace import Call, FollowedSize
+from .channels import ChannelState, backward_through, forward_through, through_letters
+from .refusal import Blocked, RefusalKind
+from .signatures import argument, shape_argument
+from ..utils.nested import flatten_as_list
+from .trace import Call, FollowedSize, rebuild
 
-MOVEMENT = {
-    "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "split", "split_with_sizes",
-    "tensor_split", "chunk", "unbind", "narrow", "select", "__getitem__", "index_select", "view", "reshape",
-    "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose", "transpose_", "t", "T", "mT",
-    "movedim", "moveaxis", "swapaxes", "swapdims", "expand", "expand_as", "broadcast_to", "repeat",
-    "repeat_interleave", "tile", "flip", "roll", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
-    "native_channel_shuffle", "view_as", "reshape_as", "unfold", "gather", "take_along_dim", "squeeze_",
-    "unsqueeze_", "contiguous", "clone", "as_strided",
-}
-REDUCTIONS = {
-    "sum", "mean", "amax", "amin", "max", "min", "norm", "var", "std", "prod", "logsumexp", "nansum",
-    "nanmean", "var_mean", "std_mean", "median", "nanmedian",
-}
-MATMULS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum", "scaled_dot_product_attention",
-           "linear", "conv1d", "conv2d", "conv3d"}
+IndexMap = Callable[[Call, int, ChannelState], "list[tuple[int, ChannelState]]"]
+
+
+@dataclass(frozen=True)
+class OpKind:
+    """What an op does to the channel axis, and the pure index map that says it exactly."""
+
+    name: str
+    #: the op names (function or method names as traced) of this kind; empty for a fallback kind
+    op_names: frozenset
+    index_map: IndexMap
+    #: a narrower test than the name (grouped-query SDPA); kinds with one are tried first
+    applies: Callable[[Call], bool] | None = None
+    #: channels may vanish from every other operand (contractions, reductions) without a refusal
+    contracts: bool = False
+
+
+#: every registered kind, in registration order
+OP_KINDS: list[OpKind] = []
+_BY_OP_NAME: dict[str, list[OpKind]] = {}
+_FALLBACKS: list[OpKind] = []
+
+
+def op_kind(name: str, op_names=(), applies: Callable[[Call], bool] | None = None,
+            contracts: bool = False) -> Callable[[IndexMap], IndexMap]:
+    """Register the decorated index map as op kind ``name`` for ``op_names`` (none: a fallback, tried in
+    registration order on ops no named kind claims, each with its ``applies`` test)."""
+
+    def register(index_map: IndexMap) -> IndexMap:
+        kind = OpKind(name, frozenset(op_names), index_map, applies, contracts)
+        OP_KINDS.append(kind)
+        if not kind.op_names:
+            _FALLBACKS.append(kind)
+        for op in kind.op_names:
+            kinds = _BY_OP_NAME.setdefault(op, [])
+            kinds.append(kind)
+            kinds.sort(key=lambda k: k.applies is None)  # stable: conditional kinds first
+        return index_map
+
+    return register
+
+
+def kind_of(call: Call) -> OpKind:
+    """The kind of a recorded call, found once and cached on it."""
+    kind = call.cache.get("kind")
+    if kind is None:
+        kind = _classify(call)
+        call.cache["kind"] = kind
+    return kind
+
+
+def _classify(call: Call) -> OpKind:
+    for kind in _BY_OP_NAME.get(call.name, []) + _FALLBACKS:
+        if kind.applies is None or kind.applies(call):
+            return kind
+    raise LookupError(f"no op kind claims '{call.name}'")  # the last fallback applies to every call
 
 
 def relate(call: Call, operand: int, state: ChannelState) -> list[tuple[int, ChannelState]]:
     """Channel states on every other operand of ``call`` implied by ``state`` on ``operand``."""
-    name = call.name
-    if name in MOVEMENT:
-        return _movement(call, operand, state)
-    if name == "scaled_dot_product_attention" and _is_grouped_query(call):
-        return _grouped_query_attention(call, operand, state)
-    if name in MATMULS:
-        return _lettered(call, operand, state, _matmul_letters(call))
-    if name in REDUCTIONS:
-        return _lettered(call, operand, state, _reduction_letters(call))
-    if _is_broadcast(call):
-        return _elementwise(call, operand, state)
-    return _lettered(call, operand, state, _same_size_letters(call))
+    return kind_of(call).index_map(call, operand, state)
 
 
 # -- elementwise -----------------------------------------------------------------------------------
@@ -62,6 +101,7 @@ def _compute_is_broadcast(call: Call) -> bool:
     return all(tuple(out) == tuple(shape) for out in call.out_shapes)
 
 
+@op_kind("elementwise", applies=_is_broadcast)
 def _elementwise(call, operand, state):
     shapes = call.in_shapes + call.out_shapes
     out_shape = tuple(call.out_shapes[0])
@@ -106,6 +146,18 @@ def _broadcast_map(shape, out_shape):
 
 
 # -- movement --------------------------------------------------------------------------------------
+MOVEMENT = {
+    "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "split", "split_with_sizes",
+    "tensor_split", "chunk", "unbind", "narrow", "select", "__getitem__", "index_select", "view", "reshape",
+    "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose", "transpose_", "t", "T", "mT",
+    "movedim", "moveaxis", "swapaxes", "swapdims", "expand", "expand_as", "broadcast_to", "repeat",
+    "repeat_interleave", "tile", "flip", "roll", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    "native_channel_shuffle", "view_as", "reshape_as", "unfold", "gather", "take_along_dim", "squeeze_",
+    "unsqueeze_", "contiguous", "clone", "as_strided",
+}
+
+
+@op_kind("movement", MOVEMENT)
 def _movement(call, operand, state):
     return _movement_unchecked(call, operand, state)
 
@@ -122,11 +174,7 @@ def fixed_reshape_dims(call: Call, state: ChannelState, shape) -> list[int]:
     """
     if call.name not in RESHAPES:
         return []
-    requested = [a for a in call.args[1:] if a is not None]
-    if len(requested) == 1 and isinstance(requested[0], (tuple, list)):
-        requested = list(requested[0])
-    if "shape" in call.kwargs:
-        requested = list(call.kwargs["shape"])
+    requested = shape_argument(call)
     if len(requested) != len(shape) or not all(isinstance(a, int) for a in requested):
         return []
     sizes = [shape[d] for d in state.dims]
@@ -206,7 +254,7 @@ def _fast_concat_or_split(call, operand, state):
     if dim is None or any(len(p) != len(whole) for p in pieces):
         return None
     if call.name == "narrow":
-        start = call.args[2] if len(call.args) > 2 else call.kwargs.get("start")
+        start = argument(call, "start")
         offsets = [int(start)]
     else:
         offsets = [0]
@@ -247,7 +295,7 @@ def shifts_channels(call: Call, state: ChannelState) -> bool:
     along one dim keeps row-major order, so the flattened outputs must be equal). Sizes that follow the
     pruning (adapter-followed attributes) are not literal: such calls are left to the element maps.
     """
-    if call.name not in PIECEWISE or len(state.dims) != 1 or _has_followed_size((call.args, call.kwargs)):
+    if call.name not in PIECEWISE or len(state.dims) != 1 or _has_followed_size(call):
         return False
     floats = [i for i in range(len(call.inputs)) if call.inputs[i] is not None and _is_float(call, i)]
     if floats != [0]:
@@ -278,31 +326,21 @@ def shifts_channels(call: Call, state: ChannelState) -> bool:
 
 
 def _replay_on(call: Call, labels: torch.Tensor) -> list[torch.Tensor]:
-    args, kwargs = _rebuild((call.args, call.kwargs), {call.input_slots[0]: labels}, ())
-    from .trace import _flatten
-
-    return [tensor for _, tensor in _flatten(call.target(*args, **kwargs), []) if isinstance(tensor, torch.Tensor)]
+    args, kwargs = rebuild((call.args, call.kwargs), {call.input_slots[0]: labels})
+    return flatten_as_list(call.target(*args, **kwargs))
 
 
-def _has_followed_size(obj) -> bool:
-    if isinstance(obj, FollowedSize):
-        return True
-    if isinstance(obj, slice):
-        return any(isinstance(bound, FollowedSize) for bound in (obj.start, obj.stop, obj.step))
-    if isinstance(obj, (list, tuple)):
-        return any(_has_followed_size(item) for item in obj)
-    if isinstance(obj, dict):
-        return any(_has_followed_size(item) for item in obj.values())
+def _has_followed_size(call: Call) -> bool:
+    """Whether an argument is a size that follows the pruning, alone or as a slice bound."""
+    for leaf in pytree.tree_leaves((call.args, call.kwargs)):
+        bounds = (leaf.start, leaf.stop, leaf.step) if isinstance(leaf, slice) else (leaf,)
+        if any(isinstance(bound, FollowedSize) for bound in bounds):
+            return True
     return False
 
 
 def _dim_argument(call, ndim):
-    if call.name in CONCATS:
-        dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", 0)
-    elif call.name == "narrow":
-        dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim")
-    else:
-        dim = call.args[2] if len(call.args) > 2 else call.kwargs.get("dim", 0)
+    dim = argument(call, "dim", None if call.name == "narrow" else 0)
     return dim % ndim if isinstance(dim, int) else None
 
 
@@ -320,10 +358,8 @@ def _correspondence(call: Call, source: int) -> list[torch.Tensor]:
     try:
         result = call.target(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - any failure means we cannot map this op
-        raise Blocked(f"cannot map channels through '{call.name}': {error}") from error
-    from .trace import _flatten
-
-    outputs = [tensor for _, tensor in _flatten(result, [])]
+        raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name, f"cannot map channels through '{call.name}': {error}") from error
+    outputs = flatten_as_list(result)
     cache[source] = [tensor.reshape(tuple(shape)) for tensor, shape in zip(outputs, call.out_shapes)]
     return cache[source]
 
@@ -340,20 +376,7 @@ def _substitute(call, source):
             replaced[slot] = torch.arange(numel).view(shape)
         elif _is_float(call, index):
             replaced[slot] = torch.full(shape, -1, dtype=torch.long)
-    args, kwargs = _rebuild((call.args, call.kwargs), replaced, ())
-    return args, kwargs
-
-
-def _rebuild(obj, replaced, slot):
-    if slot in replaced:
-        return replaced[slot]
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_rebuild(item, replaced, slot + (i,)) for i, item in enumerate(obj))
-    if isinstance(obj, dict):
-        return {key: _rebuild(item, replaced, slot + (key,)) for key, item in obj.items()}
-    return obj
+    return rebuild((call.args, call.kwargs), replaced)
 
 
 # -- grouped-query attention ------------------------------------------------------------------------
@@ -362,6 +385,7 @@ def _is_grouped_query(call) -> bool:
     return len(q) >= 3 and len(k) >= 3 and q[-3] != k[-3]
 
 
+@op_kind("grouped-query attention", {"scaled_dot_product_attention"}, applies=_is_grouped_query)
 def _grouped_query_attention(call, operand, state):
     """SDPA with enable_gqa: each k/v head serves q_heads / kv_heads consecutive q heads.
 
@@ -380,12 +404,13 @@ def _grouped_query_attention(call, operand, state):
     n_in = len(call.inputs)
     source = "out" if operand >= n_in else operand
     if source not in letters:
-        raise Blocked("channels reach the attention mask of scaled_dot_product_attention")
+        raise Blocked(RefusalKind.UNPRUNABLE_ARGUMENT, call.name,
+                      "channels reach the attention mask of scaled_dot_product_attention")
     if source in maps:  # k or v: into the expanded space first
         state = forward_through(maps[source], shapes[source], state)
         if state is None:
             return []
-    _check_head_grid(state, letters[source], virtual[source], k[-3], groups)
+    _check_head_grid(state, letters[source], virtual[source], k[-3], groups, call.name)
     results = []
     for target in (0, 1, 2, "out"):
         if target == source:
@@ -401,7 +426,7 @@ def _grouped_query_attention(call, operand, state):
     return results
 
 
-def _check_head_grid(state, letters, shape, kv_heads, groups):
+def _check_head_grid(state, letters, shape, kv_heads, groups, name=None):
     """Removed q heads must leave every k/v head serving the same number of q heads (a product grid)."""
     head_dim = len(shape) - 3
     heads = through_letters(state, letters, shape, [letters[head_dim]], (shape[head_dim],))
@@ -412,6 +437,7 @@ def _check_head_grid(state, letters, shape, kv_heads, groups):
     grid = kept.view(kv_heads, groups)
     if bool(kept.any()) and not torch.equal(grid, grid.any(1, keepdim=True) & grid.any(0, keepdim=True)):
         raise Blocked(
+            RefusalKind.GROUPED_QUERY, name,
             "grouped-query attention: removed query heads must be whole key/value groups or the same position "
             "in every group, so each key/value head keeps serving as many query heads"
         )
@@ -425,13 +451,31 @@ def _repeat_heads(shape, groups):
 
 
 # -- lettered ops ----------------------------------------------------------------------------------
+MATMULS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum", "scaled_dot_product_attention",
+           "linear", "conv1d", "conv2d", "conv3d"}
+REDUCTIONS = {
+    "sum", "mean", "amax", "amin", "max", "min", "norm", "var", "std", "prod", "logsumexp", "nansum",
+    "nanmean", "var_mean", "std_mean", "median", "nanmedian",
+}
+
+
+@op_kind("matmul", MATMULS, contracts=True)
+def _matmul(call, operand, state):
+    return _lettered(call, operand, state, _matmul_letters(call))
+
+
+@op_kind("reduction", REDUCTIONS, contracts=True)
+def _reduction(call, operand, state):
+    return _lettered(call, operand, state, _reduction_letters(call))
+
+
 def _lettered(call, operand, state, letters):
     if letters is None:
-        raise Blocked(f"'{call.name}' changes the shape of channels it does not name")
+        raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name, f"'{call.name}' changes the shape of channels it does not name")
     shapes = call.in_shapes + call.out_shapes
     source_letters = letters[operand]
     if source_letters is None:
-        raise Blocked(f"'{call.name}' operand {operand} cannot carry channels")
+        raise Blocked(RefusalKind.UNPRUNABLE_ARGUMENT, call.name, f"'{call.name}' operand {operand} cannot carry channels")
     results = []
     for other, other_letters in enumerate(letters):
         if other == operand or other_letters is None:
@@ -446,9 +490,9 @@ def _lettered(call, operand, state, letters):
 
 def _check_not_dropped(call, operand, state, source_letters, letters):
     """A state whose letters vanish everywhere is fine only for contractions and reductions."""
-    if call.name in REDUCTIONS or call.name in MATMULS:
+    if kind_of(call).contracts:
         return
-    raise Blocked(f"'{call.name}' changes the size of the channel dim {state.dims}")
+    raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name, f"'{call.name}' changes the size of the channel dim {state.dims}")
 
 
 def _right_aligned(shape, tail_letters, prefix):
@@ -469,7 +513,7 @@ def _matmul_letters(call):
         result = [x, ["o", "i"]] + ([["o"]] if len(shapes) > 2 else [])
         return result + [_right_aligned(call.out_shapes[0], ["o"], "B")]
     if name in ("conv1d", "conv2d", "conv3d"):
-        groups = call.args[6] if len(call.args) > 6 else call.kwargs.get("groups", 1)
+        groups = argument(call, "groups", 1)
         if groups != 1:
             return None
         spatial = len(shapes[0]) - 2
@@ -498,7 +542,8 @@ def _mm_letters(a, b, out):
 
 
 def _einsum_letters(call):
-    equation = call.args[0] if call.args and isinstance(call.args[0], str) else None
+    equation = argument(call, "equation")
+    equation = equation if isinstance(equation, str) else None
     if equation is None or "->" not in equation:
         return None
     lhs, rhs = equation.replace(" ", "").split("->")
@@ -519,10 +564,7 @@ def _einsum_letters(call):
 
 
 def _reduction_dims(call, ndim):
-    if call.name == "norm":
-        dim = call.kwargs.get("dim", call.args[2] if len(call.args) > 2 else None)
-    else:
-        dim = call.kwargs.get("dim", call.args[1] if len(call.args) > 1 else None)
+    dim = argument(call, "dim")
     if dim is None:
         return set(range(ndim))
     if isinstance(dim, int):
@@ -534,11 +576,17 @@ def _reduction_letters(call):
     shape = call.in_shapes[0]
     letters = list(string.ascii_letters[: len(shape)])
     reduced = _reduction_dims(call, len(shape))
-    keep = call.kwargs.get("keepdim", call.args[2] if len(call.args) > 2 and call.name != "norm" else False)
+    keep = argument(call, "keepdim", False)
     out = [("_" if d in reduced else l) for d, l in enumerate(letters)] if keep else [
         l for d, l in enumerate(letters) if d not in reduced]
     outputs = [out if len(s) == len(out) else None for s in call.out_shapes]
     return [letters] + [None] * (len(call.in_shapes) - 1) + outputs
+
+
+@op_kind("same size")
+def _same_size(call, operand, state):
+    """Unknown op (pooling, interpolate, pad...): the last fallback, it claims every call."""
+    return _lettered(call, operand, state, _same_size_letters(call))
 
 
 def _same_size_letters(call):

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from ..layers.registry import LAYER_SIZE_NAMES  # noqa: F401  (its older home)
+from ..utils.nested import container_contents, flatten_as_list
 
 
 @dataclass(eq=False)
@@ -47,19 +52,56 @@ def value_key(tensor: torch.Tensor, keep_alive: list):
     return ("leaf", id(tensor))
 
 
-def _flatten(obj, out: list, slot=()):
-    """Collect (slot, tensor) pairs from nested args; slot records where a tensor sat."""
-    if isinstance(obj, torch.Tensor):
-        out.append((slot, obj))
-    elif isinstance(obj, (list, tuple)):
-        for index, item in enumerate(obj):
-            _flatten(item, out, slot + (index,))
-    elif isinstance(obj, dict):
-        for key, item in obj.items():
-            _flatten(item, out, slot + (key,))
-    elif hasattr(obj, "to_tuple") and callable(obj.to_tuple):
-        _flatten(obj.to_tuple(), out, slot)
+def flatten_args(obj) -> tuple[list, pytree.TreeSpec]:
+    """Leaves and spec of nested call arguments (torch's pytree); a tensor's slot is its index among them.
+
+    None counts as a leaf, so arguments frozen with None in place of their float tensors keep every slot.
+    A container pytree keeps whole (a list subclass, a ModelOutput-like) is replaced by its plain contents
+    first, so tensors inside it have slots too.
+    """
+    if _is_flat_call(obj):  # most calls: tensors and scalars, pytree's answer without its walk
+        args, kwargs = obj
+        return [*args, *kwargs.values()], _flat_spec(len(args), tuple(kwargs))
+    leaves, spec = pytree.tree_flatten(obj, is_leaf=_is_none)
+    contents = [container_contents(leaf) for leaf in leaves]
+    if any(inner is not None for inner in contents):
+        plain = [leaf if inner is None else inner for leaf, inner in zip(leaves, contents)]
+        return flatten_args(pytree.tree_unflatten(plain, spec))
+    return leaves, spec
+
+
+def _is_none(leaf) -> bool:
+    return leaf is None
+
+
+_SCALARS = frozenset({int, float, bool, complex, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device,
+                      torch.memory_format, torch.layout})
+
+
+def _is_flat_call(obj) -> bool:
+    """``(args, kwargs)`` holding only tensors and scalars: pytree leaves, nothing to walk."""
+    if type(obj) is not tuple or len(obj) != 2 or type(obj[0]) is not tuple or type(obj[1]) is not dict:
+        return False
+    return all(type(v) in _SCALARS or isinstance(v, torch.Tensor) for part in obj for v in (
+        part if type(part) is tuple else part.values()))
+
+
+@lru_cache(maxsize=1024)
+def _flat_spec(n_args: int, keys: tuple) -> pytree.TreeSpec:
+    return pytree.tree_structure(((None,) * n_args, dict.fromkeys(keys)), is_leaf=_is_none)
+
+
+def _flatten(obj, out: list | None = None) -> list:
+    """(slot, tensor) pairs of nested arguments or outputs, appended to ``out``."""
+    out = [] if out is None else out
+    out.extend((slot, leaf) for slot, leaf in enumerate(flatten_args(obj)[0]) if isinstance(leaf, torch.Tensor))
     return out
+
+
+def rebuild(frozen, replaced: dict):
+    """Frozen arguments with the tensors of ``replaced`` ({slot: tensor}) put at their slots."""
+    leaves, spec = pytree.tree_flatten(frozen, is_leaf=_is_none)
+    return pytree.tree_unflatten([replaced.get(slot, leaf) for slot, leaf in enumerate(leaves)], spec)
 
 
 class FollowedSize(int):
@@ -99,11 +141,6 @@ class FollowedSize(int):
         return self._wrap(int.__rfloordiv__(self, other))
 
 
-#: size attributes the pruning functions of declared layers rewrite
-LAYER_SIZE_NAMES = ("in_channels", "out_channels", "in_features", "out_features", "num_features",
-                    "embedding_dim", "embed_dim", "num_channels", "hidden_size", "input_size")
-
-
 @contextlib.contextmanager
 def followed_sizes(attributes: list):
     """Mark ``(module, names)`` int attributes as :class:`FollowedSize` for the duration of a trace."""
@@ -121,21 +158,24 @@ def followed_sizes(attributes: list):
             module.__dict__[name] = value
 
 
-def _freeze(obj):
-    """Copy containers so later mutation (DenseNet appends to the list it concatenated) cannot change them.
+def _freeze(leaves: list, spec: pytree.TreeSpec, flat_call: tuple | None = None):
+    """Arguments rebuilt from their flattened leaves, so later mutation (DenseNet appends to the list it
+    concatenated) cannot change them; ``flat_call`` is the ``(args, kwargs)`` of a call with no nesting,
+    rebuilt directly.
 
     Float tensors are dropped (replays substitute labels for them) and the rest detached, so a recorded
     call holds no activation and no autograd history.
     """
-    if isinstance(obj, torch.Tensor):
-        return None if obj.is_floating_point() or obj.is_complex() else obj.detach()
-    if isinstance(obj, list):
-        return [_freeze(item) for item in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_freeze(item) for item in obj)
-    if isinstance(obj, dict):
-        return {key: _freeze(item) for key, item in obj.items()}
-    return obj
+    if flat_call is not None:
+        args, kwargs = flat_call
+        return tuple(map(_frozen_leaf, args)), {key: _frozen_leaf(value) for key, value in kwargs.items()}
+    return pytree.tree_unflatten([_frozen_leaf(leaf) for leaf in leaves], spec)
+
+
+def _frozen_leaf(leaf):
+    if isinstance(leaf, torch.Tensor):
+        return None if leaf.is_floating_point() or leaf.is_complex() else leaf.detach()
+    return leaf
 
 
 def _op_name(func) -> str:
@@ -154,23 +194,25 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tracer = self.tracer
-        flat_in = _flatten((args, kwargs), [])
+        leaves, spec = flatten_args((args, kwargs))
+        flat_in = [(slot, leaf) for slot, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         in_keys = [value_key(t, tracer.keep_alive) for _, t in flat_in]
         in_shapes = [tuple(t.shape) for _, t in flat_in]
         result = func(*args, **kwargs)
         if not flat_in:
             return result
         # x[i] = y mutates x in place and returns None: the new value of x is the output
-        flat_out = _flatten(args[0] if _op_name(func) == "__setitem__" else result, [])
-        if any(t.requires_grad for _, t in flat_out):
+        flat_out = flatten_as_list(args[0] if _op_name(func) == "__setitem__" else result)
+        if any(t.requires_grad for t in flat_out):
             # an op that returns its input unchanged (x.contiguous(), x.to(same)) is no new value
-            outputs = [(value_key(t, tracer.keep_alive), tuple(t.shape)) for _, t in flat_out]
+            outputs = [(value_key(t, tracer.keep_alive), tuple(t.shape)) for t in flat_out]
             if any(key in in_keys for key, _ in outputs):
                 return result
+            frozen_args, frozen_kwargs = _freeze(leaves, spec, (args, kwargs) if _is_flat_call((args, kwargs)) else None)
             call = Call(
                 "function", func, _op_name(func), in_keys, in_shapes,
-                [key for key, _ in outputs], [shape for _, shape in outputs], _freeze(args), _freeze(kwargs),
-                [slot for slot, _ in flat_in], [t.dtype for _, t in flat_in], [t.dtype for _, t in flat_out],
+                [key for key, _ in outputs], [shape for _, shape in outputs], frozen_args, frozen_kwargs,
+                [slot for slot, _ in flat_in], [t.dtype for _, t in flat_in], [t.dtype for t in flat_out],
             )
             call.order = tracer.next_order()
             for key in call.outputs:
@@ -195,7 +237,7 @@ class Tracer:
         pending: dict[int, list] = {}
 
         def pre_hook(module, args, kwargs):
-            flat = _flatten((args, kwargs), [])
+            flat = _flatten((args, kwargs))
             pending.setdefault(id(module), []).append(
                 ([value_key(t, self.keep_alive) for _, t in flat], [tuple(t.shape) for _, t in flat],
                  [slot for slot, _ in flat], [t.dtype for _, t in flat])
@@ -203,7 +245,7 @@ class Tracer:
 
         def post_hook(module, args, kwargs, output):
             keys, shapes, slots, dtypes = pending[id(module)].pop()
-            flat_out = [t for _, t in _flatten(output, [])]
+            flat_out = flatten_as_list(output)
             call = Call("module", module, names.get(module, type(module).__name__), keys, shapes,
                         [value_key(t, self.keep_alive) for t in flat_out], [tuple(t.shape) for t in flat_out],
                         input_slots=slots, input_dtypes=dtypes, output_dtypes=[t.dtype for t in flat_out],

@@ -10,9 +10,9 @@ from .normalizers import apply_normalizer, get_normalizer
 from .reductions import get_reduction, scatter_items
 from .slices import channel_sums, is_bias, parameter_of, tensor_name
 
-from ..layers.declarations import optional_linear_types
+from ..layers.registry import ROLE_TYPES, LayerRole, resolve_layer_types
 
-DEFAULT_TARGET_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+DEFAULT_TARGET_TYPES = ROLE_TYPES[LayerRole.SCORED]
 
 
 class ElementwiseImportance(Importance):
@@ -78,10 +78,7 @@ class ElementwiseImportance(Importance):
     def item_scores(self, item: GroupItem) -> torch.Tensor | None:
         """One item's score for each of its channels ``item.idxs``; None if it has nothing to score."""
         layer = item.dep.target.module
-        types = self.target_types
-        if types == DEFAULT_TARGET_TYPES:  # Linear-like layers of optional libraries (transformers Conv1D)
-            types = types + optional_linear_types()
-        if not isinstance(layer, types):
+        if not isinstance(layer, resolve_layer_types(self.target_types, LayerRole.SCORED)):
             return None
         idxs = torch.tensor(item.idxs, dtype=torch.long)
         total = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers.registry import LayerRole, layer_types
 from .elementwise import DEFAULT_TARGET_TYPES, ElementwiseImportance
 
 
@@ -59,7 +60,7 @@ class BNScaleImportance(MagnitudeImportance):
 
     def __init__(self, group_reduction: str | None = "mean", normalizer: str | None = "mean"):
         super().__init__(p=1, group_reduction=group_reduction, normalizer=normalizer, bias=False,
-                         target_types=(nn.modules.batchnorm._BatchNorm,))
+                         target_types=layer_types(LayerRole.SCALED_NORM))
 
 
 class LAMPImportance(MagnitudeImportance):

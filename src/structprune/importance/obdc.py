@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.group import GroupItem, is_out_channel_pruning_fn, item_axes
+from ..graph.group import GroupItem, item_axes
+from ..graph.side import Side
 from .elementwise import ElementwiseImportance
 from .slices import channel_sums, is_bias, parameter_of
 
@@ -216,7 +217,7 @@ class OBDCImportance(ElementwiseImportance):
             return None
         name = item.dep.target.name
         a, g = self.kfac_factors(layer, name)
-        out_side = is_out_channel_pruning_fn(item.dep.handler)
+        out_side = item.side is Side.OUT
         saved = self._scored_weights(layer, name, a, g)
         if a.dim() == 1:  # diagonal factors: grouped convs and layers over max_factor_size
             return self._diagonal_scores(item, layer, saved, a, g)

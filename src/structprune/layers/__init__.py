@@ -5,7 +5,6 @@ from .declarations import (
     DEFAULT_PRUNERS,
     OPTIONAL_LINEAR_LIKE,
     OPTIONAL_PRUNERS,
-    ROOT_TYPES,
     ActivationPruner,
     BatchnormPruner,
     Conv1DPruner,
@@ -23,9 +22,9 @@ from .declarations import (
     PReLUPruner,
     TorchvisionMaxVitAttentionPruner,
     TorchvisionSwinAttentionPruner,
-    default_root_types,
     find_pruner,
     optional_linear_types,
     register_optional_layers,
 )
+from .registry import ROOT_TYPES, default_root_types  # size attributes and layer roles: layers/registry.py
 from .functions import *  # noqa: F401,F403  (the documented prune_* names)

@@ -556,11 +556,6 @@ OPTIONAL_PRUNERS: dict[tuple[str, str], BasePruningFunc] = {
 #: Optional types that behave like Linear: they root channel groups and importance scores their weights.
 OPTIONAL_LINEAR_LIKE: set[tuple[str, str]] = {("transformers.pytorch_utils", "Conv1D")}
 
-#: Layer types that root channel groups by default (the layers whose output channels a pruner counts);
-#: ``default_root_types`` adds the imported ``OPTIONAL_LINEAR_LIKE`` types.
-ROOT_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM)
-
-
 def register_optional_layers() -> tuple[type, ...]:
     """Declare the ``OPTIONAL_PRUNERS`` types whose library is already imported; returns those types.
 
@@ -592,6 +587,10 @@ def optional_linear_types() -> tuple[type, ...]:
     return tuple(found)
 
 
-def default_root_types() -> tuple[type, ...]:
-    """``ROOT_TYPES`` plus the imported Linear-like optional types: the default group roots."""
-    return ROOT_TYPES + optional_linear_types()
+def __getattr__(name: str):
+    # layer roles moved to layers/registry.py; the old import path keeps working
+    if name in ("ROOT_TYPES", "default_root_types"):
+        from . import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

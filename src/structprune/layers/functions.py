@@ -9,6 +9,25 @@ from .declarations import (  # noqa: F401  (the pruner classes under their torch
     PReLUPruner,
 )
 
+__all__ = [
+    "prune_conv_out_channels", "prune_conv_in_channels",
+    "prune_depthwise_conv_out_channels", "prune_depthwise_conv_in_channels",
+    "prune_transposed_conv_out_channels", "prune_transposed_conv_in_channels",
+    "prune_linear_out_channels", "prune_linear_in_channels",
+    "prune_batchnorm_out_channels", "prune_batchnorm_in_channels",
+    "prune_instancenorm_out_channels", "prune_instancenorm_in_channels",
+    "prune_groupnorm_out_channels", "prune_groupnorm_in_channels",
+    "prune_layernorm_out_channels", "prune_layernorm_in_channels",
+    "prune_rmsnorm_out_channels", "prune_rmsnorm_in_channels",
+    "prune_prelu_out_channels", "prune_prelu_in_channels",
+    "prune_embedding_out_channels", "prune_embedding_in_channels",
+    "prune_multihead_attention_out_channels", "prune_multihead_attention_in_channels",
+    "prune_lstm_out_channels", "prune_lstm_in_channels",
+    "prune_conv1d_out_channels", "prune_conv1d_in_channels",
+    "prune_parameter_out_channels", "prune_parameter_in_channels",
+    "prune_elementwise_out_channels", "prune_elementwise_in_channels",
+]
+
 prune_conv_out_channels = _CONV.prune_out_channels
 prune_conv_in_channels = _CONV.prune_in_channels
 prune_depthwise_conv_out_channels = _CONV.prune_out_channels
@@ -46,10 +65,3 @@ prune_parameter_in_channels = _PARAMETER.prune_in_channels
 _ACTIVATION = ActivationPruner()
 prune_elementwise_out_channels = _ACTIVATION.prune_out_channels
 prune_elementwise_in_channels = _ACTIVATION.prune_in_channels
-
-OUT_CHANNEL_FUNCS = {
-    prune_conv_out_channels, prune_transposed_conv_out_channels, prune_linear_out_channels,
-    prune_batchnorm_out_channels, prune_groupnorm_out_channels, prune_layernorm_out_channels,
-    prune_prelu_out_channels, prune_embedding_out_channels, prune_multihead_attention_out_channels,
-    prune_lstm_out_channels, prune_conv1d_out_channels, prune_parameter_out_channels, prune_elementwise_out_channels,
-}

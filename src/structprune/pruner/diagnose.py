@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..layers.registry import FORWARD_SIZE_NAMES
+
 # attribute names attention and MLP code reads in forward (transformers, timm, torchvision, custom code)
-SIZE_NAMES = (
-    "num_heads", "num_attention_heads", "num_key_value_heads", "n_head", "n_heads", "head_dim",
-    "attention_head_size", "all_head_size", "hidden_size", "hidden_dim", "embed_dim", "n_embd", "dim",
-    "inner_dim", "intermediate_size", "split_size", "kdim", "vdim", "width", "channels", "num_channels",
-    "in_dim", "out_dim", "features", "num_features",
-)
+SIZE_NAMES = FORWARD_SIZE_NAMES
 
 
 def size_attributes(model: nn.Module) -> dict:

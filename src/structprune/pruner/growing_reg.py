@@ -106,8 +106,8 @@ class GrowingRegPruner(BasePruner):
         if self.schedule == "greg1" and self._selected is not None:
             chosen = self._selected.get(self._group_key(group))
             if chosen is not None and len(chosen):
-                root = group[0].dep
-                return self.DG.get_pruning_group(root.target.module, root.handler, chosen.tolist())
+                root = group[0]
+                return self.DG.get_group_by_side(root.dep.target.module, root.side, chosen.tolist())
         return super()._choose(group, imp, n_prune, channel_groups)
 
     def ready_to_prune(self) -> bool:

@@ -8,17 +8,25 @@ from typing import Iterator
 
 import torch
 
-from ..graph.dependency import is_out_channel_pruning_fn
 from ..graph.group import Group
+from ..graph.refusal import Refusal
+from ..graph.side import Side
 
 
-def subset_may_pass(reason: str) -> bool:
+def subset_may_pass(reason: Refusal) -> bool:
     """Whether a reason a group is refused at full width may not apply to a symmetric subset of it."""
-    return "spells out the size" in reason or "regroup" in reason or "but channels arrive on dim" in reason
+    return reason.kind.may_pass_for_subset
 
 
 class HeadPlanner:
     """Mixin of BasePruner: ``prune_num_heads`` planning and the warnings about untouched attention."""
+
+    def _reset_head_notes(self) -> None:
+        """What the warnings of a step name; reset when a step is planned."""
+        #: attention roots whose heads no removal could take: (root, side, width, heads, head_dim)
+        self._heads_refused: list[tuple] = []
+        #: head groups the graph refused to narrow: (root path, the refusal)
+        self._heads_narrow_refused: list[tuple[str, Refusal]] = []
 
     def _is_head_group(self, group: Group) -> bool:
         """Channels that attention splits into heads: blocked at full width (a head count or head_dim is
@@ -28,11 +36,11 @@ class HeadPlanner:
     def _warn_heads_refused(self) -> None:
         """Name the attention layers that prune_num_heads could not touch and nothing else narrowed."""
         untouched = []
-        for root, handler, total, heads, head_dim in getattr(self, "_heads_refused", []):
-            width = (self.DG.get_out_channels if is_out_channel_pruning_fn(handler) else self.DG.get_in_channels)(root)
+        for root, side, total, heads, head_dim in self._heads_refused:
+            width = (self.DG.get_out_channels if side is Side.OUT else self.DG.get_in_channels)(root)
             if width == total:
                 untouched.append(f"{self.DG._name(root)} ({heads} blocks of {head_dim} channels)")
-        narrow = getattr(self, "_heads_narrow_refused", [])
+        narrow = [f"{name} ({refusal})" for name, refusal in self._heads_narrow_refused]
         if narrow:
             warnings.warn(
                 "prune_head_dims: the graph refused to narrow the heads of " + "; ".join(narrow)
@@ -57,7 +65,7 @@ class HeadPlanner:
                                             root_module_types=self.root_module_types, include_blocked=True):
             hard = [reason for reason in group.blocked if not subset_may_pass(reason)]
             if hard and self._is_head_group(group):
-                self._heads_narrow_refused.append(f"{self.DG._name(group[0].dep.target.module)} ({hard[0]})")
+                self._heads_narrow_refused.append((self.DG._name(group[0].dep.target.module), hard[0]))
 
     def _plan_whole_heads(self) -> Iterator[Group]:
         """With ``prune_num_heads``: groups that cannot lose arbitrary channels may lose whole heads.
@@ -66,8 +74,7 @@ class HeadPlanner:
         attention module's own ``head_dim``); grouped-query attention needs whole key/value groups, so
         ever larger multiples are tried until the graph accepts one.
         """
-        self._heads_refused = []
-        self._heads_narrow_refused = []
+        self._reset_head_notes()
         if not self.prune_num_heads:
             return
         for group, root, total, head_dim in self._head_candidates():
@@ -83,14 +90,14 @@ class HeadPlanner:
             tried = 0
             for idxs in _head_removals(scores, head_dim, min(1.0, keep / heads)):
                 tried += 1
-                candidate = self.DG.get_pruning_group(root, group[0].dep.handler, idxs.tolist())
+                candidate = self.DG.get_group_by_side(root, group[0].side, idxs.tolist())
                 if self._accepts(candidate, idxs):
                     candidate.heads_removed = self._heads_removed(candidate)
                     yield candidate
                     break
             else:
                 if tried:
-                    self._heads_refused.append((root, group[0].dep.handler, total, heads, head_dim))
+                    self._heads_refused.append((root, group[0].side, total, heads, head_dim))
 
     def _heads_removed(self, group: Group) -> dict:
         """{layer in ``num_heads``: heads this whole-head group removes from it}: the group removes the same
@@ -98,7 +105,7 @@ class HeadPlanner:
         removed = {}
         for item in group:
             module = item.dep.target.module
-            if module in self.num_heads and is_out_channel_pruning_fn(item.dep.handler):
+            if module in self.num_heads and item.side is Side.OUT:
                 width = self.DG.get_out_channels(module)
                 removed[module] = round(self.num_heads[module] * len(item.idxs) / width) if width else 0
         return removed
@@ -136,7 +143,7 @@ class HeadPlanner:
         return None
 
     def _parents(self) -> dict:
-        if not hasattr(self, "_parent_of"):
+        if self._parent_of is None:
             self._parent_of = {child: module for module in self.model.modules() for child in module.children()}
         return self._parent_of
 

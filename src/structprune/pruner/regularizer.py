@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from ..graph.group import Group, item_axes
-from ..layers.declarations import optional_linear_types
 from ..utils.sharding import is_sharded
 from .binding import ParameterBinding, local_terms
+from ..layers.registry import ROLE_TYPES, LayerRole, resolve_layer_types
 
-DEFAULT_REG_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+DEFAULT_REG_TYPES = ROLE_TYPES[LayerRole.REGULARIZED]
 
 
 @dataclass
@@ -31,9 +31,7 @@ class _Term:
 
 class RegularizerEngine:
     def __init__(self, target_types=DEFAULT_REG_TYPES):
-        if tuple(target_types) == DEFAULT_REG_TYPES:  # Linear-like layers of optional libraries too
-            target_types = DEFAULT_REG_TYPES + optional_linear_types()
-        self.target_types = tuple(target_types)
+        self.target_types = resolve_layer_types(target_types, LayerRole.REGULARIZED)
         self.terms: list[_Term] = []
         self.weights: list[nn.Parameter] = []
         self.weight_coefs: list[torch.Tensor] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers.registry import LayerRole, layer_types
 from .base import BasePruner, is_loss
 from .regularizer import RegularizerEngine
 
@@ -19,7 +20,7 @@ class BNScalePruner(BasePruner):
         super().__init__(model, example_inputs, importance, *args, **kwargs)
         self.reg = reg
         self.group_lasso = group_lasso
-        self._engine = RegularizerEngine((nn.modules.batchnorm._BatchNorm,))
+        self._engine = RegularizerEngine(layer_types(LayerRole.SCALED_NORM))
         self.update_regularizer()
 
     def update_regularizer(self) -> None:

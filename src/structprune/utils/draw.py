@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
+
+from ..graph.side import Side
 
 __all__ = [
     "computational_matrix",
@@ -117,13 +118,7 @@ def group_matrix(DG, include_blocked: bool = False):
 
 
 def _prunes_outputs(DG, item) -> bool:
-    module = item.dep.target.module
-    if isinstance(module, nn.Parameter):
-        return True
-    is_coupled = getattr(item.dep.target.pruner, "is_coupled", None)
-    if is_coupled is not None and is_coupled(module):  # BatchNorm and the like: one side for both
-        return True
-    return DG.is_out_channel_pruning_fn(item.dep.handler)
+    return item.side is Side.OUT  # BatchNorm and the like: one side for both, the output
 
 
 # -- drawing ----------------------------------------------------------------------------------------------

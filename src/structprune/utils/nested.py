@@ -14,8 +14,31 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 __all__ = ["flatten_as_list", "call_model", "eval_mode", "evaluating", "first_tensor"]
+
+
+_SCALARS = frozenset({int, float, bool, str, type(None)})
+
+
+def container_contents(leaf: Any) -> Any:
+    """The contents of a leaf of torch's pytree that is a container all the same, or None.
+
+    pytree walks the containers it knows (tuples, lists, dicts, named tuples, Hugging Face ``ModelOutput``,
+    which registers itself) and keeps anything else whole: an object with ``to_tuple()`` (checked first:
+    ModelOutput-likes drop their ``None`` fields), any other mapping, a list or tuple subclass.
+    """
+    if type(leaf) in _SCALARS or isinstance(leaf, torch.Tensor):
+        return None
+    to_tuple = getattr(leaf, "to_tuple", None)
+    if callable(to_tuple):
+        return to_tuple()
+    if isinstance(leaf, Mapping):
+        return dict(leaf)
+    if isinstance(leaf, (tuple, list)) and not isinstance(leaf, torch.Size):
+        return list(leaf)
+    return None
 
 
 def flatten_as_list(obj: Any) -> list[torch.Tensor]:
@@ -28,16 +51,15 @@ def flatten_as_list(obj: Any) -> list[torch.Tensor]:
     """
     if isinstance(obj, torch.Tensor):
         return [obj]
-    # ModelOutput is also a Mapping; to_tuple() is checked first because it
-    # already drops the ``None`` fields and keeps the declared field order.
-    to_tuple = getattr(obj, "to_tuple", None)
-    if callable(to_tuple):
-        return flatten_as_list(to_tuple())
-    if isinstance(obj, Mapping):
-        return [t for value in obj.values() for t in flatten_as_list(value)]
-    if isinstance(obj, (tuple, list)):
-        return [t for item in obj for t in flatten_as_list(item)]
-    return []
+    found = []
+    for leaf in pytree.tree_leaves(obj):
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+            continue
+        contents = container_contents(leaf)
+        if contents is not None:
+            found.extend(flatten_as_list(contents))
+    return found
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:

@@ -1,0 +1,230 @@
+"""Planning a step: which groups, how many channels each keeps, and which channels go."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..graph.group import Group
+from ..graph.refusal import Refusal, RefusalKind
+from ..graph.side import Side
+from .heads import subset_may_pass
+
+
+class PlanningMixin:
+    """Mixin of BasePruner: candidate groups, kept counts, scores and the chosen channels."""
+
+    # -- groups ----------------------------------------------------------------------------------------
+    def _groups(self) -> list[Group]:
+        """Prunable groups, plus those refused at full width only for reasons a subset may avoid.
+
+        A reshape that spells out a head count refuses "every channel" (that would zero the count) while
+        the same channel in every head is fine; a per-head table reached along its head dim (LeViT's
+        attention biases) is reached only when whole heads go. Outputs, constants and buffers refuse any
+        subset, and trying subsets costs a discovery each, so groups that reach them are not tried.
+        """
+        groups = []
+        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                            root_module_types=self.root_module_types, include_blocked=True):
+            if group.blocked and not all(subset_may_pass(reason) for reason in group.blocked):
+                continue
+            if not self.prune_head_dims and self._is_head_group(group):
+                continue  # heads keep their width; only prune_num_heads may touch them
+            groups.append(group)
+        return groups
+
+    def estimate_importance(self, group: Group) -> torch.Tensor | None:
+        if self.importance is None:
+            raise ValueError("this pruner has no importance criterion; pass importance=tp.importance....")
+        return self.importance(group)
+
+    def _channel_groups(self, group: Group) -> int:
+        """Channels of a group must go symmetrically across this many blocks (grouped convs, heads)."""
+        count = 1
+        for item in group:
+            module = item.dep.target.module
+            if isinstance(module, nn.Parameter):
+                continue
+            pruner = item.dep.target.pruner
+            if item.side is Side.OUT:
+                value = self.out_channel_groups.get(module, pruner.get_out_channel_groups(module))
+            else:
+                value = self.in_channel_groups.get(module, pruner.get_in_channel_groups(module))
+            if module in self.num_heads and self.prune_head_dims and not self.prune_num_heads:
+                value = max(value, self.num_heads[module])
+            count = max(count, value or 1)
+        return count
+
+    def _n_keep(self, module, current: int, ratio: float, channel_groups: int) -> int:
+        original = self.layer_init_out_ch.get(module) or current
+        keep = int(math.floor(original * (1 - ratio) + 1e-9))
+        keep = max(keep, int(math.ceil(original * (1 - self.max_pruning_ratio))))
+        return self._rounded_keep(keep, current, channel_groups)
+
+    def _rounded_keep(self, keep: int, current: int, channel_groups: int) -> int:
+        """Round a kept-channel count up to whole channel groups and ``round_to``, at least one unit."""
+        unit = channel_groups
+        if self.round_to:
+            unit = unit * self.round_to // math.gcd(unit, self.round_to)
+        return min(current, max(unit, int(math.ceil(keep / unit)) * unit))
+
+    def _plan(self) -> Iterator[Group]:
+        return self._plan_global() if self.global_pruning else self._plan_local()
+
+    def _select(self, group: Group, imp: torch.Tensor, n_prune: int, channel_groups: int) -> torch.Tensor:
+        """Lowest-importance root channels, the same local positions in each of ``channel_groups`` blocks."""
+        total = len(imp)
+        if channel_groups > 1 and total % channel_groups == 0:
+            per_block = imp.view(channel_groups, -1).mean(0)
+            local = torch.argsort(per_block)[: n_prune // channel_groups]
+            block = total // channel_groups
+            return (local[None, :] + torch.arange(channel_groups)[:, None] * block).reshape(-1)
+        return torch.argsort(imp)[:n_prune]
+
+    def _prescore(self) -> None:
+        """Score every candidate group before any is pruned.
+
+        Groups share layers (conv2's output group holds conv2, whose inputs belong to conv1's group), so
+        a group scored after its neighbour was pruned would see a narrowed layer; criteria that keep
+        per-parameter statistics (Hessian, OBDC) are tied to the unpruned shapes.
+        """
+        self._scores = {}
+        heads = list(self._head_candidates()) if self.prune_num_heads else []
+        for group in [entry[0] for entry in heads] + self._groups():
+            key = _root_key(group)
+            if key not in self._scores:
+                self._scores[key] = self.estimate_importance(group)
+
+    def _importance(self, group: Group) -> torch.Tensor | None:
+        """The step's up-front score of a group; scored afresh only if whole heads changed its width."""
+        imp = self._scores.get(_root_key(group))
+        if imp is not None and len(imp) == len(group[0].idxs):
+            return imp
+        return self.estimate_importance(group)
+
+    def _plan_local(self) -> Iterator[Group]:
+        self._prescore()
+        yield from self._plan_whole_heads()
+        self._note_pinned_heads()
+        for group in self._groups():
+            root = group[0].dep.target.module
+            current = len(group[0].idxs)
+            channel_groups = self._channel_groups(group)
+            if current % channel_groups:
+                continue
+            ratio = self.get_target_pruning_ratio(root)
+            n_prune = current - self._n_keep(root, current, ratio, channel_groups)
+            if n_prune <= 0:
+                continue
+            imp = self._importance(group)
+            if imp is None or torch.isnan(imp).any():
+                continue
+            chosen = self._choose(group, imp, n_prune, channel_groups)
+            if chosen is not None:
+                yield chosen
+            elif not self.prune_num_heads and self._is_head_group(group):
+                self._heads_narrow_refused.append((self.DG._name(root), self._refusal))
+
+    def _accepts(self, candidate: Group, idxs: torch.Tensor) -> bool:
+        """Prunable, and exactly the planned root channels: a product (q * k) can pull in more of the
+        root than asked for (q head 0 with k head 1 means both heads of both), which would overshoot."""
+        return len(candidate[0].idxs) == len(idxs) and self.DG.check_pruning_group(candidate)
+
+    def _choose(self, group, imp, n_prune, channel_groups):
+        """A prunable group for the lowest-scoring channels; regrouped symmetrically if the graph asks.
+
+        When none is accepted, ``self._refusal`` keeps the graph's reason for the most symmetric candidate.
+        """
+        root = group[0]
+        self._refusal = Refusal(RefusalKind.NO_CANDIDATE, root.dep.target.name, "no candidate")
+        for blocks in _block_candidates(channel_groups, len(imp), n_prune):
+            idxs = self._select(group, imp.detach().cpu(), n_prune - n_prune % blocks, blocks)
+            if len(idxs) == 0:
+                return None
+            candidate = self.DG.get_group_by_side(root.dep.target.module, root.side, idxs.tolist())
+            if self._accepts(candidate, idxs):
+                return candidate
+            self._refusal = _refusal(candidate, idxs)
+        return None
+
+    def _plan_global(self) -> Iterator[Group]:
+        self._prescore()
+        yield from self._plan_whole_heads()
+        self._note_pinned_heads()
+        entries = []
+        for group in self._groups():
+            imp = self._importance(group)
+            if imp is None or torch.isnan(imp).any():
+                continue
+            entries.append((group, imp.detach().cpu(), self._channel_groups(group)))
+        if not entries:
+            return
+        if self.isomorphic:
+            buckets: dict = {}
+            for entry in entries:
+                buckets.setdefault(_signature(entry[0]), []).append(entry)
+            for bucket in buckets.values():
+                yield from self._global_bucket(bucket)
+        else:
+            yield from self._global_bucket(entries)
+
+    def _global_bucket(self, entries):
+        scores = []
+        total_original = 0
+        total_current = 0
+        for group, imp, blocks in entries:
+            root = group[0].dep.target.module
+            total_original += self.layer_init_out_ch.get(root) or len(imp)
+            total_current += len(imp)
+            scores.append(imp.view(blocks, -1).mean(0) if blocks > 1 and len(imp) % blocks == 0 else imp)
+        ratio = self.per_step_pruning_ratio[min(self.current_step, self.iterative_steps)]
+        n_prune = total_current - int(total_original * (1 - ratio))
+        if n_prune <= 0:
+            return
+        flat = torch.cat([s.repeat(b) if b > 1 and len(i) % b == 0 else s
+                          for s, (_, i, b) in zip(scores, entries)])
+        threshold = torch.kthvalue(flat, min(n_prune, len(flat))).values
+        for (group, imp, blocks), score in zip(entries, scores):
+            root = group[0].dep.target.module
+            current = len(imp)
+            limit = current - self._n_keep(root, current, self.max_pruning_ratio, blocks)
+            wanted = int((score <= threshold).sum()) * (blocks if len(score) != current else 1)
+            n = current - self._rounded_keep(current - min(wanted, limit), current, blocks)
+            if n <= 0:
+                continue
+            chosen = self._choose(group, imp, n, blocks)
+            if chosen is not None:
+                yield chosen
+
+
+def _block_candidates(channel_groups: int, total: int, n_prune: int, limit: int = 24):
+    """The declared grouping first, then ever coarser symmetric groupings the graph may require: a
+    channel shuffle or a fused q/k/v reshape only accepts the same local channels in every block."""
+    yield channel_groups
+    tried = 1
+    for blocks in range(channel_groups + 1, total + 1):
+        if tried >= limit or blocks > n_prune:
+            return
+        if total % blocks == 0 and blocks % channel_groups == 0:
+            tried += 1
+            yield blocks
+
+
+def _refusal(candidate: Group, idxs: torch.Tensor) -> Refusal:
+    if candidate.blocked:
+        return candidate.blocked[0]
+    root = candidate[0].dep.target.name
+    if len(candidate[0].idxs) != len(idxs):
+        return Refusal(RefusalKind.WIDENED, root,
+                       f"the graph widens {len(idxs)} planned channels to {len(candidate[0].idxs)}")
+    return Refusal(RefusalKind.CHECK_FAILED, root, "a layer would lose every channel")
+
+
+def _root_key(group: Group) -> tuple:
+    return group[0].dep.target.module, group[0].side
+
+
+def _signature(group: Group) -> tuple:
+    return tuple((type(item.dep.target.module).__name__, item.side) for item in group)

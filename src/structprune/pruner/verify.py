@@ -1,0 +1,72 @@
+"""After a step: run the model, and when a group broke it, redo the step one group at a time."""
+from __future__ import annotations
+
+import warnings
+
+from ..graph.snapshot import Checkpoint
+from ..utils.nested import call_model, evaluating
+from .diagnose import explain, layer_widths, size_attributes, stale_attributes
+
+
+class VerifyMixin:
+    """Mixin of BasePruner: the forward check after a step and the group-by-group retry."""
+
+    def _step_verified(self, optimizer) -> list:
+        plans, skipped = [], []
+        for group in self._plan():
+            checkpoint = self._checkpoint()
+            sizes = self._sizes()
+            plan = self._prune_group(group, optimizer)
+            error = self._forward_error()
+            if error is None:
+                plans.append(plan)
+            else:
+                hint = self._stale_hint(sizes)
+                checkpoint.restore()
+                skipped.append(f"{group[0].dep.target.name} ({error}{hint})")
+        if skipped:
+            warnings.warn(
+                "left unpruned because the model stopped running after pruning them: " + "; ".join(skipped),
+                stacklevel=3,
+            )
+        return plans
+
+    def _checkpoint(self) -> Checkpoint:
+        graph = self.DG.checkpoint()
+        num_heads = dict(self.num_heads)  # whole-head pruning keeps it current; an undone group restores it
+
+        def restore_graph():
+            graph._restore_graph()
+            self.num_heads = dict(num_heads)
+
+        return Checkpoint(graph.snapshot, restore_graph)
+
+    def _sizes(self) -> tuple:
+        """Size attributes and layer widths now, to name stale attributes if the model stops running."""
+        return size_attributes(self.model), layer_widths(self.DG)
+
+    def _stale_hint(self, sizes: tuple) -> str:
+        attributes, widths = sizes
+        return explain(stale_attributes(attributes, size_attributes(self.model), widths, layer_widths(self.DG)))
+
+    def _after_step(self, sizes: tuple | None = None) -> None:
+        if self.verify:
+            error = self._forward_error()
+            if error is not None:
+                hint = self._stale_hint(sizes) if sizes is not None else ""
+                raise RuntimeError(
+                    f"the pruned model no longer runs on the example inputs: {error}{hint}. A module attribute "
+                    f"probably disagrees with the new shapes; register an adapter "
+                    f"(structprune.adapters.register_adapter) for this model family or report it"
+                )
+
+    def _forward_error(self) -> str | None:
+        try:
+            with evaluating(self.model) as model:
+                if self.forward_fn is not None:
+                    self.forward_fn(model, self.example_inputs)
+                else:
+                    call_model(model, self.example_inputs)
+        except Exception as error:  # noqa: BLE001 - any failure means the pruned model is broken
+            return f"{type(error).__name__}: {error}"
+        return None

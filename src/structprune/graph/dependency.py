@@ -87,7 +87,7 @@ class DependencyGraph(GroupFinder):
         self.verbose = verbose
         from ..layers.declarations import register_optional_layers
 
-        for layer_type in register_optional_layers():  # layers of libraries already imported (transformers)
+        for layer_type in register_optional_layers(model):  # layers of libraries already imported (transformers)
             self.REGISTERED_PRUNERS.setdefault(layer_type, DEFAULT_PRUNERS[layer_type])
         for layer, pruner in (customized_pruners or {}).items():
             self.register_customized_layer(layer, pruner)
@@ -243,7 +243,23 @@ class DependencyGraph(GroupFinder):
                 dim = self._unwrapped_dims.get(tensor)
                 dim = _guess_parameter_dim(tensor) if dim is None else dim % tensor.dim()
                 self.module2node[tensor] = Node(tensor, named[tensor], ParameterPruner(dim), dim)
+        self._add_inner_layers()
         self._link_nodes()
+
+    def _add_inner_layers(self):
+        """Nodes for widths a layer holds inside (an MoE experts module's intermediate width and expert
+        count): layers with no calls, so their groups hold only themselves."""
+        by_name = {name: module for module, name in self.module2name.items()}
+        for module, node in list(self.module2node.items()):
+            if isinstance(module, nn.Parameter) or _is_ignored(module, self.IGNORED_LAYERS):
+                continue
+            parent = by_name.get(node.name.rpartition(".")[0]) if "." in node.name else self.model
+            for inner in node.pruner.inner_layers(module, parent):
+                if any(_is_ignored(child, self.IGNORED_LAYERS) for child in inner.children()):
+                    continue
+                name = f"{node.name}[{type(inner).__name__}]"
+                self.module2name[inner] = name
+                self.module2node[inner] = Node(inner, name, self.get_pruner_of_module(inner))
 
     def _link_nodes(self):
         """Module-level inputs/outputs: nearest nodes across function calls (for inspection and drawing)."""
@@ -485,8 +501,9 @@ class DependencyGraph(GroupFinder):
     def load_pruning_history(self, history):
         named = dict(self.model.named_modules())
         params = dict(self.model.named_parameters())
+        inner = {node.name: module for module, node in self.module2node.items() if node.name not in named}
         for name, is_out, idxs in history:
-            module = named.get(name, params.get(name))
+            module = named.get(name, params.get(name, inner.get(name)))
             if module is None:
                 raise KeyError(f"pruning history names '{name}', which the model does not have")
             pruner = self.get_pruner_of_module(module)

@@ -10,7 +10,7 @@ from .normalizers import apply_normalizer, get_normalizer
 from .reductions import get_reduction, scatter_items
 from .slices import channel_sums, is_bias, parameter_of, tensor_name
 
-from ..layers.declarations import optional_linear_types
+from ..layers.declarations import scored_types
 
 DEFAULT_TARGET_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 
@@ -79,8 +79,8 @@ class ElementwiseImportance(Importance):
         """One item's score for each of its channels ``item.idxs``; None if it has nothing to score."""
         layer = item.dep.target.module
         types = self.target_types
-        if types == DEFAULT_TARGET_TYPES:  # Linear-like layers of optional libraries (transformers Conv1D)
-            types = types + optional_linear_types()
+        if types == DEFAULT_TARGET_TYPES:  # Linear-like layers of optional libraries (Conv1D, MoE experts)
+            types = types + scored_types()
         if not isinstance(layer, types):
             return None
         idxs = torch.tensor(item.idxs, dtype=torch.long)

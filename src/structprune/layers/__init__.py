@@ -27,5 +27,7 @@ from .declarations import (
     find_pruner,
     optional_linear_types,
     register_optional_layers,
+    scored_types,
 )
+from .moe import ExpertCount, ExpertsPruner, ExpertWidth, RouterPruner
 from .functions import *  # noqa: F401,F403  (the documented prune_* names)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..graph.group import Group, item_axes
-from ..layers.declarations import optional_linear_types
+from ..layers.declarations import scored_types
 
 DEFAULT_REG_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
@@ -30,7 +30,7 @@ class _Term:
 class RegularizerEngine:
     def __init__(self, target_types=DEFAULT_REG_TYPES):
         if tuple(target_types) == DEFAULT_REG_TYPES:  # Linear-like layers of optional libraries too
-            target_types = DEFAULT_REG_TYPES + optional_linear_types()
+            target_types = DEFAULT_REG_TYPES + scored_types()
         self.target_types = tuple(target_types)
         self.terms: list[_Term] = []
         self.weights: list[nn.Parameter] = []

@@ -307,6 +307,19 @@ def routing_groups(router: nn.Module) -> int:
     return groups if isinstance(groups, int) and groups > 1 else 1
 
 
+def fewest_experts(router: nn.Module, wanted: int, total: int) -> int:
+    """The smallest expert count >= ``wanted`` the router can still route: at least ``top_k``, and with
+    group-limited routing a multiple of the group count, 2+ per group (its per-group top-2), and enough in
+    the ``topk_group`` chosen groups to fill ``top_k``."""
+    keep = max(wanted, router.top_k, 1)
+    groups = routing_groups(router)
+    if groups > 1:
+        chosen = int(getattr(router, "topk_group", groups))
+        per_group = max(-(-keep // groups), 2, -(-router.top_k // chosen))
+        keep = per_group * groups
+    return min(keep, total)
+
+
 EXPERTS = ExpertsPruner()
 ROUTER = RouterPruner()
 

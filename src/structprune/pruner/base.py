@@ -14,18 +14,23 @@ from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
 from ..utils.nested import call_model, evaluating
 from .diagnose import explain, layer_widths, size_attributes, stale_attributes
+from .experts import ExpertPlanner
 from .heads import HeadPlanner, subset_may_pass
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
 from .schedulers import linear_scheduler
 
 
 
-class BasePruner(HeadPlanner):
+class BasePruner(HeadPlanner, ExpertPlanner):
     """Structural pruner driven by an importance criterion (also exported as MetaPruner).
 
     ``pruning_ratio`` is the fraction of each group's original channels removed once all
     ``iterative_steps`` have run. Channel counts after a step are ``floor(original * (1 - ratio))``,
     at least one channel (or one channel group), rounded up to a multiple of ``round_to`` when given.
+
+    Mixture-of-experts blocks lose intermediate width like any MLP (every expert the same channels);
+    ``prune_num_experts=True`` also removes whole experts with their router rows, the fraction
+    ``expert_pruning_ratio`` of each block's experts (``pruning_ratio`` when None), keeping at least top-k.
     """
 
     def __init__(
@@ -58,6 +63,8 @@ class BasePruner(HeadPlanner):
         ch_sparsity: float | None = None,
         ch_sparsity_dict: dict | None = None,
         verify: bool = True,
+        prune_num_experts: bool = False,
+        expert_pruning_ratio: float | None = None,
     ):
         if ch_sparsity is not None:
             warnings.warn("ch_sparsity is deprecated; use pruning_ratio", DeprecationWarning, stacklevel=2)
@@ -70,6 +77,8 @@ class BasePruner(HeadPlanner):
             out_channel_groups = {**(out_channel_groups or {}), **channel_groups}
         _check_ratio("pruning_ratio", pruning_ratio)
         _check_ratio("head_pruning_ratio", head_pruning_ratio)
+        if expert_pruning_ratio is not None:
+            _check_ratio("expert_pruning_ratio", expert_pruning_ratio)
         if not 0.0 < max_pruning_ratio <= 1.0:
             raise ValueError(f"max_pruning_ratio must lie in (0, 1], got {max_pruning_ratio}")
         if not isinstance(iterative_steps, int) or iterative_steps <= 0:
@@ -92,6 +101,8 @@ class BasePruner(HeadPlanner):
         self.prune_num_heads = prune_num_heads
         self.prune_head_dims = prune_head_dims
         self.head_pruning_ratio = head_pruning_ratio
+        self.prune_num_experts = prune_num_experts
+        self.expert_pruning_ratio = pruning_ratio if expert_pruning_ratio is None else expert_pruning_ratio
         self.root_module_types = tuple(root_module_types) if root_module_types else default_root_types()
         self.forward_fn = forward_fn
         self.output_transform = output_transform
@@ -135,6 +146,7 @@ class BasePruner(HeadPlanner):
             for module in scope:
                 self.pruning_ratio_dict[module] = (scope, schedule(ratio, steps))
         self.per_step_head_pruning_ratio = schedule(self.head_pruning_ratio, steps)
+        self.per_step_expert_pruning_ratio = schedule(self.expert_pruning_ratio, steps)
         self.head_pruning_ratio_dict = {
             module: schedule(ratio, steps) for module, ratio in (head_pruning_ratio_dict or {}).items()
         }
@@ -332,7 +344,7 @@ class BasePruner(HeadPlanner):
         """
         self._scores = {}
         heads = list(self._head_candidates()) if self.prune_num_heads else []
-        for group in [entry[0] for entry in heads] + self._groups():
+        for group in [entry[0] for entry in heads] + list(self._expert_groups()) + self._groups():
             key = _root_key(group)
             if key not in self._scores:
                 self._scores[key] = self.estimate_importance(group)
@@ -346,6 +358,7 @@ class BasePruner(HeadPlanner):
 
     def _plan_local(self) -> Iterator[Group]:
         self._prescore()
+        yield from self._plan_experts()
         yield from self._plan_whole_heads()
         self._note_pinned_heads()
         for group in self._groups():
@@ -391,6 +404,7 @@ class BasePruner(HeadPlanner):
 
     def _plan_global(self) -> Iterator[Group]:
         self._prescore()
+        yield from self._plan_experts()
         yield from self._plan_whole_heads()
         self._note_pinned_heads()
         entries = []

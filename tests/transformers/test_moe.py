@@ -72,7 +72,7 @@ def test_moe_family_loses_hidden_and_expert_width_then_generates_and_reloads(fam
     model = build(family)
     ids = torch.randint(0, 128, (1, 8))
     before = count(model)
-    with no_group_left_unpruned(allowed=("self_attn",)):  # rotary embeddings pin the head dims
+    with no_group_left_unpruned():
         tp.pruner.BasePruner(model, {"input_ids": ids}, magnitude(), pruning_ratio=0.5,
                              ignored_layers=ignored(model)).step()
     assert count(model) <= 0.75 * before
@@ -102,7 +102,7 @@ def test_prune_num_experts_removes_experts_with_their_router_rows_and_reloads(fa
     ids = torch.randint(0, 128, (1, 8))
     blocks = moe_blocks(model)
     original = blocks[0].experts.num_experts
-    with no_group_left_unpruned(allowed=("self_attn",)):
+    with no_group_left_unpruned():
         tp.pruner.BasePruner(model, {"input_ids": ids}, magnitude(), pruning_ratio=0.5, prune_num_experts=True,
                              expert_pruning_ratio=0.5, ignored_layers=ignored(model)).step()
     for block in blocks:
@@ -260,3 +260,31 @@ def test_prune_num_experts_on_a_model_without_experts_warns():
     pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, magnitude(), pruning_ratio=0.0, prune_num_experts=True)
     with pytest.warns(UserWarning, match="no mixture-of-experts block"):
         pruner.step()
+
+
+def test_growing_regularization_reaches_the_fused_expert_tensors():
+    """Expert tensors sit in two groups (their intermediate width and the hidden width), the router in one:
+    with every reg at ``reg``, regularize() adds 2 * reg * weight to the experts' gradients, reg * weight to
+    the router's."""
+    model = build("mixtral")
+    ids = torch.randint(0, 128, (1, 8))
+    pruner = tp.pruner.GrowingRegPruner(model, {"input_ids": ids}, magnitude(), reg=1e-3, pruning_ratio=0.5,
+                                        ignored_layers=[model.lm_head])
+    model(ids, labels=ids).loss.backward()
+    block = moe_blocks(model)[0]
+    tensors = [block.experts.gate_up_proj, block.experts.down_proj, block.gate.weight]
+    grads = [tensor.grad.clone() for tensor in tensors]
+    pruner.regularize(model)
+    for tensor, grad, times in zip(tensors, grads, (2, 2, 1)):
+        torch.testing.assert_close(tensor.grad, grad + times * 1e-3 * tensor.data)
+
+
+def test_macs_count_each_routed_token_once_per_expert_in_every_experts_implementation():
+    ids = torch.randint(0, 128, (1, 8))
+    for implementation in ("eager", "grouped_mm", "batched_mm"):
+        model = build("mixtral")
+        model.config._experts_implementation = implementation
+        _, _, per_module = tp.utils.count_ops_and_params(model, {"input_ids": ids}, layer_wise=True)
+        # 8 tokens x top-2, each through gate/up (64 x 64) and down (64 x 32); nothing counted twice inside
+        for index in range(2):
+            assert per_module[f"model.layers.{index}.mlp.experts"] == 8 * 2 * (64 * 64 + 64 * 32)

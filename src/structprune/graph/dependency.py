@@ -250,6 +250,7 @@ class DependencyGraph(GroupFinder):
         """Nodes for widths a layer holds inside (an MoE experts module's intermediate width and expert
         count): layers with no calls, so their groups hold only themselves."""
         by_name = {name: module for module, name in self.module2name.items()}
+        self._inner_owner = {}
         for module, node in list(self.module2node.items()):
             if isinstance(module, nn.Parameter) or _is_ignored(module, self.IGNORED_LAYERS):
                 continue
@@ -260,6 +261,12 @@ class DependencyGraph(GroupFinder):
                 name = f"{node.name}[{type(inner).__name__}]"
                 self.module2name[inner] = name
                 self.module2node[inner] = Node(inner, name, self.get_pruner_of_module(inner))
+                self._inner_owner[inner] = module
+
+    def inner_layers_of(self, module: nn.Module) -> list:
+        """The inner layers (see ``BasePruningFunc.inner_layers``) of ``module`` and its submodules."""
+        within = set(map(id, module.modules()))
+        return [inner for inner, owner in getattr(self, "_inner_owner", {}).items() if id(owner) in within]
 
     def _link_nodes(self):
         """Module-level inputs/outputs: nearest nodes across function calls (for inspection and drawing)."""

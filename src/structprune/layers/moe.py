@@ -66,6 +66,12 @@ def is_router(module: nn.Module, sized: bool = True) -> bool:
                for name, value in tensors.items())
 
 
+def holds_fused_tensors(module) -> bool:
+    """Fused experts or one of their inner layers: weights named ``gate_up_proj``/``down_proj``, not ``weight``."""
+    return isinstance(module, (ExpertWidth, ExpertCount)) or (isinstance(module, nn.Module)
+                                                               and is_fused_experts(module, sized=False))
+
+
 def _transposed(experts) -> bool:
     return bool(getattr(experts, "is_transposed", False))
 

@@ -140,8 +140,11 @@ class BasePruner(HeadPlanner, ExpertPlanner):
             modules = key if isinstance(key, (tuple, list)) else (key,)
             expanded = []
             for module in modules:
-                expanded.extend(m for m in module.modules() if m in self.DG.module2node) if isinstance(
-                    module, nn.Module) else expanded.append(module)
+                if isinstance(module, nn.Module):
+                    expanded.extend(m for m in module.modules() if m in self.DG.module2node)
+                    expanded.extend(self.DG.inner_layers_of(module))  # an MoE block's expert widths
+                else:
+                    expanded.append(module)
             scope = tuple(expanded)
             for module in scope:
                 self.pruning_ratio_dict[module] = (scope, schedule(ratio, steps))

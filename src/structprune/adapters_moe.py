@@ -29,10 +29,10 @@ def _is_hf_moe_model(module: nn.Module) -> bool:
             and any(isinstance(getattr(config, name, None), int) for name in EXPERT_COUNT_FIELDS))
 
 
-def _moe_blocks(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """(block, experts) for every module holding fused experts, in model order."""
-    return [(block, child) for block in model.modules() for child in block.children()
-            if is_fused_experts(child, sized=False)]
+def _first_moe_block(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(block, experts) of the first module holding fused experts, in model order."""
+    return next(((block, child) for block in model.modules() for child in block.children()
+                 if is_fused_experts(child, sized=False)), None)
 
 
 def _mlp_width(mlp: nn.Module) -> int | None:
@@ -47,11 +47,11 @@ def _set_present(owner, names, value: int) -> None:
 
 
 def _hf_moe_config(model: nn.Module) -> None:
-    blocks = _moe_blocks(model)
-    if not blocks:
+    found = _first_moe_block(model)
+    if found is None:
         return
     config = model.config
-    block, experts = blocks[0]
+    block, experts = found
     count, width = experts.down_proj.shape[0], intermediate_width(experts)
     _set_present(config, EXPERT_COUNT_FIELDS, count)
     _set_present(model, EXPERT_COUNT_FIELDS, count)  # XForCausalLM.num_experts sizes the auxiliary loss
@@ -64,12 +64,22 @@ def _hf_moe_config(model: nn.Module) -> None:
     shared = _mlp_width(getattr(block, "shared_experts", None))
     if shared is not None and isinstance(getattr(config, "n_shared_experts", None), int) and shared % width == 0:
         config.n_shared_experts = shared // width
-    for block, experts in blocks:
-        _set_present(block, ("num_experts",), experts.down_proj.shape[0])
-        _set_present(block, ("hidden_dim",), hidden_width(experts))
+
+
+def _holds_experts(module: nn.Module) -> bool:
+    return any(is_fused_experts(child, sized=False) for child in module.children())
+
+
+def _moe_block(block: nn.Module) -> None:
+    """The module around fused experts: Granite-MoE views its output with ``input_size``."""
+    experts = next(child for child in block.children() if is_fused_experts(child, sized=False))
+    _set_present(block, ("num_experts",), experts.down_proj.shape[0])
+    _set_present(block, ("hidden_dim", "input_size"), hidden_width(experts))
 
 
 ADAPTERS = [
+    Adapter("MoE block around fused experts (num_experts, hidden_dim, input_size)", _holds_experts, _moe_block,
+            follows=("input_size",)),
     Adapter("fused MoE experts (num_experts, hidden_dim, intermediate_dim)",
             lambda module: is_fused_experts(module, sized=False), sync_experts),
     Adapter("MoE router (num_experts, hidden_dim)", lambda module: is_router(module, sized=False), sync_router),

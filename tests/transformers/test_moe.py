@@ -288,3 +288,43 @@ def test_macs_count_each_routed_token_once_per_expert_in_every_experts_implement
         # 8 tokens x top-2, each through gate/up (64 x 64) and down (64 x 32); nothing counted twice inside
         for index in range(2):
             assert per_module[f"model.layers.{index}.mlp.experts"] == 8 * 2 * (64 * 64 + 64 * 32)
+
+
+def other_family(family: str):
+    import transformers as hf
+
+    settings = dict(COMMON, intermediate_size=32, num_local_experts=4)
+    if family == "phimoe":  # its router is an nn.Linear whose rows are experts
+        model_type, config = hf.PhimoeForCausalLM, hf.PhimoeConfig(**settings)
+    elif family == "granitemoe":  # its MoE block views its output with self.input_size
+        model_type, config = hf.GraniteMoeForCausalLM, hf.GraniteMoeConfig(**settings)
+    else:  # gpt-oss: experts stored [experts, hidden, 2 x inner] with gate and up rows interleaved, and biases
+        model_type, config = hf.GptOssForCausalLM, hf.GptOssConfig(**settings, head_dim=16,
+                                                                    layer_types=["full_attention"] * 2)
+    torch.manual_seed(0)
+    return model_type(config).eval()
+
+
+@pytest.mark.parametrize("family", ["phimoe", "granitemoe", "gpt_oss"])
+def test_other_layouts_of_fused_experts_prune_and_reload(family, tmp_path):
+    model = other_family(family)
+    ids = torch.randint(0, 128, (1, 8))
+    before = count(model)
+    with no_group_left_unpruned():
+        tp.pruner.BasePruner(model, {"input_ids": ids}, magnitude(), pruning_ratio=0.5, prune_num_experts=True,
+                             expert_pruning_ratio=0.5, ignored_layers=[model.lm_head]).step()
+    assert count(model) <= 0.45 * before
+    blocks = [module for module in model.modules() if hasattr(module, "experts")]
+    assert len(blocks) == 2
+    for block in blocks:
+        experts, router = block.experts, getattr(block, "router", None) or block.gate
+        assert experts.num_experts == router.num_experts == router.weight.shape[0] == 2
+        assert router.weight.shape[1] == 32
+        if family == "gpt_oss":  # interleaved gate/up rows keep their width; hidden and experts still go
+            assert experts.gate_up_proj.shape == (2, 32, 64) and experts.down_proj_bias.shape == (2, 32)
+        else:
+            assert experts.gate_up_proj.shape == (2, 32, 32) and experts.down_proj.shape == (2, 32, 16)
+    out = logits(model, input_ids=ids)
+    assert out.shape == (1, 8, 128)
+    assert_config_rebuilds(model)
+    torch.testing.assert_close(logits(reload(model, tmp_path), input_ids=ids), out)

@@ -591,7 +591,9 @@ def register_optional_layers(model: nn.Module | None = None) -> tuple[type, ...]
     seen = set()
     for module in model.modules() if model is not None else ():
         layer_type = type(module)
-        if layer_type in seen or layer_type in _MATCHED_TYPES or find_pruner(module, DEFAULT_PRUNERS) is not None:
+        # a type registered by name keeps its pruner; a subclass of a generic layer may still be recognised
+        # (Phi-MoE's router is an nn.Linear whose rows are experts)
+        if layer_type in seen or layer_type in _MATCHED_TYPES or layer_type in DEFAULT_PRUNERS:
             continue
         seen.add(layer_type)
         for predicate, pruner in MATCHED_PRUNERS:

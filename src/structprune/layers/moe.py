@@ -112,8 +112,8 @@ def sync_experts(experts: nn.Module) -> None:
 def sync_router(router: nn.Module) -> None:
     """A router reshapes its input with ``hidden_dim`` and views its scores with ``num_experts``."""
     count, hidden = router.weight.shape
-    _set_int(router, ("num_experts",), count)
-    _set_int(router, ("hidden_dim", "hidden_size"), hidden)
+    _set_int(router, ("num_experts", "out_features"), count)  # Phi-MoE's router is an nn.Linear
+    _set_int(router, ("hidden_dim", "hidden_size", "in_features"), hidden)
 
 
 # -- declarations of the real layers --------------------------------------------------------------------

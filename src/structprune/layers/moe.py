@@ -23,6 +23,8 @@ the model, hold no tensors of their own and reach the real ones through declared
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -157,8 +159,14 @@ class ExpertsPruner(BasePruningFunc):
     def inner_layers(self, layer, parent):
         inner = []
         if getattr(layer, "is_concatenated", True):
-            # interleaved gate/up rows (gpt-oss) put channel j at 2j and 2j+1, a layout Axis does not describe
             inner.append(ExpertWidth(layer))
+        else:
+            # interleaved gate/up rows (gpt-oss) put channel j at 2j and 2j+1, a layout Axis does not describe
+            warnings.warn(
+                f"{type(layer).__name__} stores gate and up rows interleaved; structprune keeps its intermediate "
+                f"width (its hidden width and, with prune_num_experts, its experts still prune)",
+                stacklevel=2,
+            )
         router = _router_beside(layer, parent)
         if router is not None:
             inner.append(ExpertCount(layer, router))

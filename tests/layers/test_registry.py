@@ -38,4 +38,4 @@ def test_roles_add_imported_linear_like_layers_only_to_their_defaults():
     # the older import path of the group roots still answers
     from structprune.layers.declarations import ROOT_TYPES, default_root_types
 
-    assert default_root_types() == layer_types(LayerRole.ROOT) and ROOT_TYPES == (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM)
+    assert default_root_types() == layer_types(LayerRole.ROOT) and ROOT_TYPES == (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM, tp.layers.ExpertWidth)

@@ -71,8 +71,9 @@ class GraphApplier:
     def load_pruning_history(self, history):
         named = dict(self.model.named_modules())
         params = dict(self.model.named_parameters())
+        inner = {node.name: module for module, node in self.module2node.items() if node.name not in named}
         for name, is_out, idxs in history:
-            module = named.get(name, params.get(name))
+            module = named.get(name, params.get(name, inner.get(name)))
             if module is None:
                 raise KeyError(f"pruning history names '{name}', which the model does not have")
             self.get_group_by_side(module, OUT if is_out else IN, idxs).prune(record_history=True)

@@ -52,7 +52,7 @@ class GraphBuilder:
         self.verbose = verbose
         from ..layers.declarations import register_optional_layers
 
-        for layer_type in register_optional_layers():  # layers of libraries already imported (transformers)
+        for layer_type in register_optional_layers(model):  # layers of libraries already imported (transformers)
             self.REGISTERED_PRUNERS.setdefault(layer_type, DEFAULT_PRUNERS[layer_type])
         for layer, pruner in (customized_pruners or {}).items():
             self.register_customized_layer(layer, pruner)
@@ -206,7 +206,32 @@ class GraphBuilder:
                 dim = self._unwrapped_dims.get(tensor)
                 dim = _guess_parameter_dim(tensor) if dim is None else dim % tensor.dim()
                 self.module2node[tensor] = Node(tensor, named[tensor], ParameterPruner(dim), dim)
+        self._add_inner_layers()
         self._link_nodes()
+
+    def _add_inner_layers(self):
+        """Nodes for widths a layer holds inside (an MoE experts module's intermediate width and expert
+        count): layers with no calls, so their groups hold only themselves."""
+        from .queries import _is_ignored
+
+        by_name = {name: module for module, name in self.module2name.items()}
+        self._inner_owner = {}
+        for module, node in list(self.module2node.items()):
+            if isinstance(module, nn.Parameter) or _is_ignored(module, self.IGNORED_LAYERS):
+                continue
+            parent = by_name.get(node.name.rpartition(".")[0]) if "." in node.name else self.model
+            for inner in node.pruner.inner_layers(module, parent):
+                if any(_is_ignored(child, self.IGNORED_LAYERS) for child in inner.children()):
+                    continue
+                name = f"{node.name}[{type(inner).__name__}]"
+                self.module2name[inner] = name
+                self.module2node[inner] = Node(inner, name, self.get_pruner_of_module(inner))
+                self._inner_owner[inner] = module
+
+    def inner_layers_of(self, module: nn.Module) -> list:
+        """The inner layers (see ``BasePruningFunc.inner_layers``) of ``module`` and its submodules."""
+        within = set(map(id, module.modules()))
+        return [inner for inner, owner in getattr(self, "_inner_owner", {}).items() if id(owner) in within]
 
     def _link_nodes(self):
         """Module-level inputs/outputs: nearest nodes across function calls (for inspection and drawing)."""

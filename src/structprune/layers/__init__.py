@@ -25,6 +25,8 @@ from .declarations import (
     find_pruner,
     optional_linear_types,
     register_optional_layers,
+    scored_types,
 )
 from .registry import ROOT_TYPES, default_root_types  # size attributes and layer roles: layers/registry.py
+from .moe import ExpertCount, ExpertsPruner, ExpertWidth, RouterPruner
 from .functions import *  # noqa: F401,F403  (the documented prune_* names)

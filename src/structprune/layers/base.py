@@ -95,6 +95,13 @@ class BasePruningFunc:
     def update_attrs(self, layer: nn.Module) -> None:
         """Make attributes such as ``out_channels`` agree with the new parameter shapes."""
 
+    def inner_layers(self, layer: nn.Module, parent: nn.Module | None) -> list[nn.Module]:
+        """Widths the layer holds that its inputs and outputs do not show (an MoE experts module's
+        intermediate width and expert count), as proxy modules with declarations of their own; the graph
+        adds them as layers with no calls. ``parent`` (the module holding ``layer``) lets a declaration
+        reach a sibling (the router that scores the experts)."""
+        return []
+
     def shrink_attrs(self, layer: nn.Module, removed: int) -> None:
         """Narrow width attributes by ``removed`` for a layer that holds no channel tensors."""
 

@@ -11,6 +11,7 @@ from torch import nn
 from .axes import Axis, swap_data
 from .slicing_log import record_slice
 from .base import BasePruningFunc, as_index_tensor
+from .moe import INNER, MATCHED, ExpertCount, ExpertWidth
 
 
 def _is_depthwise(layer) -> bool:
@@ -556,11 +557,25 @@ OPTIONAL_PRUNERS: dict[tuple[str, str], BasePruningFunc] = {
 #: Optional types that behave like Linear: they root channel groups and importance scores their weights.
 OPTIONAL_LINEAR_LIKE: set[tuple[str, str]] = {("transformers.pytorch_utils", "Conv1D")}
 
-def register_optional_layers() -> tuple[type, ...]:
-    """Declare the ``OPTIONAL_PRUNERS`` types whose library is already imported; returns those types.
+#: Layers recognised by what they hold rather than by class name (transformers builds 60+ fused MoE experts
+#: classes with one decorator): (predicate, pruning function), tried on the modules of a traced model whose
+#: type nothing declares. Matched types act like Linear (importance scores them).
+MATCHED_PRUNERS: list = list(MATCHED)
+_MATCHED_TYPES: set = set()
 
-    Cheap and idempotent: it looks only in ``sys.modules`` and imports nothing, so call it whenever a
-    graph is built. A pruner already registered for such a type in ``DEFAULT_PRUNERS`` is kept.
+#: Types of our own scored and regularized like Linear weights: the inner layers of MoE experts (the
+#: expert count roots no group by default: experts go only with ``prune_num_experts``).
+SCORED_TYPES: tuple[type, ...] = (ExpertWidth, ExpertCount)
+
+DEFAULT_PRUNERS.update(INNER)
+
+
+def register_optional_layers(model: nn.Module | None = None) -> tuple[type, ...]:
+    """Declare the ``OPTIONAL_PRUNERS`` types whose library is already imported, and the types of ``model``'s
+    modules that a ``MATCHED_PRUNERS`` predicate recognises; returns those types.
+
+    Cheap and idempotent: it looks only in ``sys.modules`` (and at ``model``) and imports nothing, so call
+    it whenever a graph is built. A pruner already registered for such a type in ``DEFAULT_PRUNERS`` is kept.
     """
     import sys
 
@@ -571,11 +586,25 @@ def register_optional_layers() -> tuple[type, ...]:
         if isinstance(layer_type, type):
             DEFAULT_PRUNERS.setdefault(layer_type, pruner)
             found.append(layer_type)
-    return tuple(found)
+    seen = set()
+    for module in model.modules() if model is not None else ():
+        layer_type = type(module)
+        # a type registered by name keeps its pruner; a subclass of a generic layer may still be recognised
+        # (Phi-MoE's router is an nn.Linear whose rows are experts)
+        if layer_type in seen or layer_type in _MATCHED_TYPES or layer_type in DEFAULT_PRUNERS:
+            continue
+        seen.add(layer_type)
+        for predicate, pruner in MATCHED_PRUNERS:
+            if predicate(module):
+                DEFAULT_PRUNERS[layer_type] = pruner
+                _MATCHED_TYPES.add(layer_type)
+                break
+    return tuple(found) + tuple(sorted(_MATCHED_TYPES, key=lambda t: (t.__module__, t.__qualname__)))
 
 
 def optional_linear_types() -> tuple[type, ...]:
-    """The imported optional types that act like Linear (transformers Conv1D), registered on the way."""
+    """The imported optional types that act like Linear (transformers Conv1D, fused MoE experts and
+    routers met so far), registered on the way."""
     import sys
 
     register_optional_layers()
@@ -584,7 +613,12 @@ def optional_linear_types() -> tuple[type, ...]:
         layer_type = getattr(sys.modules.get(module_name), class_name, None)
         if isinstance(layer_type, type):
             found.append(layer_type)
-    return tuple(found)
+    return tuple(found) + tuple(sorted(_MATCHED_TYPES, key=lambda t: (t.__module__, t.__qualname__)))
+
+
+def scored_types() -> tuple[type, ...]:
+    """Types whose weights default importance criteria and regularizers read beyond the built-in ones."""
+    return optional_linear_types() + SCORED_TYPES
 
 
 def __getattr__(name: str):

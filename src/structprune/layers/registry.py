@@ -12,7 +12,8 @@ from enum import Enum
 
 from torch import nn
 
-from .declarations import optional_linear_types
+from .declarations import SCORED_TYPES, optional_linear_types
+from .moe import ExpertWidth
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,11 @@ class LayerRole(Enum):
     SCALED_NORM = "scaled norm"
 
 
-#: The torch layer types of each role; Linear-like types of optional libraries (transformers Conv1D)
-#: join every role holding nn.Linear once their library is imported (see :func:`layer_types`).
+#: The torch layer types of each role; Linear-like types of optional libraries (transformers Conv1D, fused
+#: MoE experts) join every role holding nn.Linear once their library is imported, and the inner layers of
+#: MoE experts are scored and regularized like Linear (see :func:`layer_types`).
 ROLE_TYPES: dict[LayerRole, tuple[type, ...]] = {
-    LayerRole.ROOT: (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM),
+    LayerRole.ROOT: (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM, ExpertWidth),
     LayerRole.SCORED: (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm),
     LayerRole.REGULARIZED: (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm),
     LayerRole.SCALED_NORM: (nn.modules.batchnorm._BatchNorm,),
@@ -81,7 +83,10 @@ ROLE_TYPES: dict[LayerRole, tuple[type, ...]] = {
 def layer_types(role: LayerRole) -> tuple[type, ...]:
     """The layer types of ``role`` now: its torch types plus the imported Linear-like optional types."""
     base = ROLE_TYPES[role]
-    return base + optional_linear_types() if nn.Linear in base else base
+    if nn.Linear not in base:
+        return base
+    inner = SCORED_TYPES if role in (LayerRole.SCORED, LayerRole.REGULARIZED) else ()  # MoE experts' widths
+    return base + optional_linear_types() + tuple(t for t in inner if t not in base)
 
 
 def resolve_layer_types(types, role: LayerRole) -> tuple[type, ...]:

@@ -13,6 +13,7 @@ from ..graph.refusal import Refusal
 from ..graph.side import Side
 from ..layers.registry import LayerRole, layer_types
 from ..utils.sharding import refuse_sharded
+from .experts import ExpertPlanner
 from .heads import HeadPlanner
 from .manual import ManualPruningMixin
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
@@ -26,7 +27,7 @@ from .verify import VerifyMixin
 _OPTION_NAMES = frozenset(PrunerOptions.names())
 
 
-class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, HeadPlanner):
+class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, HeadPlanner, ExpertPlanner):
     """Structural pruner driven by an importance criterion (also exported as MetaPruner).
 
     Assembled from one mixin per job: ``scheduling.py`` (ratios per step and scope), ``planning.py``
@@ -38,6 +39,10 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
     at least one channel (or one channel group), rounded up to a multiple of ``round_to`` when given.
     Every keyword is documented on :class:`~structprune.pruner.options.PrunerOptions`; ``self.options``
     holds them as given (deprecated spellings resolved).
+
+    Mixture-of-experts blocks lose intermediate width like any MLP (every expert the same channels);
+    ``prune_num_experts=True`` also removes whole experts with their router rows, the fraction
+    ``expert_pruning_ratio`` of each block's experts (``pruning_ratio`` when None), keeping at least top-k.
     """
 
     def __init__(
@@ -70,6 +75,8 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         ch_sparsity: float | None = None,
         ch_sparsity_dict: dict | None = None,
         verify: bool = True,
+        prune_num_experts: bool = False,
+        expert_pruning_ratio: float | None = None,
     ):
         # the keywords map onto PrunerOptions one to one (a test keeps the signature and the fields equal)
         options = PrunerOptions(**{name: value for name, value in locals().items() if name in _OPTION_NAMES})
@@ -91,6 +98,9 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         self.prune_num_heads = options.prune_num_heads
         self.prune_head_dims = options.prune_head_dims
         self.head_pruning_ratio = options.head_pruning_ratio
+        self.prune_num_experts = options.prune_num_experts
+        self.expert_pruning_ratio = (options.pruning_ratio if options.expert_pruning_ratio is None
+                                     else options.expert_pruning_ratio)
         roots = options.root_module_types
         self.root_module_types = tuple(roots) if roots else layer_types(LayerRole.ROOT)
         self.forward_fn = options.forward_fn
@@ -137,7 +147,10 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         pruned in the graph's copy only, silently. Say which, instead."""
         modules = dict(self.model.named_modules(remove_duplicate=False))
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        inner = getattr(self.DG, "_inner_owner", {})  # an MoE block's expert widths live inside their owner
         for layer, node in self.DG.module2node.items():
+            if layer in inner:
+                continue
             current = params.get(node.name) if isinstance(layer, nn.Parameter) else modules.get(node.name)
             if current is not layer:
                 raise RuntimeError(

@@ -70,6 +70,10 @@ class PrunerOptions:
     ch_sparsity_dict: dict | None = None
     #: run the model after each step; a step that breaks it is redone group by group, keeping what runs
     verify: bool = True
+    #: also remove whole experts of mixture-of-experts blocks, with their router rows (at least top-k stay)
+    prune_num_experts: bool = False
+    #: fraction of each MoE block's experts removed with ``prune_num_experts`` (None: ``pruning_ratio``)
+    expert_pruning_ratio: float | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -93,6 +97,8 @@ class PrunerOptions:
         """Raise ValueError for a ratio, step count or rounding that makes no sense."""
         check_ratio("pruning_ratio", self.pruning_ratio)
         check_ratio("head_pruning_ratio", self.head_pruning_ratio)
+        if self.expert_pruning_ratio is not None:
+            check_ratio("expert_pruning_ratio", self.expert_pruning_ratio)
         if not 0.0 < self.max_pruning_ratio <= 1.0:
             raise ValueError(f"max_pruning_ratio must lie in (0, 1], got {self.max_pruning_ratio}")
         if not isinstance(self.iterative_steps, int) or self.iterative_steps <= 0:

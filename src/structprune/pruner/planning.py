@@ -92,7 +92,7 @@ class PlanningMixin:
         """
         self._scores = {}
         heads = list(self._head_candidates()) if self.prune_num_heads else []
-        for group in [entry[0] for entry in heads] + self._groups():
+        for group in [entry[0] for entry in heads] + list(self._expert_groups()) + self._groups():
             key = _root_key(group)
             if key not in self._scores:
                 self._scores[key] = self.estimate_importance(group)
@@ -106,6 +106,7 @@ class PlanningMixin:
 
     def _plan_local(self) -> Iterator[Group]:
         self._prescore()
+        yield from self._plan_experts()
         yield from self._plan_whole_heads()
         self._note_pinned_heads()
         for group in self._groups():
@@ -151,6 +152,7 @@ class PlanningMixin:
 
     def _plan_global(self) -> Iterator[Group]:
         self._prescore()
+        yield from self._plan_experts()
         yield from self._plan_whole_heads()
         self._note_pinned_heads()
         entries = []

@@ -15,6 +15,7 @@ from ..graph.group import Group, item_axes
 from ..utils.sharding import is_sharded
 from .binding import ParameterBinding, local_terms
 from ..layers.registry import ROLE_TYPES, LayerRole, resolve_layer_types
+from ..layers.moe import holds_fused_tensors
 
 DEFAULT_REG_TYPES = ROLE_TYPES[LayerRole.REGULARIZED]
 
@@ -107,9 +108,10 @@ class RegularizerEngine:
         axes = item_axes(item)
         idxs = roots = None
         terms = []
+        fused = holds_fused_tensors(module)  # MoE experts name their weights gate_up_proj, down_proj...
         for axis in axes:
             leaf = axis.name.rsplit(".", 1)[-1]
-            if leaf not in ("weight", "bias"):
+            if leaf not in ("weight", "bias") and not fused:
                 continue
             tensor = axis.tensor(module)
             if not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
@@ -123,7 +125,7 @@ class RegularizerEngine:
                 term_roots = roots.repeat(axis.blocks)
             else:
                 positions, term_roots = local, roots
-            terms.append(_Term(index, tensor, axis.dim, positions, term_roots, leaf == "bias"))
+            terms.append(_Term(index, tensor, axis.dim, positions, term_roots, "bias" in leaf))
         return terms
 
     def scatter(self, group_values: list[torch.Tensor]) -> None:

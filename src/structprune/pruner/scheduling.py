@@ -17,12 +17,16 @@ class ScheduleMixin:
             modules = key if isinstance(key, (tuple, list)) else (key,)
             expanded = []
             for module in modules:
-                expanded.extend(m for m in module.modules() if m in self.DG.module2node) if isinstance(
-                    module, nn.Module) else expanded.append(module)
+                if isinstance(module, nn.Module):
+                    expanded.extend(m for m in module.modules() if m in self.DG.module2node)
+                    expanded.extend(self.DG.inner_layers_of(module))  # an MoE block's expert widths
+                else:
+                    expanded.append(module)
             scope = tuple(expanded)
             for module in scope:
                 self.pruning_ratio_dict[module] = (scope, schedule(ratio, steps))
         self.per_step_head_pruning_ratio = schedule(self.head_pruning_ratio, steps)
+        self.per_step_expert_pruning_ratio = schedule(self.expert_pruning_ratio, steps)
         self.head_pruning_ratio_dict = {
             module: schedule(ratio, steps) for module, ratio in (head_pruning_ratio_dict or {}).items()
         }

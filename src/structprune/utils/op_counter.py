@@ -32,6 +32,8 @@ Conventions (one MAC = one multiply followed by one add):
   input and hidden matrix products (plus the LSTM projection), and the
   element-wise gate products (3 per hidden unit for LSTM and GRU, none for a
   vanilla RNN).
+* Fused mixture-of-experts (transformers' ``gate_up_proj``/``down_proj`` experts): per (token, chosen
+  expert) pair, that expert's projections; routing itself is the router's ``F.linear``.
 * Activations, dropout, embeddings, element-wise additions: 0.
 * ``einsum``: the product of all index sizes, which is exact for two operands
   and an upper bound (naive evaluation) for three or more.
@@ -277,7 +279,20 @@ def _module_counter(module: nn.Module) -> ModuleCounter | None:
         counter = MODULE_COUNTERS.get(cls)
         if counter is not None:
             return counter
-    return None
+    from ..layers.moe import is_fused_experts
+
+    # transformers' fused MoE experts (60+ classes from one decorator), recognised by what they hold
+    return _fused_experts_macs if is_fused_experts(module) else None
+
+
+def _fused_experts_macs(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> int:
+    """Each (token, chosen expert) pair runs that expert's up (and gate) and down projections."""
+    routes = _arg(args, kwargs, 1, "top_k_index")
+    if not isinstance(routes, torch.Tensor):
+        return 0
+    pairs = int((routes < module.num_experts).sum())  # expert parallelism marks foreign experts out of range
+    first = module.gate_up_proj if getattr(module, "has_gate", True) else module.up_proj
+    return pairs * (first[0].numel() + module.down_proj[0].numel())
 
 
 # --------------------------------------------------------------------------- #

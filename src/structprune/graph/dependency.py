@@ -218,6 +218,7 @@ class DependencyGraph(GroupFinder):
                 value.consumers.append((call, index))
                 value.shape = tuple(call.in_shapes[index])
         leaf_tensors = {id(t): t for t in tracer.keep_alive}
+        self._followed_constants = dict(tracer.followed_factories)
         for key, value in self.values.items():
             if value.producer is None and key[0] == "leaf":
                 tensor = leaf_tensors.get(key[1])
@@ -240,6 +241,8 @@ class DependencyGraph(GroupFinder):
                 self.module2node[owner] = Node(owner, self.module2name.get(owner, type(owner).__name__),
                                                self.get_pruner_of_module(owner))
             if isinstance(tensor, nn.Parameter) and tensor not in self._declared_params and tensor in named:
+                if tensor.dim() == 0:
+                    continue  # a scalar (CLIP's logit_scale) has no channels to remove
                 dim = self._unwrapped_dims.get(tensor)
                 dim = _guess_parameter_dim(tensor) if dim is None else dim % tensor.dim()
                 self.module2node[tensor] = Node(tensor, named[tensor], ParameterPruner(dim), dim)

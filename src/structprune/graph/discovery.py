@@ -30,6 +30,16 @@ class GroupFinder:
             if key not in deps:
                 deps[key] = state
                 order.append(key)
+                # layers holding the very same weight (T5's encoder and decoder embeddings) lose the same
+                # channels, and so does everything those layers feed
+                for sibling, sibling_side in self._weight_siblings(target, target_side):
+                    if (sibling, sibling_side) not in deps:
+                        add_dep(sibling, sibling_side, state)
+                        try:
+                            for value_key, entry in self._layer_entry(sibling, sibling_side, state):
+                                push(value_key, entry)
+                        except Blocked as reason:
+                            blocked.append(str(reason))
             else:
                 deps[key] = _merge(deps[key], state)[0]
 
@@ -108,6 +118,25 @@ class GroupFinder:
             group.add_dep(Dependency(root_fn, handler, node, target), state.idxs, state.roots)
         return group
 
+    def _weight_siblings(self, node: Node, side: str) -> list:
+        """(node, side) of other layers whose channels on ``side`` live on the same tensor and dim."""
+        if not hasattr(self, "_sibling_axes"):
+            by_tensor: dict = {}
+            for other in self.module2node.values():
+                if isinstance(other.module, nn.Parameter):
+                    continue
+                for other_side in (OUT, IN):
+                    for key in _axis_keys(other, other_side):
+                        by_tensor.setdefault(key, []).append((other, other_side))
+            self._sibling_axes = {key: entries for key, entries in by_tensor.items()
+                                  if len({id(n.module) for n, _ in entries}) > 1}
+        if isinstance(node.module, nn.Parameter) or not self._sibling_axes:
+            return []
+        found = []
+        for key in _axis_keys(node, side):
+            found.extend(entry for entry in self._sibling_axes.get(key, ()) if entry[0] is not node)
+        return found
+
     def _bare_layer_use(self, tensor, state: ChannelState):
         """(node, side, state, []) when channels reach a declared layer's weight used outside its own
         call, along an axis the layer declares one channel per position (F.linear(x, layer.weight))."""
@@ -155,6 +184,8 @@ class GroupFinder:
         tensor = value.leaf
         node = self.module2node.get(tensor) if isinstance(tensor, nn.Parameter) else None
         if node is None:
+            if set(state.dims) <= getattr(self, "_followed_constants", {}).get(id(tensor), frozenset()):
+                return  # made from followed sizes: the forward makes it at the new width
             bare = self._bare_layer_use(tensor, state) if tensor in self._declared_params else None
             if bare is not None:
                 yield bare
@@ -309,6 +340,20 @@ class GroupFinder:
                     if index < len(call.inputs) and call.inputs[index] in self.values:
                         shape = call.in_shapes[index]
                         yield call.inputs[index], ChannelState((in_dim % len(shape),), state.idxs, state.roots)
+
+
+def _axis_keys(node: Node, side: str) -> list:
+    """(tensor id, dim) of the unfused axes carrying a layer's channels on ``side``."""
+    module, pruner = node.module, node.pruner
+    if pruner.is_coupled(module):
+        side = OUT
+    axes = pruner.out_axes(module) if side == OUT else pruner.in_axes(module)
+    keys = []
+    for axis in axes:
+        tensor = axis.tensor(module)
+        if isinstance(tensor, nn.Parameter) and axis.blocks == 1 and tensor.dim():
+            keys.append((id(tensor), axis.dim % tensor.dim()))
+    return keys
 
 
 def _merge(old: ChannelState, new: ChannelState):

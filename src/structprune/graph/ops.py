@@ -483,7 +483,11 @@ def _matmul_letters(call):
             return None  # grouped-query heads through enable_gqa: heads are not one-to-one
         letters = [_right_aligned(q, ["L", "E"], "B"), _right_aligned(k, ["S", "E"], "B"),
                    _right_aligned(v, ["S", "V"], "B")]
-        letters += [None] * (len(shapes) - 3)
+        if len(shapes) > 3 and len(shapes[3]) >= 2:
+            # an additive mask with a head dim (T5's relative position bias) loses the heads q loses;
+            # a broadcast head dim of size 1 (causal masks) carries none
+            letters.append(_right_aligned(shapes[3], ["L", "S"], "B"))
+        letters += [None] * (len(shapes) - len(letters))
         return letters + [_right_aligned(call.out_shapes[0], ["L", "V"], "B")]
     if name == "einsum":
         return _einsum_letters(call)

@@ -10,6 +10,7 @@ import torch
 
 from ..graph.dependency import is_out_channel_pruning_fn
 from ..graph.group import Group
+from ..hf.attention import HEAD_SIZE_NAMES
 
 
 def subset_may_pass(reason: str) -> bool:
@@ -83,13 +84,35 @@ class HeadPlanner:
             tried = 0
             for idxs in _head_removals(scores, head_dim, min(1.0, keep / heads)):
                 tried += 1
-                candidate = self.DG.get_pruning_group(root, group[0].dep.handler, idxs.tolist())
-                if self._accepts(candidate, idxs):
+                candidate = self._accepted_heads(root, group[0].dep.handler, idxs)
+                if candidate is not None:
                     yield candidate
                     break
             else:
                 if tried:
                     self._heads_refused.append((root, group[0].dep.handler, total, heads, head_dim))
+
+    def _accepted_heads(self, root, handler, idxs):
+        """The group removing these heads, if the graph accepts it as planned and it takes no other head
+        projection below its own target (a key/value head takes its query heads along: after q lost one
+        head per group, removing a kv group as well would leave a quarter of the q heads)."""
+        candidate = self.DG.get_pruning_group(root, handler, idxs.tolist())
+        if not self._accepts(candidate, idxs):
+            return None
+        for item in list(candidate)[1:]:
+            module = item.dep.target.module
+            if isinstance(module, torch.nn.Parameter) or not is_out_channel_pruning_fn(item.dep.handler):
+                continue
+            width = self.DG.get_out_channels(module)
+            original = self.layer_init_out_ch.get(module)
+            head_dim = self._head_dim(module, width) if width else None
+            if head_dim is None or not original:
+                continue
+            keep = max(1, int(math.floor(original // head_dim * (1 - self.get_target_head_pruning_ratio(module))
+                                         + 1e-9)))
+            if (width - len(item.idxs)) // head_dim < keep:
+                return None
+        return candidate
 
     def _head_candidates(self) -> Iterator[tuple]:
         """(group, root, width, head_dim) of every group blocked for channels whose root has heads.
@@ -111,9 +134,10 @@ class HeadPlanner:
         if root in self.num_heads and total % self.num_heads[root] == 0:
             return total // self.num_heads[root]
         parent = self._parents().get(root)
-        head_dim = getattr(parent, "head_dim", None)
-        if isinstance(head_dim, int) and head_dim > 0 and total % head_dim == 0 and total > head_dim:
-            return head_dim
+        for name in HEAD_SIZE_NAMES:  # BERT names it attention_head_size, T5 key_value_proj_dim
+            head_dim = getattr(parent, name, None)
+            if isinstance(head_dim, int) and head_dim > 0 and total % head_dim == 0 and total > head_dim:
+                return head_dim
         return None
 
     def _parents(self) -> dict:

@@ -1,0 +1,75 @@
+"""The Hugging Face entries of the adapter table (structprune.adapters.ADAPTERS)."""
+from __future__ import annotations
+
+from ..adapters import Adapter, _from, _linear_out
+from .attention import (
+    ATTENTION_ADAPTERS,
+    HEAD_COUNT_NAMES,
+    KV_HEAD_NAMES,
+    _specific,
+    generic_attention,
+    is_generic_attention,
+)
+from .config import MLP_PAIRS, _resolve, is_config, sync_config
+from .mla import MLA_ADAPTERS
+from .rebuild import install_save_check
+
+
+def is_pretrained_model(module) -> bool:
+    return (_from("transformers", module) and is_config(module.__dict__.get("config"))
+            and callable(getattr(type(module), "save_pretrained", None)))
+
+
+def pretrained_config(module) -> None:
+    """Config fields follow every layer (structprune.hf.config); save_pretrained checks them first."""
+    sync_config(module)
+    install_save_check(module)
+
+
+def _is_mlp_with_sizes(module) -> bool:
+    return _from("transformers", module) and isinstance(module.__dict__.get("intermediate_size"), int) and any(
+        _resolve(module, inner) is not None and _resolve(module, back) is not None for inner, back, _ in MLP_PAIRS)
+
+
+def mlp_sizes(module) -> None:
+    """MLP modules that record ``intermediate_size`` / ``hidden_size`` (LlamaMLP)."""
+    for inner, back, per_unit in MLP_PAIRS:
+        inner_layer, back_layer = _resolve(module, inner), _resolve(module, back)
+        if inner_layer is not None and back_layer is not None:
+            module.intermediate_size = _linear_out(inner_layer) // per_unit
+            if isinstance(module.__dict__.get("hidden_size"), int):
+                module.hidden_size = _linear_out(back_layer)
+            return
+
+
+def _is_mamba_mixer(module) -> bool:
+    return (_from("transformers", module) and hasattr(module, "conv1d") and hasattr(module, "in_proj")
+            and isinstance(module.__dict__.get("intermediate_size"), int))
+
+
+def mamba_mixer(module) -> None:
+    """Mamba mixer: ``intermediate_size`` (the conv / SSM channels) sizes its cache and scan state."""
+    module.intermediate_size = module.conv1d.out_channels
+
+
+def _is_fused_generic(module) -> bool:
+    return is_generic_attention(module) and not _specific(module) and not hasattr(module, "q_proj") \
+        and hasattr(module, "o_proj") and hasattr(module, "qkv_proj")
+
+
+HF_ADAPTERS = [
+    Adapter("Hugging Face model config (every layer; save_pretrained checks it)", is_pretrained_model,
+            pretrained_config, late=True),
+    *ATTENTION_ADAPTERS,
+    # Phi-3 slices its fused qkv with config.num_attention_heads, which the config adapter rewrites
+    Adapter("Hugging Face fused qkv_proj attention (heads, key/value heads; config.num_attention_heads)",
+            _is_fused_generic, generic_attention, uses_removed=True,
+            follows=HEAD_COUNT_NAMES + KV_HEAD_NAMES + ("config.num_attention_heads",)),
+    Adapter("Hugging Face attention (num_heads / n_heads / num_key_value_heads, head size, widths, scaling)",
+            lambda module: is_generic_attention(module) and not _specific(module) and not _is_fused_generic(module),
+            generic_attention, uses_removed=True,
+            follows=HEAD_COUNT_NAMES + KV_HEAD_NAMES + ("all_head_size", "inner_dim", "split_size")),
+    *MLA_ADAPTERS,
+    Adapter("Hugging Face MLP sizes (intermediate_size, hidden_size)", _is_mlp_with_sizes, mlp_sizes),
+    Adapter("Hugging Face Mamba mixer (intermediate_size)", _is_mamba_mixer, mamba_mixer),
+]

@@ -1,0 +1,110 @@
+"""Does the config describe the pruned model? Rebuild it from the config on the meta device and compare.
+
+``check_pretrained_config(model)`` builds ``type(model)(model.config)`` without allocating memory and
+compares every state-dict entry (name and shape) with the pruned model's. The pruners install it in
+front of the model's ``save_pretrained`` (``install_save_check``), so a checkpoint that
+``from_pretrained`` could not load is never written: the error names the tensors that differ, the config
+fields involved and the way out (keep one width per field with ``uniform_config_widths=True``, or save
+with ``tp.save_pruned``, which records every shape).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from .config import is_config, layer_roles_summary, sync_config
+
+
+class ConfigMismatchError(ValueError):
+    """The model's config cannot describe its pruned shapes, so save_pretrained would write a checkpoint
+    that from_pretrained cannot load."""
+
+
+def rebuilt_shapes(model: nn.Module) -> dict[str, tuple]:
+    """{state-dict name: shape} of ``type(model)`` built from a copy of ``model.config`` on the meta device."""
+    config = copy.deepcopy(model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            fresh = type(model)(config)
+    return {name: tuple(tensor.shape) for name, tensor in fresh.state_dict().items()}
+
+
+def config_mismatches(model: nn.Module) -> list[str]:
+    """What differs between the pruned model and one built from its config ('' entries: none)."""
+    try:
+        expected = rebuilt_shapes(model)
+    except Exception as error:  # noqa: BLE001 - a config the class refuses is a mismatch too
+        return [f"{type(model).__name__}(config) fails to build: {type(error).__name__}: {error}"]
+    actual = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    problems = []
+    for name, shape in actual.items():
+        if name not in expected:
+            problems.append(f"{name} {list(shape)} has no counterpart in a model built from the config")
+        elif expected[name] != shape:
+            problems.append(f"{name} is {list(shape)} but the config builds {list(expected[name])}")
+    for name, shape in expected.items():
+        if name not in actual:
+            problems.append(f"the config builds {name} {list(shape)}, which the pruned model does not have")
+    return problems
+
+
+def check_pretrained_config(model: nn.Module) -> None:
+    """Sync ``model.config`` with the layers and raise ``ConfigMismatchError`` if it still cannot describe them.
+
+    Call it before ``save_pretrained`` when the model was pruned by hand (``DependencyGraph`` groups); the
+    pruners install it in front of ``model.save_pretrained`` themselves.
+    """
+    if not is_config(model.__dict__.get("config")):
+        raise TypeError(f"{type(model).__name__} has no Hugging Face config; save it with tp.save_pruned(model, path)")
+    notes = sync_config(model)
+    problems = config_mismatches(model)
+    if not problems:
+        return
+    shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
+    lines = [f"{type(model.config).__name__} cannot describe the pruned {type(model).__name__}, so "
+             f"save_pretrained would write a checkpoint that from_pretrained cannot load (nothing was written):"]
+    lines += [f"  - {problem}" for problem in shown]
+    if notes:
+        lines.append("Widths that differ between layers, which one config field cannot hold:")
+        lines += [f"  - {note}" for note in notes[:6]]
+    else:
+        lines.append("What the layers hold: " + _summary(model))
+        lines.append("The config class derives these shapes from fewer fields than were pruned (for example "
+                     "an attention width tied to hidden_size, or an MLP fixed at 4 x hidden_size).")
+    lines.append("Prune with uniform_config_widths=True (the default for models with a config) and the same "
+                 "ratio for heads and hidden size where the family ties them, or save and load with "
+                 "tp.save_pruned(model, path) / tp.load_pruned(fresh_model, path), which record every shape.")
+    raise ConfigMismatchError("\n".join(lines))
+
+
+def _summary(model) -> str:
+    parts = []
+    for (config, role, prefix), values in layer_roles_summary(model).items():
+        parts.append(f"{config} {prefix}{role} {values if len(values) > 1 else values[0]}")
+    return "; ".join(parts) or "nothing recognised"
+
+
+class _CheckedSavePretrained:
+    """``model.save_pretrained`` after pruning: check the config first, then save as transformers does.
+
+    A plain object (not a bound method) so that the model still pickles and deep-copies.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        check_pretrained_config(self.model)
+        return type(self.model).save_pretrained(self.model, *args, **kwargs)
+
+
+def install_save_check(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` run ``check_pretrained_config`` before writing (idempotent)."""
+    if isinstance(model.__dict__.get("save_pretrained"), _CheckedSavePretrained):
+        return
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.__dict__["save_pretrained"] = _CheckedSavePretrained(model)

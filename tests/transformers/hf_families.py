@@ -82,7 +82,7 @@ FAMILIES = [
            "GPT2LMHeadModel", "AutoModelForCausalLM", generates=True, ignore=("lm_head",)),
     Family("GPTNeoX", _cfg("GPTNeoXConfig", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64),
-           "GPTNeoXForCausalLM", "AutoModelForCausalLM", generates=True, ignore=("embed_out",)),
+           "GPTNeoXForCausalLM", "AutoModelForCausalLM", generates=True, ignore=("lm_head",)),
     Family("GPTJ", _cfg("GPTJConfig", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                         rotary_dim=8),
            "GPTJForCausalLM", "AutoModelForCausalLM", generates=True, ignore=("lm_head",)),
@@ -216,10 +216,16 @@ def prune(model, inputs, family: Family, **overrides):
 
 
 def outputs(model, inputs) -> dict:
-    """Every tensor a forward returns, by name (hidden states, logits, pooled outputs...)."""
+    """The task outputs of a forward (logits, logits_per_image...), or every tensor when it has none.
+
+    Hidden states a task model also returns (BART's encoder_last_hidden_state, CLIP's text_embeds) follow
+    the pruned width, as the pruners' default output_transform for transformers models says.
+    """
     with torch.no_grad():
         result = model(**inputs)
-    return {key: value for key, value in result.items() if isinstance(value, torch.Tensor)}
+    tensors = {key: value for key, value in result.items() if isinstance(value, torch.Tensor)}
+    logits = {key: value for key, value in tensors.items() if "logits" in key}
+    return logits or tensors
 
 
 def count(model) -> int:
@@ -254,6 +260,10 @@ def run_checks(family: Family, directory=None) -> Result:
     model, inputs = build(family)
     before_outputs = outputs(model, inputs)
     before = count(model)
+    if family.generates:
+        generate_kwargs = {key: value for key, value in inputs.items() if key != "decoder_input_ids"}
+        generate_kwargs.update(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        generated_shape = model.generate(**generate_kwargs).shape
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -275,10 +285,8 @@ def run_checks(family: Family, directory=None) -> Result:
     result.params = "ok" if result.ratio <= 0.75 else f"kept {result.ratio:.0%}"
     if family.generates:
         try:
-            ids = inputs.get("input_ids", inputs.get("decoder_input_ids"))
-            kwargs = {key: value for key, value in inputs.items() if key not in ("decoder_input_ids",)}
-            generated = model.generate(**kwargs, max_new_tokens=5, do_sample=False)
-            result.generate = "ok" if generated.shape[-1] >= 5 else f"shape {tuple(generated.shape)}"
+            generated = model.generate(**generate_kwargs)
+            result.generate = "ok" if generated.shape == generated_shape else f"shape {tuple(generated.shape)}"
         except Exception as error:  # noqa: BLE001
             result.generate = _short(error)
     if after is None:

@@ -87,7 +87,7 @@ class GroupFinder:
         for (value_key, dims), state in states.items():
             value = self.values[value_key]
             for call, operand in value.consumers:
-                if operand == 0 and ops.shifts_channels(call, state):
+                if operand == 0 and not self._feeds_shape_only(call) and ops.shifts_channels(call, state):
                     blocked.append(
                         f"'{call.name}' spells out the size of its pieces (sizes, bounds or indices along dim "
                         f"{dims[0]} of {list(value.shape)}), so after this removal they would hold other channels; "
@@ -117,6 +117,20 @@ class GroupFinder:
             handler = self._handler(target, target_side)
             group.add_dep(Dependency(root_fn, handler, node, target), state.idxs, state.roots)
         return group
+
+    def _feeds_shape_only(self, call: Call) -> bool:
+        """Whether every output of ``call`` goes only where its shape alone matters (BART passes
+        ``inputs_embeds[:, :, -1]`` to its positional embedding "for the shape only")."""
+        if call.kind == "module" or not call.outputs:
+            return False
+        for key in call.outputs:
+            value = self.values.get(key)
+            if value is None or key in self._output_keys or not value.consumers:
+                return False
+            if not all(consumer.kind == "module" and _shape_only_input(consumer.target, consumer, index)
+                       for consumer, index in value.consumers):
+                return False
+        return True
 
     def _weight_siblings(self, node: Node, side: str) -> list:
         """(node, side) of other layers whose channels on ``side`` live on the same tensor and dim."""
@@ -250,7 +264,7 @@ class GroupFinder:
         if entered_dim is None or not is_channel:
             if operand >= n_in and operand - n_in > 0:
                 return  # secondary outputs such as attention weights carry no channels
-            if operand < n_in and operand not in channel_inputs:
+            if operand < n_in and operand not in channel_inputs and not _shape_only_input(module, call, operand):
                 raise Blocked(f"channels reach argument {operand} of {node.name}, which cannot be pruned")
             return
         entered_dim = entered_dim % len(shape)
@@ -340,6 +354,13 @@ class GroupFinder:
                     if index < len(call.inputs) and call.inputs[index] in self.values:
                         shape = call.in_shapes[index]
                         yield call.inputs[index], ChannelState((in_dim % len(shape),), state.idxs, state.roots)
+
+
+def _shape_only_input(module, call: Call, operand: int) -> bool:
+    """A float tensor given to an embedding as its indices: a subclass reading only its shape (an actual
+    lookup needs integer indices)."""
+    dtype = call.input_dtypes[operand] if operand < len(call.input_dtypes) else None
+    return isinstance(module, nn.Embedding) and operand == 0 and dtype is not None and dtype.is_floating_point
 
 
 def _axis_keys(node: Node, side: str) -> list:

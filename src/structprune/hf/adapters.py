@@ -1,6 +1,8 @@
 """The Hugging Face entries of the adapter table (structprune.adapters.ADAPTERS)."""
 from __future__ import annotations
 
+from torch import nn
+
 from ..adapters import Adapter, _from, _linear_out
 from .attention import (
     ATTENTION_ADAPTERS,
@@ -22,6 +24,10 @@ def is_pretrained_model(module) -> bool:
 
 def pretrained_config(module) -> None:
     """Config fields follow every layer (structprune.hf.config); save_pretrained checks them first."""
+    for layer in module.modules():
+        # an embedding the forward never calls but whose weight it shares (T5's ``shared``) is in no group
+        if isinstance(layer, nn.Embedding) and layer.weight.dim() == 2:
+            layer.num_embeddings, layer.embedding_dim = layer.weight.shape
     sync_config(module)
     install_save_check(module)
 

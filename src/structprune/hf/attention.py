@@ -144,16 +144,18 @@ def _follows_for(module) -> tuple:
 
 # -- BERT, ViT and GPT-2: layouts the generic rule does not cover -------------------------------------------
 def is_bert_attention(module) -> bool:
-    return (_from("transformers", module) and hasattr(module, "query") and hasattr(module, "value")
+    return (_from("transformers", module) and _child(module, QUERY_NAMES) is not None
+            and _child(module, ("value", "value_proj")) is not None
             and hasattr(module, "attention_head_size") and hasattr(module, "num_attention_heads")
             and _child(module, OUTPUT_NAMES) is None)
 
 
 def bert_attention(module, removed=None) -> None:
     """BERT-style self/cross attention (query/key/value Linears, output projection in a sibling module):
-    views with ``attention_head_size``."""
-    heads, dim = head_layout(module.query.out_features, module.num_attention_heads, module.attention_head_size,
-                             _removed_of(removed, module.query, module.key, module.value))
+    views with ``attention_head_size`` (DeBERTa: query_proj/key_proj/value_proj, viewed as (heads, -1))."""
+    query, key, value = _child(module, QUERY_NAMES), _child(module, KEY_NAMES), _child(module, ("value", "value_proj"))
+    heads, dim = head_layout(query.out_features, module.num_attention_heads, module.attention_head_size,
+                             _removed_of(removed, query, key, value))
     module.num_attention_heads, module.attention_head_size, module.all_head_size = heads, dim, heads * dim
     if hasattr(module, "scaling"):
         module.scaling = dim ** -0.5
@@ -200,7 +202,7 @@ def _specific(module) -> bool:
 
 ATTENTION_ADAPTERS = [
     Adapter("Hugging Face BERT attention (num_attention_heads, attention_head_size, all_head_size, scaling)",
-            is_bert_attention, bert_attention, uses_removed=True),
+            is_bert_attention, bert_attention, uses_removed=True, follows=("num_attention_heads",)),
     Adapter("Hugging Face ViT attention (num_attention_heads, head_dim, scaling)", is_vit_attention,
             vit_attention, uses_removed=True),
     Adapter("Hugging Face GPT-2 attention (num_heads, head_dim, split_size, embed_dim, scaling)",

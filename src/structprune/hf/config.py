@@ -45,7 +45,11 @@ ROLE_FIELDS = {
     "kv_lora_rank": ("kv_lora_rank",),
     "qk_nope_head_dim": ("qk_nope_head_dim",),
     "v_head_dim": ("v_head_dim",),
+    "projection": ("projection_size", "projection_dim"),
+    "pooler": ("pooler_hidden_size",),
 }
+#: Linear layers projecting a tower's output into the space two towers share (CLIP, SigLIP)
+PROJECTION_NAMES = ("head", "text_projection", "visual_projection")
 #: encoder-decoder configs (BART, Whisper) keep some roles per stack
 PREFIXED_FIELDS = {"intermediate": "{}ffn_dim", "heads": "{}attention_heads"}
 #: roles written only to a field the config class itself declares (Whisper maps num_key_value_heads
@@ -73,8 +77,13 @@ def declared_fields(config_type) -> frozenset:
     return frozenset(inspect.signature(config_type.__init__).parameters)
 
 
+#: fields a config computes in ``__post_init__`` unless given (DeBERTa's pooler_hidden_size = hidden_size)
+GIVEN_OR_COMPUTED = ("pooler_hidden_size",)
+
+
 def _has_field(config, field: str) -> bool:
-    return field in declared_fields(type(config)) or field in getattr(config, "attribute_map", {})
+    return (field in declared_fields(type(config)) or field in getattr(config, "attribute_map", {})
+            or (field in GIVEN_OR_COMPUTED and field in vars(config)))
 
 
 def _resolve(module, path: str):
@@ -132,6 +141,14 @@ def _mlp_roles(module, name: str) -> dict | None:
     return None
 
 
+def _projection_roles(module, name: str) -> dict | None:
+    if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTION_NAMES:
+        return {"projection": module.out_features}
+    if name.rsplit(".", 1)[-1] == "pooler" and isinstance(getattr(module, "dense", None), nn.Linear):
+        return {"pooler": module.dense.out_features}  # DeBERTa's ContextPooler: pooler_hidden_size
+    return None
+
+
 def _mamba_roles(module) -> dict | None:
     if type(module).__name__.endswith("Mixer") and hasattr(module, "conv1d") and hasattr(module, "out_proj"):
         return {"intermediate": module.conv1d.out_channels, "hidden": _linear_out(module.out_proj)}
@@ -171,7 +188,8 @@ def collect_roles(model) -> dict:
         if config is not None:
             _, roles = found.setdefault(id(config), (config, {}))
             prefix = _prefix(name)
-            for reading in (_attention_roles(module), _mlp_roles(module, name), _mamba_roles(module)):
+            for reading in (_attention_roles(module), _mlp_roles(module, name), _mamba_roles(module),
+                            _projection_roles(module, name)):
                 if not reading:
                     continue
                 head_dim_name = reading.pop("head_dim_name", None)
@@ -303,6 +321,29 @@ def _fold_embedding_scale(model, config) -> None:
             norm.weight.data = (1.0 + norm.weight.data.float()).div(ratio).sub(1.0).to(norm.weight.dtype)
 
 
+def _fold_output_scale(model, config) -> None:
+    """T5 multiplies the decoder output by ``model_dim ** -0.5`` (``scale_decoder_outputs``), with
+    ``model_dim`` read from the config when the model is built. The pruned model keeps the old factor by
+    folding the ratio into the decoder's final norm, and ``model_dim`` takes the new width, which is what a
+    model built from the config uses."""
+    old = model.__dict__.get("model_dim")
+    embeddings = _input_embeddings(model)
+    new = getattr(embeddings, "embedding_dim", None)
+    if not isinstance(old, int) or not isinstance(new, int) or old == new:
+        return
+    if getattr(config, "scale_decoder_outputs", False):
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        norm = getattr(decoder, "final_layer_norm", None)
+        if norm is None or not isinstance(getattr(norm, "weight", None), torch.Tensor):
+            raise RuntimeError(
+                f"{type(model).__name__} scales its decoder output by model_dim ** -0.5 and no decoder final norm "
+                f"was found to keep that scale after pruning; save with tp.save_pruned instead"
+            )
+        with torch.no_grad():
+            norm.weight.data = norm.weight.data * (new / old) ** 0.5
+    model.model_dim = new
+
+
 def _final_norm(model):
     base = getattr(model, getattr(model, "base_model_prefix", ""), model)
     norm = getattr(base, "norm", None)
@@ -321,6 +362,7 @@ def sync_config(model) -> list[str]:
     if not is_config(top):
         return notes
     _fold_embedding_scale(model, top)
+    _fold_output_scale(model, top)
     for config, roles in collect_roles(model).values():
         for (role, prefix), values in roles.items():
             if role in ("head_dim", "head_dim_name"):
@@ -364,3 +406,17 @@ def layer_roles_summary(model) -> dict:
 def uses_transformers(model) -> bool:
     return _from("transformers", model) and is_config(model.__dict__.get("config"))
 
+
+
+def task_outputs(output):
+    """The task outputs of a transformers ``ModelOutput`` (``logits``, ``logits_per_image``, ``start_logits``...).
+
+    The default ``output_transform`` of the pruners for transformers models: only these keep their shape,
+    so the hidden size may shrink although ``encoder_last_hidden_state`` or CLIP's ``text_model_output``
+    expose it. Without task outputs (``BertModel``) every output is kept.
+    """
+    if hasattr(output, "items"):
+        picked = {key: value for key, value in output.items() if "logits" in key and isinstance(value, torch.Tensor)}
+        if picked:
+            return picked
+    return output

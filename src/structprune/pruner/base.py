@@ -10,6 +10,7 @@ from torch import nn
 
 from ..graph.dependency import DependencyGraph, is_out_channel_pruning_fn
 from ..graph.group import Group
+from ..hf.config import task_outputs, uses_transformers
 from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
 from ..utils.nested import call_model, evaluating
@@ -79,6 +80,8 @@ class BasePruner(HeadPlanner):
         for key, ratio in (pruning_ratio_dict or {}).items():
             _check_ratio(f"pruning_ratio_dict[{_describe(key)}]", ratio)
 
+        if output_transform is None and uses_transformers(model):
+            output_transform = task_outputs  # logits keep their shape; hidden states may shrink
         self.model = model
         self.example_inputs = example_inputs
         self.importance = importance
@@ -93,6 +96,9 @@ class BasePruner(HeadPlanner):
         self.prune_head_dims = prune_head_dims
         self.head_pruning_ratio = head_pruning_ratio
         self.root_module_types = tuple(root_module_types) if root_module_types else default_root_types()
+        if not root_module_types and uses_transformers(model):
+            # ALBERT/ELECTRA embeddings narrower than the hidden size form a group of their own
+            self.root_module_types += (nn.Embedding,)
         self.forward_fn = forward_fn
         self.output_transform = output_transform
         self.verify = verify

@@ -149,7 +149,7 @@ class HeadPlanner:
 def _head_removals(scores: torch.Tensor, head_dim: int, keep_fraction: float) -> Iterator[torch.Tensor]:
     """Channel sets that remove the lowest-scoring heads, most specific first.
 
-    A root's channels are ``len(scores)`` head blocks of ``head_dim``. Contiguous runs of 1, 2, 4...
+    A root's channels are ``len(scores)`` head blocks of ``head_dim``. Contiguous runs of 1, 2, 3...
     heads cover plain attention and grouped-query attention (q heads that share a key/value head);
     then the same head taken from each of 2, 3 or 4 equal fused blocks covers fused projections
     (GPT-2's c_attn holds q, k and v one after the other, each split into the same heads).
@@ -165,13 +165,12 @@ def _head_removals(scores: torch.Tensor, head_dim: int, keep_fraction: float) ->
         starts = (chosen[:, None] * width + torch.arange(fused)[None, :] * stride).reshape(-1)
         return (starts[:, None] + torch.arange(width)[None, :]).reshape(-1).sort().values
 
-    multiple = 1
-    while multiple <= heads // 2 and heads % multiple == 0:
+    # runs of 3 blocks: a head of fused [heads, 3, head_dim] projections (GPT-NeoX, BLOOM)
+    for multiple in [m for m in range(1, heads // 2 + 1) if heads % m == 0]:
         idxs = removal(scores.view(heads // multiple, multiple).sum(1), head_dim * multiple, 0, 1)
         if idxs is None:
             break
         yield idxs
-        multiple *= 2
     for fused in (3, 2, 4):
         if heads % fused == 0 and heads // fused > 1:
             per_block = heads // fused

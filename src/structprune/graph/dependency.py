@@ -12,7 +12,7 @@ from .group import Group, Node, is_in_channel_pruning_fn, is_out_channel_pruning
 from .discovery import IN, OUT, GroupFinder
 from .snapshot import Snapshot
 from ..utils.nested import call_model
-from .trace import LAYER_SIZE_NAMES, Call, Tracer, _flatten, followed_sizes
+from .trace import LAYER_SIZE_NAMES, OPAQUE, Call, Tracer, _flatten, followed_sizes
 
 
 
@@ -186,11 +186,14 @@ class DependencyGraph(GroupFinder):
                 for param in module.parameters():
                     param_owner.setdefault(param, module)
         self._declared_params = param_owner
+        read_as: dict = {}  # value key -> (shape, dtype, order) of a call reading it
         while stack:
             key = stack.pop()
             if key in self.values:
                 continue
             call = tracer.producer(key)
+            if call is None and key[0] != "leaf" and key in read_as:
+                call = _opaque_call(tracer, key, *read_as[key])
             value = _Value(key, ())
             self.values[key] = value
             if call is None:
@@ -198,8 +201,10 @@ class DependencyGraph(GroupFinder):
             if id(call) not in seen_calls:
                 seen_calls.add(id(call))
                 self.calls.append(call)
-                for input_key in call.inputs:
+                for index, input_key in enumerate(call.inputs):
                     if input_key is not None and input_key not in self.values:
+                        read_as.setdefault(input_key, (call.in_shapes[index], call.input_dtypes[index]
+                                                       if index < len(call.input_dtypes) else None, call.order))
                         stack.append(input_key)
         self.calls.sort(key=lambda call: call.order)
         self._calls_of = {}
@@ -530,6 +535,34 @@ def _is_ignored(module, ignored) -> bool:
         if item is module:
             return True
     return False
+
+
+def _opaque_call(tracer: Tracer, key, shape, dtype, order) -> Call | None:
+    """A value made by ops the trace cannot see (a TorchScript function: BLOOM's gelu) gets a call whose
+    inputs are the nearest recorded values behind it in the autograd graph, so channels still flow through
+    it (as an elementwise op when the shapes broadcast; ``ops.relate`` refuses it otherwise)."""
+    inputs, seen, frontier = [], set(), list(key[0].next_functions)
+    while frontier and len(seen) < 10000:
+        fn, index = frontier.pop()
+        if fn is None or (id(fn), index) in seen:
+            continue
+        seen.add((id(fn), index))
+        variable = getattr(fn, "variable", None)
+        if isinstance(variable, torch.Tensor):  # AccumulateGrad: a parameter
+            tracer.keep_alive.append(variable)
+            inputs.append((("leaf", id(variable)), tuple(variable.shape), variable.dtype))
+            continue
+        producer = tracer.producer((fn, index))
+        if producer is not None:
+            position = producer.outputs.index((fn, index))
+            inputs.append(((fn, index), tuple(producer.out_shapes[position]), producer.output_dtypes[position]))
+            continue
+        frontier.extend(fn.next_functions)
+    if not inputs:
+        return None
+    return Call("function", None, OPAQUE, [k for k, _, _ in inputs], [s for _, s, _ in inputs], [key], [shape],
+                input_slots=[(i,) for i in range(len(inputs))], input_dtypes=[d for _, _, d in inputs],
+                output_dtypes=[dtype], order=order - 0.5)
 
 
 def _normalise_unwrapped(unwrapped) -> dict:

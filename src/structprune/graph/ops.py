@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 
 from .channels import Blocked, ChannelState, backward_through, forward_through, through_letters
-from .trace import Call, FollowedSize
+from .trace import OPAQUE, Call, FollowedSize
 
 MOVEMENT = {
     "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "split", "split_with_sizes",
@@ -44,6 +44,9 @@ def relate(call: Call, operand: int, state: ChannelState) -> list[tuple[int, Cha
         return _lettered(call, operand, state, _reduction_letters(call))
     if _is_broadcast(call):
         return _elementwise(call, operand, state)
+    if name == OPAQUE:
+        raise Blocked(f"channels reach an op the trace cannot see into (a TorchScript function?) that changes "
+                      f"shapes {call.in_shapes} -> {call.out_shapes}")
     return _lettered(call, operand, state, _same_size_letters(call))
 
 

@@ -154,6 +154,8 @@ def _op_name(func) -> str:
 
 
 FACTORIES = {"zeros", "ones", "full", "empty", "rand", "randn"}
+#: name of the calls standing for ops the trace cannot see (TorchScript functions)
+OPAQUE = "<opaque op>"
 
 
 def _note_followed_factory(tracer, func, args, kwargs, result) -> None:

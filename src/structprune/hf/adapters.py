@@ -12,8 +12,8 @@ from .attention import (
     generic_attention,
     is_generic_attention,
 )
-from .config import MLP_PAIRS, _resolve, is_config, sync_config
-from .mla import MLA_ADAPTERS
+from .config import MLP_PAIRS, _attention_roles, _resolve, is_config, sync_config
+from .mla import MLA_ADAPTERS, is_mla_attention
 from .rebuild import install_save_check
 
 
@@ -58,6 +58,24 @@ def mamba_mixer(module) -> None:
     module.intermediate_size = module.conv1d.out_channels
 
 
+def _is_outer_head_count(module) -> bool:
+    """A decoder layer or model that keeps its own copy of the head count (Falcon's ``num_heads``)."""
+    return (_from("transformers", module) and isinstance(module.__dict__.get("num_heads"), int)
+            and not is_generic_attention(module) and not _specific(module) and not is_mla_attention(module)
+            and not isinstance(module, nn.MultiheadAttention) and _inner_attention(module) is not None)
+
+
+def _inner_attention(module):
+    return next((child for child in module.modules() if child is not module and (
+        is_generic_attention(child) or _specific(child))), None)
+
+
+def outer_head_count(module) -> None:
+    roles = _attention_roles(_inner_attention(module))
+    if roles and "heads" in roles:
+        module.num_heads = roles["heads"]
+
+
 def _is_fused_generic(module) -> bool:
     return is_generic_attention(module) and not _specific(module) and not hasattr(module, "q_proj") \
         and hasattr(module, "o_proj") and hasattr(module, "qkv_proj")
@@ -77,5 +95,8 @@ HF_ADAPTERS = [
             follows=HEAD_COUNT_NAMES + KV_HEAD_NAMES + ("all_head_size", "inner_dim", "split_size")),
     *MLA_ADAPTERS,
     Adapter("Hugging Face MLP sizes (intermediate_size, hidden_size)", _is_mlp_with_sizes, mlp_sizes),
+    # after the attention adapters: it copies their head count
+    Adapter("Hugging Face layer/model copies of the head count (num_heads)", _is_outer_head_count,
+            outer_head_count, late=True),
     Adapter("Hugging Face Mamba mixer (intermediate_size)", _is_mamba_mixer, mamba_mixer),
 ]

@@ -24,7 +24,12 @@ from torch import nn
 
 from ..adapters import _from, _linear_out
 from .attention import (
+    FUSED_NAMES,
     HEAD_SIZE_NAMES,
+    KEY_NAMES,
+    OUTPUT_NAMES,
+    QUERY_NAMES,
+    _child,
     _int_attr,
     is_bert_attention,
     is_generic_attention,
@@ -167,11 +172,11 @@ def config_tree(config) -> list:
     return list(found.values())
 
 
-def collect_roles(model) -> dict:
-    """{config id: (config, {(role, prefix): [(module name, value)]})} over every layer of ``model``.
+def walk(model):
+    """(module, name, config) for every module of ``model`` with the config (or sub-config) it counts for.
 
-    Layers count for the config (or sub-config) of ``model`` their nearest owner holds; T5 hands each
-    stack a private copy of the config, whose layers count for the model's own config.
+    Layers count for the config of ``model`` their nearest owner holds; T5 hands each stack a private
+    copy of the config, whose layers count for the model's own config.
     """
     top = model.__dict__.get("config")
     known = {id(config) for config in config_tree(top)} if is_config(top) else set()
@@ -180,11 +185,19 @@ def collect_roles(model) -> dict:
         config = module.__dict__.get("config")
         return config if is_config(config) and id(config) in known else inherited
 
-    found: dict = {}
     stack = [(model, "", config_of(model, None))]
     while stack:
         module, name, config = stack.pop()
         config = config_of(module, config)
+        yield module, name, config
+        for child_name, child in reversed(list(module.named_children())):
+            stack.append((child, f"{name}.{child_name}" if name else child_name, config))
+
+
+def collect_roles(model) -> dict:
+    """{config id: (config, {(role, prefix): [(module name, value)]})} over every layer of ``model``."""
+    found: dict = {}
+    for module, name, config in walk(model):
         if config is not None:
             _, roles = found.setdefault(id(config), (config, {}))
             prefix = _prefix(name)
@@ -197,9 +210,46 @@ def collect_roles(model) -> dict:
                     roles.setdefault((role, prefix), []).append((name, value))
                 if head_dim_name:
                     roles.setdefault(("head_dim_name", prefix), []).append((name, head_dim_name))
-        for child_name, child in reversed(list(module.named_children())):
-            stack.append((child, f"{name}.{child_name}" if name else child_name, config))
     return found
+
+
+def layer_fields(model) -> dict:
+    """{layer: (config id, field, stage)}: the config field each layer's output width is counted in.
+
+    Inner MLP layers count in the intermediate field, layers writing to the residual stream (output
+    projections, MLP down projections, embeddings) in the hidden field (ALBERT's and ELECTRA's embeddings
+    in ``embedding_size``), q/k/v projections in the head fields, tower projections in theirs.
+    """
+    fields = {}
+
+    def note(layer, config, role, prefix, name):
+        field = _field(config, role, prefix) if layer is not None else None
+        if field is not None:
+            per_stage = isinstance(getattr(config, field, None), (list, tuple))
+            fields.setdefault(layer, (id(config), field, _stage(name + ".") if per_stage else None))
+
+    for module, name, config in walk(model):
+        if config is None:
+            continue
+        prefix = _prefix(name)
+        if isinstance(module, nn.Embedding):
+            note(module, config, "embedding" if _field(config, "embedding", "") else "hidden", prefix, name)
+            continue
+        if _mlp_roles(module, name) is not None:
+            for inner_path, back_path, _ in MLP_PAIRS:
+                inner, back = _resolve(module, inner_path), _resolve(module, back_path)
+                if inner is not None and back is not None:
+                    note(inner, config, "intermediate", prefix, name)
+                    note(back, config, "hidden", prefix, name)
+                    break
+        if _attention_roles(module) is not None:
+            note(_child(module, OUTPUT_NAMES), config, "hidden", prefix, name)
+            note(_child(module, QUERY_NAMES) or _child(module, FUSED_NAMES), config, "heads", prefix, name)
+            note(_child(module, KEY_NAMES), config, "kv_heads", prefix, name)
+        if _projection_roles(module, name) is not None:
+            note(module if isinstance(module, nn.Linear) else getattr(module, "dense", None), config,
+                 "projection" if isinstance(module, nn.Linear) else "pooler", prefix, name)
+    return fields
 
 
 # -- writing them ---------------------------------------------------------------------------------------
@@ -261,6 +311,9 @@ def _write_head_dim(config, roles: dict, notes: list) -> None:
             field = "head_dim"
         if isinstance(getattr(type(config), field, None), property):
             continue  # derived (FalconConfig.head_dim = hidden_size // heads): the rebuild check decides
+        heads_field = _field(config, "heads", prefix)
+        if heads_field is not None and isinstance(getattr(config, heads_field, None), (list, tuple)):
+            continue  # heads per stage (Swin): each stage's width / heads gives its head size
         value = _one_value(config, field, values, notes)
         heads = roles.get(("heads", prefix), [(None, None)])[0][1]
         hidden = getattr(config, "hidden_size", None)

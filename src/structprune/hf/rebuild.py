@@ -15,6 +15,7 @@ import warnings
 import torch
 from torch import nn
 
+from .attention import HEAD_COUNT_NAMES, HEAD_SIZE_NAMES, KV_HEAD_NAMES, SCALE_NAMES
 from .config import is_config, layer_roles_summary, sync_config
 
 
@@ -23,24 +24,50 @@ class ConfigMismatchError(ValueError):
     that from_pretrained cannot load."""
 
 
-def rebuilt_shapes(model: nn.Module) -> dict[str, tuple]:
-    """{state-dict name: shape} of ``type(model)`` built from a copy of ``model.config`` on the meta device."""
+def rebuild(model: nn.Module) -> nn.Module:
+    """``type(model)`` built from a copy of ``model.config`` on the meta device (no memory, no init)."""
     config = copy.deepcopy(model.config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
-            fresh = type(model)(config)
-    return {name: tuple(tensor.shape) for name, tensor in fresh.state_dict().items()}
+            return type(model)(config)
+
+
+#: attributes forwards read as head layouts, widths and scales; a stale copy elsewhere (a decoder layer's
+#: unused ``hidden_size``) is not compared
+COMPARED_ATTRIBUTES = frozenset(
+    HEAD_COUNT_NAMES + KV_HEAD_NAMES + HEAD_SIZE_NAMES + SCALE_NAMES
+    + ("num_key_value_groups", "all_head_size", "inner_dim", "split_size", "model_dim", "scalar_embed_scale",
+       "intermediate_size", "kv_lora_rank", "q_lora_rank", "qk_head_dim", "qk_nope_head_dim", "v_head_dim")
+)
+
+
+def _sizes(module: nn.Module) -> dict:
+    """Int and float attributes a forward reads as head layouts or scales (num_heads, head_dim, scaling...)."""
+    return {name: value for name, value in vars(module).items()
+            if name in COMPARED_ATTRIBUTES and type(value) in (int, float)}
 
 
 def config_mismatches(model: nn.Module) -> list[str]:
-    """What differs between the pruned model and one built from its config ('' entries: none)."""
+    """What differs between the pruned model and one built from its config: tensor shapes, and the size
+    attributes of every module (a head count is no shape: 4 heads of 8 and 2 of 16 hold the same tensors)."""
     try:
-        expected = rebuilt_shapes(model)
+        fresh = rebuild(model)
     except Exception as error:  # noqa: BLE001 - a config the class refuses is a mismatch too
         return [f"{type(model).__name__}(config) fails to build: {type(error).__name__}: {error}"]
+    expected = {name: tuple(tensor.shape) for name, tensor in fresh.state_dict().items()}
     actual = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     problems = []
+    fresh_modules = dict(fresh.named_modules())
+    for name, module in model.named_modules():
+        other = fresh_modules.get(name)
+        if other is None or type(other) is not type(module):
+            continue
+        mine, theirs = _sizes(module), _sizes(other)
+        for attr, value in mine.items():
+            if attr in theirs and theirs[attr] != value and not (
+                    isinstance(value, float) and abs(theirs[attr] - value) <= 1e-6 * max(1.0, abs(value))):
+                problems.append(f"{name or type(model).__name__}.{attr} is {value} but the config builds {theirs[attr]}")
     for name, shape in actual.items():
         if name not in expected:
             problems.append(f"{name} {list(shape)} has no counterpart in a model built from the config")

@@ -18,15 +18,21 @@ from .diagnose import explain, layer_widths, size_attributes, stale_attributes
 from .heads import HeadPlanner, subset_may_pass
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
 from .schedulers import linear_scheduler
+from .uniform import UniformWidths
 
 
 
-class BasePruner(HeadPlanner):
+class BasePruner(HeadPlanner, UniformWidths):
     """Structural pruner driven by an importance criterion (also exported as MetaPruner).
 
     ``pruning_ratio`` is the fraction of each group's original channels removed once all
     ``iterative_steps`` have run. Channel counts after a step are ``floor(original * (1 - ratio))``,
     at least one channel (or one channel group), rounded up to a multiple of ``round_to`` when given.
+
+    ``uniform_config_widths`` (default: on for Hugging Face transformers models, which have a config)
+    prunes every layer counted in one config field (``intermediate_size``, ``hidden_size``...) to the same
+    width, so ``save_pretrained`` / ``from_pretrained`` round-trip; see ``pruner/uniform.py``. For those
+    models the default ``output_transform`` keeps only the task outputs (logits) at their shape.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class BasePruner(HeadPlanner):
         ch_sparsity: float | None = None,
         ch_sparsity_dict: dict | None = None,
         verify: bool = True,
+        uniform_config_widths: bool | None = None,
     ):
         if ch_sparsity is not None:
             warnings.warn("ch_sparsity is deprecated; use pruning_ratio", DeprecationWarning, stacklevel=2)
@@ -124,6 +131,7 @@ class BasePruner(HeadPlanner):
             self.layer_init_in_ch[module] = self.DG._safe_channels(node, "in")
         self.init_num_heads = dict(self.num_heads)
         self._initial_groups = None
+        self._init_uniform(model, uniform_config_widths)
 
     # -- scopes and targets --------------------------------------------------------------------------
     def _init_scopes(self, pruning_ratio_dict, head_pruning_ratio_dict):
@@ -248,6 +256,7 @@ class BasePruner(HeadPlanner):
         for plan in optimizer_plans:
             apply_optimizer_plan(plan)
         self._warn_heads_refused()
+        self._warn_held_back()
         return None
 
     def _plan(self) -> Iterator[Group]:
@@ -350,18 +359,32 @@ class BasePruner(HeadPlanner):
             return imp
         return self.estimate_importance(group)
 
+    def _local_n_prune(self, group: Group) -> int:
+        root = group[0].dep.target.module
+        current = len(group[0].idxs)
+        channel_groups = self._channel_groups(group)
+        if current % channel_groups:
+            return 0
+        ratio = self.get_target_pruning_ratio(root)
+        return max(0, current - self._n_keep(root, current, ratio, channel_groups))
+
     def _plan_local(self) -> Iterator[Group]:
         self._prescore()
         yield from self._plan_whole_heads()
         self._note_pinned_heads()
-        for group in self._groups():
+        self._held_back = []
+        groups = self._groups()
+        planned = {_root_key(group): self._local_n_prune(group) for group in groups}
+        limits = self._uniform_limits(planned)
+        for group in groups:
             root = group[0].dep.target.module
             current = len(group[0].idxs)
             channel_groups = self._channel_groups(group)
-            if current % channel_groups:
-                continue
-            ratio = self.get_target_pruning_ratio(root)
-            n_prune = current - self._n_keep(root, current, ratio, channel_groups)
+            n_prune = planned[_root_key(group)]
+            key = self._field_key(group)
+            if key in limits and limits[key] < n_prune:
+                self._note_held_back(group, key, n_prune, limits[key])
+                n_prune = current - self._rounded_keep(current - limits[key], current, channel_groups)
             if n_prune <= 0:
                 continue
             imp = self._importance(group)
@@ -385,6 +408,9 @@ class BasePruner(HeadPlanner):
         """
         root = group[0].dep
         self._refusal = "no candidate"
+        heads = self._whole_head_blocks(group)
+        if heads is not None:
+            return self._choose_whole_heads(group, imp, n_prune, heads)
         for blocks in _block_candidates(channel_groups, len(imp), n_prune):
             idxs = self._select(group, imp.detach().cpu(), n_prune - n_prune % blocks, blocks)
             if len(idxs) == 0:
@@ -417,6 +443,7 @@ class BasePruner(HeadPlanner):
             yield from self._global_bucket(entries)
 
     def _global_bucket(self, entries):
+        self._held_back = []
         scores = []
         total_original = 0
         total_current = 0
@@ -432,12 +459,21 @@ class BasePruner(HeadPlanner):
         flat = torch.cat([s.repeat(b) if b > 1 and len(i) % b == 0 else s
                           for s, (_, i, b) in zip(scores, entries)])
         threshold = torch.kthvalue(flat, min(n_prune, len(flat))).values
+        counts = {}
         for (group, imp, blocks), score in zip(entries, scores):
             root = group[0].dep.target.module
             current = len(imp)
             limit = current - self._n_keep(root, current, self.max_pruning_ratio, blocks)
             wanted = int((score <= threshold).sum()) * (blocks if len(score) != current else 1)
-            n = current - self._rounded_keep(current - min(wanted, limit), current, blocks)
+            counts[_root_key(group)] = (min(wanted, limit), limit)
+        shared = self._uniform_global({key: count for key, (count, _) in counts.items()})
+        for (group, imp, blocks), score in zip(entries, scores):
+            current = len(imp)
+            wanted, limit = counts[_root_key(group)]
+            field = self._field_key(group)
+            if field in shared:
+                wanted = min(shared[field], limit)
+            n = current - self._rounded_keep(current - wanted, current, blocks)
             if n <= 0:
                 continue
             chosen = self._choose(group, imp, n, blocks)

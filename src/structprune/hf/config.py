@@ -14,6 +14,7 @@ rebuilding it (``structprune.hf.rebuild``), not by these rules.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import re
@@ -68,6 +69,9 @@ MLP_PAIRS = (
     ("lin1", "lin2", 1), ("wi", "wo", 1), ("wi_0", "wo", 1), ("pwconv1", "pwconv2", 1),
     ("intermediate.dense", "output.dense", 1),
 )
+
+#: the gate of gated MLPs (SwiGLU / GeGLU), beside the inner layer of MLP_PAIRS
+GATE_NAMES = ("gate_proj", "wi_1")
 
 _STAGE = re.compile(r"(?:^|\.)(?:stages|layers)\.(\d+)\.")
 
@@ -172,6 +176,25 @@ def config_tree(config) -> list:
     return list(found.values())
 
 
+def snapshot_configs(model) -> list:
+    """Every config the model's modules hold (and their sub-configs), with a copy of their fields."""
+    configs: dict = {}
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if is_config(config):
+            for each in config_tree(config):
+                configs.setdefault(id(each), each)
+    return [(config, {key: value if is_config(value) else copy.deepcopy(value) for key, value in vars(config).items()})
+            for config in configs.values()]
+
+
+def restore_configs(saved: list) -> None:
+    """Put back the fields ``snapshot_configs`` copied, in place: modules keep holding the same objects."""
+    for config, fields in saved:
+        config.__dict__.clear()
+        config.__dict__.update({key: value if is_config(value) else copy.deepcopy(value) for key, value in fields.items()})
+
+
 def walk(model):
     """(module, name, config) for every module of ``model`` with the config (or sub-config) it counts for.
 
@@ -241,6 +264,8 @@ def layer_fields(model) -> dict:
                 if inner is not None and back is not None:
                     note(inner, config, "intermediate", prefix, name)
                     note(back, config, "hidden", prefix, name)
+                    for gate in GATE_NAMES:  # gated MLPs: the gate is as wide as the inner layer
+                        note(_resolve(module, gate), config, "intermediate", prefix, name)
                     break
         if _attention_roles(module) is not None:
             note(_child(module, OUTPUT_NAMES), config, "hidden", prefix, name)
@@ -447,13 +472,19 @@ def _family_fields(config, roles: dict, notes: list) -> None:
 
 
 def layer_roles_summary(model) -> dict:
-    """{(config class, role, prefix): sorted distinct values}: what the layers hold, for error messages."""
+    """{"ConfigClass.field": sorted distinct values}: what the layers hold, for error messages (a role
+    without a field of its own is named after the role: "BertConfig head size")."""
     summary = {}
     for config, roles in collect_roles(model).values():
         for (role, prefix), values in roles.items():
-            if role != "head_dim_name":
-                summary[(type(config).__name__, role, prefix)] = sorted({v for _, v in values})
-    return summary
+            if role == "head_dim_name":
+                continue
+            field = _field(config, role, prefix) if role != "head_dim" else (
+                "head_dim" if _has_field(config, "head_dim") else None)
+            label = field or f"{prefix.replace('_', ' ')}{role.replace('_', ' ').replace('dim', 'size')}"
+            summary.setdefault(f"{type(config).__name__}.{label}" if field else
+                               f"{type(config).__name__} {label}", set()).update(v for _, v in values)
+    return {key: sorted(values) for key, values in summary.items()}
 
 
 def uses_transformers(model) -> bool:

@@ -25,10 +25,14 @@ class ConfigMismatchError(ValueError):
 
 
 def rebuild(model: nn.Module) -> nn.Module:
-    """``type(model)`` built from a copy of ``model.config`` on the meta device (no memory, no init)."""
-    config = copy.deepcopy(model.config)
+    """``type(model)`` built on the meta device (no memory, no init) from ``model.config`` after the trip
+    through a dict that save_pretrained / from_pretrained make: the config class validates it again, and
+    fields it recomputes from others (``intermediate_size = expand * hidden_size``) are recomputed."""
+    config = model.config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        config = type(config).from_dict(copy.deepcopy(config.to_dict()))
+        config._attn_implementation = model.config._attn_implementation
         with torch.device("meta"):
             return type(model)(config)
 
@@ -57,7 +61,7 @@ def config_mismatches(model: nn.Module) -> list[str]:
         return [f"{type(model).__name__}(config) fails to build: {type(error).__name__}: {error}"]
     expected = {name: tuple(tensor.shape) for name, tensor in fresh.state_dict().items()}
     actual = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    problems = []
+    problems = _shape_problems(actual, expected)
     fresh_modules = dict(fresh.named_modules())
     for name, module in model.named_modules():
         other = fresh_modules.get(name)
@@ -68,6 +72,11 @@ def config_mismatches(model: nn.Module) -> list[str]:
             if attr in theirs and theirs[attr] != value and not (
                     isinstance(value, float) and abs(theirs[attr] - value) <= 1e-6 * max(1.0, abs(value))):
                 problems.append(f"{name or type(model).__name__}.{attr} is {value} but the config builds {theirs[attr]}")
+    return problems
+
+
+def _shape_problems(actual: dict, expected: dict) -> list[str]:
+    problems = []
     for name, shape in actual.items():
         if name not in expected:
             problems.append(f"{name} {list(shape)} has no counterpart in a model built from the config")
@@ -109,9 +118,7 @@ def check_pretrained_config(model: nn.Module) -> None:
 
 
 def _summary(model) -> str:
-    parts = []
-    for (config, role, prefix), values in layer_roles_summary(model).items():
-        parts.append(f"{config} {prefix}{role} {values if len(values) > 1 else values[0]}")
+    parts = [f"{label} {values if len(values) > 1 else values[0]}" for label, values in layer_roles_summary(model).items()]
     return "; ".join(parts) or "nothing recognised"
 
 

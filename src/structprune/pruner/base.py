@@ -10,7 +10,7 @@ from torch import nn
 
 from ..graph.dependency import DependencyGraph, is_out_channel_pruning_fn
 from ..graph.group import Group
-from ..hf.config import task_outputs, uses_transformers
+from ..hf.config import restore_configs, snapshot_configs, task_outputs, uses_transformers
 from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
 from ..utils.nested import call_model, evaluating
@@ -246,13 +246,19 @@ class BasePruner(HeadPlanner, UniformWidths):
             return self._interactive(self._plan(), optimizer)
         checkpoint = self._checkpoint()
         optimizer_plans = []
-        for group in self._plan():
-            optimizer_plans.append(self._prune_group(group, optimizer))
-        if self.verify and self._forward_error() is not None:
-            # some group broke the model (a size the graph cannot see, e.g. a reshape to an input's
-            # width): redo the step one group at a time, keeping only the groups after which it still runs
+        try:
+            for group in self._plan():
+                optimizer_plans.append(self._prune_group(group, optimizer))
+            if self.verify and self._forward_error() is not None:
+                # some group broke the model (a size the graph cannot see, e.g. a reshape to an input's
+                # width): redo the step one group at a time, keeping only the groups after which it still runs
+                checkpoint.restore()
+                optimizer_plans = self._step_verified(optimizer)
+        except BaseException:
+            # a step that fails leaves the model, its config and the schedule as they were
             checkpoint.restore()
-            optimizer_plans = self._step_verified(optimizer)
+            self.current_step -= 1
+            raise
         for plan in optimizer_plans:
             apply_optimizer_plan(plan)
         self._warn_heads_refused()
@@ -512,12 +518,14 @@ class _PrunerCheckpoint:
 
         self.pruner = pruner
         self.snapshot = Snapshot(list(pruner.model.modules()))
+        self.configs = snapshot_configs(pruner.model)  # Hugging Face configs the adapters rewrite
         self.alive = dict(pruner.DG._alive)
         self.position_maps = dict(pruner.DG._position_maps)
         self.history = len(pruner.DG._history)
 
     def restore(self) -> None:
         self.snapshot.restore()
+        restore_configs(self.configs)
         graph = self.pruner.DG
         graph._alive = dict(self.alive)
         graph._position_maps = dict(self.position_maps)

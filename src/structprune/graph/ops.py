@@ -28,7 +28,7 @@ REDUCTIONS = {
     "nanmean", "var_mean", "std_mean", "median", "nanmedian",
 }
 MATMULS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum", "scaled_dot_product_attention",
-           "linear", "conv1d", "conv2d", "conv3d"}
+           "linear", "conv1d", "conv2d", "conv3d", "baddbmm"}
 
 
 def relate(call: Call, operand: int, state: ChannelState) -> list[tuple[int, ChannelState]]:
@@ -464,6 +464,9 @@ def _matmul_letters(call):
     name = call.name
     if name in ("matmul", "__matmul__", "mm", "bmm"):
         return _mm_letters(shapes[0], shapes[1], call.out_shapes[0]) + [None] * (len(shapes) - 2)
+    if name == "baddbmm" and len(shapes) == 3:  # beta * input + alpha * (batch1 @ batch2), input broadcast
+        first, second, out = _mm_letters(shapes[1], shapes[2], call.out_shapes[0])
+        return [_right_aligned(shapes[0], out[-2:], "B"), first, second, out]
     if name == "__rmatmul__":  # x.__rmatmul__(y) computes y @ x
         la, lb, out = _mm_letters(shapes[1], shapes[0], call.out_shapes[0])
         return [lb, la, out]

@@ -25,9 +25,7 @@ reshape dims shrink too, so whole heads can go where the code would otherwise pi
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -174,148 +172,7 @@ def _timm_metaformer_scale(module) -> None:
         module.shape = (module.scale.shape[0],) + tuple(module.shape[1:])
 
 
-# -- Hugging Face --------------------------------------------------------------------------------------
-def _is_hf_model(module) -> bool:
-    config = getattr(module, "config", None)
-    return (config is not None and hasattr(config, "num_attention_heads") and hasattr(config, "hidden_size")
-            and hasattr(module, "get_input_embeddings") and _from("transformers", module))
-
-
-def _is_hf_bert_attention(module) -> bool:
-    return (_from("transformers", module) and hasattr(module, "query") and hasattr(module, "value")
-            and hasattr(module, "attention_head_size") and hasattr(module, "num_attention_heads"))
-
-
-def _hf_bert_attention(module, removed=None) -> None:
-    """BERT-style self/cross attention (query/key/value Linears): views with ``attention_head_size``."""
-    heads, dim = head_layout(module.query.out_features, module.num_attention_heads, module.attention_head_size,
-                             _removed_of(removed, module.query, module.key, module.value))
-    module.num_attention_heads, module.attention_head_size, module.all_head_size = heads, dim, heads * dim
-    if hasattr(module, "scaling"):
-        module.scaling = dim ** -0.5
-
-
-def _is_hf_vit_attention(module) -> bool:
-    """q_proj attention that records its head count (HF ViT, viewed as (-1, head_dim)); Llama-style
-    decoders record none, and the config adapter derives their heads from q_proj and head_dim."""
-    return (_from("transformers", module) and hasattr(module, "q_proj") and hasattr(module, "o_proj")
-            and hasattr(module, "num_attention_heads") and hasattr(module, "head_dim"))
-
-
-def _hf_vit_attention(module, removed=None) -> None:
-    heads, dim = head_layout(module.q_proj.out_features, module.num_attention_heads, module.head_dim,
-                             _removed_of(removed, module.q_proj, module.k_proj, module.v_proj))
-    module.num_attention_heads, module.head_dim = heads, dim
-    if hasattr(module, "scaling"):
-        module.scaling = dim ** -0.5
-
-
-def _is_hf_gpt2_attention(module) -> bool:
-    return (_from("transformers", module) and hasattr(module, "c_attn") and hasattr(module, "split_size")
-            and hasattr(module, "num_heads") and hasattr(module, "head_dim"))
-
-
-def _hf_gpt2_attention(module, removed=None) -> None:
-    """GPT-2 attention: fused ``c_attn`` (q, k, v) split by ``split_size`` and viewed with ``head_dim``;
-    ``scaling`` recomputed as GPT2Attention.__init__ does."""
-    blocks = 2 if getattr(module, "is_cross_attention", False) else 3
-    heads, dim = head_layout(_linear_out(module.c_attn), module.num_heads, module.head_dim,
-                             _removed_of(removed, module.c_attn), blocks=blocks)
-    module.num_heads, module.head_dim = heads, dim
-    module.split_size = module.embed_dim = heads * dim
-    if hasattr(module, "scaling"):
-        scaling = dim ** -0.5 if getattr(module, "scale_attn_weights", True) else 1.0
-        if getattr(module, "scale_attn_by_inverse_layer_idx", False):
-            scaling /= float(module.layer_idx + 1)
-        module.scaling = scaling
-
-
-@lru_cache(maxsize=None)
-def _declared_fields(config_type) -> frozenset:
-    return frozenset(inspect.signature(config_type.__init__).parameters)
-
-
-def _config_declares(config, field: str) -> bool:
-    """Whether the config class takes ``field`` (LlamaConfig.head_dim), as opposed to a field we added."""
-    return field in _declared_fields(type(config))
-
-
-def _first(model, predicate):
-    return next((m for m in model.modules() if predicate(m)), None)
-
-
-def _hf_config(module) -> None:
-    """Config fields follow the first layer of each kind, so save_pretrained / from_pretrained round-trip.
-
-    Covers Llama-style decoders (q_proj with a fixed head_dim, up_proj MLP), BERT (query/key/value,
-    ``intermediate.dense``), GPT-2 (``c_attn``, ``c_fc``: n_embd, n_head, n_inner) and ViT (q_proj with
-    ``num_attention_heads``; ``config.head_dim`` is written when heads no longer split ``hidden_size``).
-    Layers pruned unevenly cannot be described by one config; the fields then describe layer 0, and a
-    config that cannot express the shapes (BERT and GPT-2 tie the attention width to ``hidden_size``)
-    makes from_pretrained refuse the checkpoint.
-    """
-    config = module.config
-    embeddings = module.get_input_embeddings()
-    if embeddings is not None and hasattr(embeddings, "embedding_dim"):
-        config.hidden_size = embeddings.embedding_dim
-    else:
-        norm = _first(module, lambda m: isinstance(m, nn.LayerNorm))
-        if norm is not None:
-            config.hidden_size = norm.normalized_shape[0]
-    heads = head_dim = None
-    attention = _first(module, lambda m: hasattr(m, "q_proj") and hasattr(m, "head_dim"))
-    if attention is not None and _is_hf_vit_attention(attention):
-        heads, head_dim = attention.num_attention_heads, attention.head_dim
-    elif attention is not None:
-        head_dim = attention.head_dim
-        heads = attention.q_proj.out_features // head_dim
-        if hasattr(attention, "k_proj") and hasattr(config, "num_key_value_heads"):
-            config.num_key_value_heads = attention.k_proj.out_features // head_dim
-    else:
-        attention = _first(module, lambda m: _is_hf_bert_attention(m) or _is_hf_gpt2_attention(m))
-        if attention is not None and _is_hf_bert_attention(attention):
-            heads, head_dim = attention.num_attention_heads, attention.attention_head_size
-        elif attention is not None:
-            heads, head_dim = attention.num_heads, attention.head_dim
-    if heads is not None:
-        config.num_attention_heads = heads
-        if _config_declares(config, "head_dim") or heads * head_dim != config.hidden_size:
-            config.head_dim = head_dim
-        else:
-            config.__dict__.pop("head_dim", None)  # written while pruning half-way; hidden_size says it again
-    mlp = _first(module, lambda m: hasattr(m, "up_proj") and hasattr(m, "down_proj"))
-    if mlp is not None and hasattr(config, "intermediate_size"):
-        config.intermediate_size = mlp.up_proj.out_features
-        if hasattr(mlp, "intermediate_size"):
-            for layer in module.modules():
-                if hasattr(layer, "up_proj") and hasattr(layer, "intermediate_size"):
-                    layer.intermediate_size = layer.up_proj.out_features
-    elif hasattr(config, "intermediate_size"):
-        # BERT: BertIntermediate.dense; ViT and friends: an MLP with fc1 / fc2
-        first = _first(module, lambda m: type(m).__name__.endswith("Intermediate") and hasattr(m, "dense"))
-        first = first.dense if first is not None else getattr(
-            _first(module, lambda m: isinstance(getattr(m, "fc1", None), nn.Linear) and hasattr(m, "fc2")), "fc1", None)
-        if first is not None:
-            config.intermediate_size = first.out_features
-    gpt2_mlp = _first(module, lambda m: hasattr(m, "c_fc") and hasattr(m, "c_proj"))
-    if gpt2_mlp is not None and hasattr(config, "n_inner"):
-        config.n_inner = _linear_out(gpt2_mlp.c_fc)
-    for layer in module.modules():
-        if hasattr(layer, "q_proj") and hasattr(layer, "num_key_value_groups") and hasattr(layer, "k_proj"):
-            layer.num_key_value_groups = layer.q_proj.out_features // layer.k_proj.out_features
-        if hasattr(layer, "hidden_size") and hasattr(layer, "o_proj"):
-            layer.hidden_size = layer.o_proj.out_features
-
-
 ADAPTERS: list[Adapter] = [
-    Adapter("Hugging Face config (hidden_size, heads, head_dim, intermediate_size, n_inner)", _is_hf_model,
-            _hf_config, late=True),
-    Adapter("Hugging Face BERT attention (num_attention_heads, attention_head_size, all_head_size, scaling)",
-            _is_hf_bert_attention, _hf_bert_attention, uses_removed=True),
-    Adapter("Hugging Face ViT attention (num_attention_heads, head_dim, scaling)", _is_hf_vit_attention,
-            _hf_vit_attention, uses_removed=True),
-    Adapter("Hugging Face GPT-2 attention (num_heads, head_dim, split_size, embed_dim, scaling)",
-            _is_hf_gpt2_attention, _hf_gpt2_attention, uses_removed=True, follows=("split_size",)),
     Adapter("timm Attention (num_heads, head_dim, attn_dim, scale)", _is_timm_attention, _timm_attention,
             uses_removed=True, follows=("num_heads",)),
     Adapter(
@@ -346,6 +203,12 @@ ADAPTERS: list[Adapter] = [
         _torchvision_vit,
     ),
 ]
+
+
+# Hugging Face families live in structprune.hf (attention, MLA, MLP sizes, the model config)
+from .hf.adapters import HF_ADAPTERS  # noqa: E402 - needs Adapter and the helpers above
+
+ADAPTERS[:0] = HF_ADAPTERS
 
 
 def register_adapter(adapter: Adapter) -> None:

@@ -12,7 +12,7 @@ from ..utils.nested import call_model, eval_mode, flatten_as_list
 from ..utils.sharding import refuse_sharded
 from .group import Node
 from .hooks import hooks_for
-from .trace import Call, Tracer, followed_sizes
+from .trace import OPAQUE, Call, Tracer, followed_sizes
 
 
 class _Value:
@@ -149,11 +149,14 @@ class GraphBuilder:
                 for param in module.parameters():
                     param_owner.setdefault(param, module)
         self._declared_params = param_owner
+        read_as: dict = {}  # value key -> (shape, dtype, order) of a call reading it
         while stack:
             key = stack.pop()
             if key in self.values:
                 continue
             call = tracer.producer(key)
+            if call is None and key[0] != "leaf" and key in read_as:
+                call = _opaque_call(tracer, key, *read_as[key])
             value = _Value(key, ())
             self.values[key] = value
             if call is None:
@@ -161,8 +164,10 @@ class GraphBuilder:
             if id(call) not in seen_calls:
                 seen_calls.add(id(call))
                 self.calls.append(call)
-                for input_key in call.inputs:
+                for index, input_key in enumerate(call.inputs):
                     if input_key is not None and input_key not in self.values:
+                        read_as.setdefault(input_key, (call.in_shapes[index], call.input_dtypes[index]
+                                                       if index < len(call.input_dtypes) else None, call.order))
                         stack.append(input_key)
         self.calls.sort(key=lambda call: call.order)
         self._calls_of = {}
@@ -181,6 +186,7 @@ class GraphBuilder:
                 value.consumers.append((call, index))
                 value.shape = tuple(call.in_shapes[index])
         leaf_tensors = {id(t): t for t in tracer.keep_alive}
+        self._followed_constants = dict(tracer.followed_factories)
         for key, value in self.values.items():
             if value.producer is None and key[0] == "leaf":
                 tensor = leaf_tensors.get(key[1])
@@ -203,6 +209,8 @@ class GraphBuilder:
                 self.module2node[owner] = Node(owner, self.module2name.get(owner, type(owner).__name__),
                                                self.get_pruner_of_module(owner))
             if isinstance(tensor, nn.Parameter) and tensor not in self._declared_params and tensor in named:
+                if tensor.dim() == 0:
+                    continue  # a scalar (CLIP's logit_scale) has no channels to remove
                 dim = self._unwrapped_dims.get(tensor)
                 dim = _guess_parameter_dim(tensor) if dim is None else dim % tensor.dim()
                 self.module2node[tensor] = Node(tensor, named[tensor], ParameterPruner(dim), dim)
@@ -308,6 +316,34 @@ def _guess_parameter_dim(tensor) -> int:
     """The only non-singleton dim, else the last one (token layouts such as [1, N, C] position embeddings)."""
     wide = [d for d, size in enumerate(tensor.shape) if size > 1]
     return wide[0] if len(wide) == 1 else tensor.dim() - 1
+
+
+def _opaque_call(tracer: Tracer, key, shape, dtype, order) -> Call | None:
+    """A value made by ops the trace cannot see (a TorchScript function: BLOOM's gelu) gets a call whose
+    inputs are the nearest recorded values behind it in the autograd graph, so channels still flow through
+    it (as an elementwise op when the shapes broadcast; the opaque op kind refuses it otherwise)."""
+    inputs, seen, frontier = [], set(), list(key[0].next_functions)
+    while frontier and len(seen) < 10000:
+        fn, index = frontier.pop()
+        if fn is None or (id(fn), index) in seen:
+            continue
+        seen.add((id(fn), index))
+        variable = getattr(fn, "variable", None)
+        if isinstance(variable, torch.Tensor):  # AccumulateGrad: a parameter
+            tracer.keep_alive.append(variable)
+            inputs.append((("leaf", id(variable)), tuple(variable.shape), variable.dtype))
+            continue
+        producer = tracer.producer((fn, index))
+        if producer is not None:
+            position = producer.outputs.index((fn, index))
+            inputs.append(((fn, index), tuple(producer.out_shapes[position]), producer.output_dtypes[position]))
+            continue
+        frontier.extend(fn.next_functions)
+    if not inputs:
+        return None
+    return Call("function", None, OPAQUE, [k for k, _, _ in inputs], [s for _, s, _ in inputs], [key], [shape],
+                input_slots=[(i,) for i in range(len(inputs))], input_dtypes=[d for _, _, d in inputs],
+                output_dtypes=[dtype], order=order - 0.5)
 
 
 def _normalise_unwrapped(unwrapped) -> dict:

@@ -32,6 +32,16 @@ class GroupFinder:
             if key not in deps:
                 deps[key] = state
                 order.append(key)
+                # layers holding the very same weight (T5's encoder and decoder embeddings) lose the same
+                # channels, and so does everything those layers feed
+                for sibling, sibling_side in self._weight_siblings(target, target_side):
+                    if (sibling, sibling_side) not in deps:
+                        add_dep(sibling, sibling_side, state)
+                        try:
+                            for value_key, entry in self._layer_entry(sibling, sibling_side, state):
+                                push(value_key, entry)
+                        except Blocked as reason:
+                            blocked.append(str(reason))
             else:
                 deps[key] = _merge(deps[key], state)[0]
 
@@ -79,7 +89,7 @@ class GroupFinder:
         for (value_key, dims), state in states.items():
             value = self.values[value_key]
             for call, operand in value.consumers:
-                if operand == 0 and ops.shifts_channels(call, state):
+                if operand == 0 and not self._feeds_shape_only(call) and ops.shifts_channels(call, state):
                     blocked.append(Refusal(
                         RefusalKind.SPELLED_OUT_PIECES, call.name,
                         f"'{call.name}' spells out the size of its pieces (sizes, bounds or indices along dim "
@@ -112,6 +122,39 @@ class GroupFinder:
             handler = self._handler(target, target_side)
             group.add_dep(Dependency(root_fn, handler, node, target, target_side), state.idxs, state.roots)
         return group
+
+    def _feeds_shape_only(self, call: Call) -> bool:
+        """Whether every output of ``call`` goes only where its shape alone matters (BART passes
+        ``inputs_embeds[:, :, -1]`` to its positional embedding "for the shape only")."""
+        if call.kind == "module" or not call.outputs:
+            return False
+        for key in call.outputs:
+            value = self.values.get(key)
+            if value is None or key in self._output_keys or not value.consumers:
+                return False
+            if not all(consumer.kind == "module" and _shape_only_input(consumer.target, consumer, index)
+                       for consumer, index in value.consumers):
+                return False
+        return True
+
+    def _weight_siblings(self, node: Node, side: str) -> list:
+        """(node, side) of other layers whose channels on ``side`` live on the same tensor and dim."""
+        if not hasattr(self, "_sibling_axes"):
+            by_tensor: dict = {}
+            for other in self.module2node.values():
+                if isinstance(other.module, nn.Parameter):
+                    continue
+                for other_side in (OUT, IN):
+                    for key in _axis_keys(other, other_side):
+                        by_tensor.setdefault(key, []).append((other, other_side))
+            self._sibling_axes = {key: entries for key, entries in by_tensor.items()
+                                  if len({id(n.module) for n, _ in entries}) > 1}
+        if isinstance(node.module, nn.Parameter) or not self._sibling_axes:
+            return []
+        found = []
+        for key in _axis_keys(node, side):
+            found.extend(entry for entry in self._sibling_axes.get(key, ()) if entry[0] is not node)
+        return found
 
     def _bare_layer_use(self, tensor, state: ChannelState):
         """(node, side, state, []) when channels reach a declared layer's weight used outside its own
@@ -159,6 +202,8 @@ class GroupFinder:
         tensor = value.leaf
         node = self.module2node.get(tensor) if isinstance(tensor, nn.Parameter) else None
         if node is None:
+            if set(state.dims) <= getattr(self, "_followed_constants", {}).get(id(tensor), frozenset()):
+                return  # made from followed sizes: the forward makes it at the new width
             bare = self._bare_layer_use(tensor, state) if tensor in self._declared_params else None
             if bare is not None:
                 yield bare
@@ -227,7 +272,7 @@ class GroupFinder:
         if entered_dim is None or not is_channel:
             if operand >= n_in and operand - n_in > 0:
                 return  # secondary outputs such as attention weights carry no channels
-            if operand < n_in and operand not in channel_inputs:
+            if operand < n_in and operand not in channel_inputs and not _shape_only_input(module, call, operand):
                 raise Blocked(RefusalKind.UNPRUNABLE_ARGUMENT, node.name,
                               f"channels reach argument {operand} of {node.name}, which cannot be pruned")
             return
@@ -320,6 +365,27 @@ class GroupFinder:
                     if index < len(call.inputs) and call.inputs[index] in self.values:
                         shape = call.in_shapes[index]
                         yield call.inputs[index], ChannelState((in_dim % len(shape),), state.idxs, state.roots)
+
+
+def _shape_only_input(module, call: Call, operand: int) -> bool:
+    """A float tensor given to an embedding as its indices: a subclass reading only its shape (an actual
+    lookup needs integer indices)."""
+    dtype = call.input_dtypes[operand] if operand < len(call.input_dtypes) else None
+    return isinstance(module, nn.Embedding) and operand == 0 and dtype is not None and dtype.is_floating_point
+
+
+def _axis_keys(node: Node, side: str) -> list:
+    """(tensor id, dim) of the unfused axes carrying a layer's channels on ``side``."""
+    module, pruner = node.module, node.pruner
+    if pruner.is_coupled(module):
+        side = OUT
+    axes = pruner.out_axes(module) if side == OUT else pruner.in_axes(module)
+    keys = []
+    for axis in axes:
+        tensor = axis.tensor(module)
+        if isinstance(tensor, nn.Parameter) and axis.blocks == 1 and tensor.dim():
+            keys.append((id(tensor), axis.dim % tensor.dim()))
+    return keys
 
 
 def _merge(old: ChannelState, new: ChannelState):

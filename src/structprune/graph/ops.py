@@ -21,7 +21,7 @@ from .channels import ChannelState, backward_through, forward_through, through_l
 from .refusal import Blocked, RefusalKind
 from .signatures import argument, shape_argument
 from ..utils.nested import flatten_as_list
-from .trace import Call, FollowedSize, rebuild
+from .trace import OPAQUE, Call, FollowedSize, rebuild
 
 IndexMap = Callable[[Call, int, ChannelState], "list[tuple[int, ChannelState]]"]
 
@@ -451,7 +451,7 @@ def _repeat_heads(shape, groups):
 
 
 # -- lettered ops ----------------------------------------------------------------------------------
-MATMULS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum", "scaled_dot_product_attention",
+MATMULS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention",
            "linear", "conv1d", "conv2d", "conv3d"}
 REDUCTIONS = {
     "sum", "mean", "amax", "amin", "max", "min", "norm", "var", "std", "prod", "logsumexp", "nansum",
@@ -505,6 +505,9 @@ def _matmul_letters(call):
     name = call.name
     if name in ("matmul", "__matmul__", "mm", "bmm"):
         return _mm_letters(shapes[0], shapes[1], call.out_shapes[0]) + [None] * (len(shapes) - 2)
+    if name == "baddbmm" and len(shapes) == 3:  # beta * input + alpha * (batch1 @ batch2), input broadcast
+        first, second, out = _mm_letters(shapes[1], shapes[2], call.out_shapes[0])
+        return [_right_aligned(shapes[0], out[-2:], "B"), first, second, out]
     if name == "__rmatmul__":  # x.__rmatmul__(y) computes y @ x
         la, lb, out = _mm_letters(shapes[1], shapes[0], call.out_shapes[0])
         return [lb, la, out]
@@ -527,7 +530,11 @@ def _matmul_letters(call):
             return None  # grouped-query heads through enable_gqa: heads are not one-to-one
         letters = [_right_aligned(q, ["L", "E"], "B"), _right_aligned(k, ["S", "E"], "B"),
                    _right_aligned(v, ["S", "V"], "B")]
-        letters += [None] * (len(shapes) - 3)
+        if len(shapes) > 3 and len(shapes[3]) >= 2:
+            # an additive mask with a head dim (T5's relative position bias) loses the heads q loses;
+            # a broadcast head dim of size 1 (causal masks) carries none
+            letters.append(_right_aligned(shapes[3], ["L", "S"], "B"))
+        letters += [None] * (len(shapes) - len(letters))
         return letters + [_right_aligned(call.out_shapes[0], ["L", "V"], "B")]
     if name == "einsum":
         return _einsum_letters(call)
@@ -581,6 +588,15 @@ def _reduction_letters(call):
         l for d, l in enumerate(letters) if d not in reduced]
     outputs = [out if len(s) == len(out) else None for s in call.out_shapes]
     return [letters] + [None] * (len(call.in_shapes) - 1) + outputs
+
+
+@op_kind("opaque", {OPAQUE}, applies=lambda call: not _is_broadcast(call))
+def _opaque(call, operand, state):
+    """Ops the trace cannot see into (a TorchScript function) that change shapes; an opaque op whose shapes
+    broadcast is taken as elementwise (the fallback kind after it)."""
+    raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name,
+                  f"channels reach an op the trace cannot see into (a TorchScript function?) that changes "
+                  f"shapes {call.in_shapes} -> {call.out_shapes}")
 
 
 @op_kind("same size")

@@ -148,14 +148,21 @@ def followed_sizes(attributes: list):
     try:
         for module, names in attributes:
             for name in names:
-                value = module.__dict__.get(name)
+                owner = module
+                if "." in name:  # an attribute of an object the module holds (Phi-3 reads config.num_attention_heads)
+                    path, name = name.rsplit(".", 1)
+                    for part in path.split("."):
+                        owner = getattr(owner, part, None)
+                if not hasattr(owner, "__dict__"):
+                    continue
+                value = owner.__dict__.get(name)
                 if type(value) is int:
-                    saved.append((module, name, value))
-                    module.__dict__[name] = FollowedSize(value)
+                    saved.append((owner, name, value))
+                    owner.__dict__[name] = FollowedSize(value)
         yield
     finally:
-        for module, name, value in saved:
-            module.__dict__[name] = value
+        for owner, name, value in saved:
+            owner.__dict__[name] = value
 
 
 def _freeze(leaves: list, spec: pytree.TreeSpec, flat_call: tuple | None = None):
@@ -186,6 +193,27 @@ def _op_name(func) -> str:
     return name or type(func).__name__
 
 
+FACTORIES = {"zeros", "ones", "full", "empty", "rand", "randn"}
+#: name of the calls standing for ops the trace cannot see (TorchScript functions)
+OPAQUE = "<opaque op>"
+
+
+def _note_followed_factory(tracer, func, args, kwargs, result) -> None:
+    """A tensor made from sizes that follow the pruning (T5's ``torch.zeros((1, self.n_heads, q, k))``) is
+    made at the new width after pruning: record which of its dims those sizes are."""
+    if _op_name(func) not in FACTORIES or not isinstance(result, torch.Tensor):
+        return
+    size = kwargs.get("size", args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args)
+    if _op_name(func) == "full" and "size" not in kwargs:
+        size = args[0] if args else ()
+    if not isinstance(size, (tuple, list)) or len(size) != result.dim():
+        return
+    dims = frozenset(dim for dim, item in enumerate(size) if isinstance(item, FollowedSize))
+    if dims:
+        tracer.keep_alive.append(result)
+        tracer.followed_factories[id(result)] = dims
+
+
 class _Recorder(TorchFunctionMode):
     def __init__(self, tracer: "Tracer"):
         super().__init__()
@@ -200,6 +228,7 @@ class _Recorder(TorchFunctionMode):
         in_shapes = [tuple(t.shape) for _, t in flat_in]
         result = func(*args, **kwargs)
         if not flat_in:
+            _note_followed_factory(tracer, func, args, kwargs, result)
             return result
         # x[i] = y mutates x in place and returns None: the new value of x is the output
         flat_out = flatten_as_list(args[0] if _op_name(func) == "__setitem__" else result)
@@ -228,6 +257,7 @@ class Tracer:
         self.module_by_output: dict = {}
         self.function_by_output: dict = {}
         self.keep_alive: list = []
+        self.followed_factories: dict = {}  # id(tensor) -> dims sized by followed attributes
         self.calls: list[Call] = []
         self._order = 0
 

@@ -311,6 +311,22 @@ class MultiheadAttentionPruner(BasePruningFunc):
 
     get_in_channel_groups = get_out_channel_groups
 
+    def prune_out_channels(self, layer, idxs):
+        # whole heads may go too: the kept (head, dim) grid gives the new head count
+        from .base import as_index_tensor
+
+        removed = as_index_tensor(idxs)
+        if len(removed) and int(removed.max()) < layer.embed_dim and layer.embed_dim % layer.num_heads == 0:
+            kept = torch.ones(layer.embed_dim, dtype=torch.bool)
+            kept[removed] = False
+            grid = kept.view(layer.num_heads, -1)
+            heads, dims = grid.any(1), grid.any(0)
+            if bool(heads.any()) and torch.equal(grid, heads[:, None] & dims[None, :]):
+                layer.num_heads = int(heads.sum())
+        return super().prune_out_channels(layer, idxs)
+
+    prune_in_channels = prune_out_channels
+
     def update_attrs(self, layer):
         embed_dim = layer.out_proj.weight.shape[0]
         if embed_dim % layer.num_heads:

@@ -11,6 +11,7 @@ from ..graph.dependency import DependencyGraph
 from ..graph.group import Group
 from ..graph.refusal import Refusal
 from ..graph.side import Side
+from ..hf.config import restore_configs, snapshot_configs, task_outputs, uses_transformers
 from ..layers.registry import LayerRole, layer_types
 from ..utils.sharding import refuse_sharded
 from .experts import ExpertPlanner
@@ -22,12 +23,14 @@ from .options import check_ratio as _check_ratio  # noqa: F401  (its older home)
 from .planning import PlanningMixin, _block_candidates, _refusal, _root_key, _signature  # noqa: F401
 from .scheduling import ScheduleMixin
 from .schedulers import linear_scheduler
+from .uniform import UniformWidths
 from .verify import VerifyMixin
 
 _OPTION_NAMES = frozenset(PrunerOptions.names())
 
 
-class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, HeadPlanner, ExpertPlanner):
+class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, HeadPlanner, ExpertPlanner,
+                 UniformWidths):
     """Structural pruner driven by an importance criterion (also exported as MetaPruner).
 
     Assembled from one mixin per job: ``scheduling.py`` (ratios per step and scope), ``planning.py``
@@ -39,6 +42,11 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
     at least one channel (or one channel group), rounded up to a multiple of ``round_to`` when given.
     Every keyword is documented on :class:`~structprune.pruner.options.PrunerOptions`; ``self.options``
     holds them as given (deprecated spellings resolved).
+
+    ``uniform_config_widths`` (default: on for Hugging Face transformers models, which have a config)
+    prunes every layer counted in one config field (``intermediate_size``, ``hidden_size``...) to the same
+    width, so ``save_pretrained`` / ``from_pretrained`` round-trip; see ``pruner/uniform.py``. For those
+    models the default ``output_transform`` keeps only the task outputs (logits) at their shape.
 
     Mixture-of-experts blocks lose intermediate width like any MLP (every expert the same channels);
     ``prune_num_experts=True`` also removes whole experts with their router rows, the fraction
@@ -77,6 +85,7 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         verify: bool = True,
         prune_num_experts: bool = False,
         expert_pruning_ratio: float | None = None,
+        uniform_config_widths: bool | None = None,
     ):
         # the keywords map onto PrunerOptions one to one (a test keeps the signature and the fields equal)
         options = PrunerOptions(**{name: value for name, value in locals().items() if name in _OPTION_NAMES})
@@ -103,8 +112,13 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
                                      else options.expert_pruning_ratio)
         roots = options.root_module_types
         self.root_module_types = tuple(roots) if roots else layer_types(LayerRole.ROOT)
+        hf = uses_transformers(model)
+        if not roots and hf:
+            # ALBERT/ELECTRA embeddings narrower than the hidden size form a group of their own
+            self.root_module_types += (nn.Embedding,)
         self.forward_fn = options.forward_fn
-        self.output_transform = options.output_transform
+        # Hugging Face models: logits keep their shape; hidden states may shrink
+        self.output_transform = task_outputs if options.output_transform is None and hf else options.output_transform
         self.verify = options.verify
         self.current_step = 0
 
@@ -133,6 +147,7 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         self._refusal: Refusal | None = None
         self._parent_of: dict | None = None  # module -> its parent, built on first use
         self._reset_head_notes()
+        self._init_uniform(model, options.uniform_config_widths)
 
     # -- hooks for sparse-training subclasses ---------------------------------------------------------
     def update_regularizer(self) -> None:
@@ -182,16 +197,23 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
             return self._interactive(self._plan(), optimizer)
         checkpoint = self._checkpoint()
         optimizer_plans = []
-        for group in self._plan():
-            optimizer_plans.append(self._prune_group(group, optimizer))
-        if self.verify and self._forward_error() is not None:
-            # some group broke the model (a size the graph cannot see, e.g. a reshape to an input's
-            # width): redo the step one group at a time, keeping only the groups after which it still runs
+        try:
+            for group in self._plan():
+                optimizer_plans.append(self._prune_group(group, optimizer))
+            if self.verify and self._forward_error() is not None:
+                # some group broke the model (a size the graph cannot see, e.g. a reshape to an input's
+                # width): redo the step one group at a time, keeping only the groups after which it still runs
+                checkpoint.restore()
+                optimizer_plans = self._step_verified(optimizer)
+        except BaseException:
+            # a step that fails leaves the model, its config and the schedule as they were
             checkpoint.restore()
-            optimizer_plans = self._step_verified(optimizer)
+            self.current_step -= 1
+            raise
         for plan in optimizer_plans:
             apply_optimizer_plan(plan)
         self._warn_heads_refused()
+        self._warn_held_back()
         return None
 
     def _interactive(self, plan, optimizer) -> Iterator[Group]:

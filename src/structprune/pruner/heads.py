@@ -11,6 +11,7 @@ import torch
 from ..graph.group import Group
 from ..graph.refusal import Refusal
 from ..graph.side import Side
+from ..hf.attention import HEAD_SIZE_NAMES
 
 
 def subset_may_pass(reason: Refusal) -> bool:
@@ -90,8 +91,8 @@ class HeadPlanner:
             tried = 0
             for idxs in _head_removals(scores, head_dim, min(1.0, keep / heads)):
                 tried += 1
-                candidate = self.DG.get_group_by_side(root, group[0].side, idxs.tolist())
-                if self._accepts(candidate, idxs):
+                candidate = self._accepted_heads(root, group[0].side, idxs)
+                if candidate is not None:
                     candidate.heads_removed = self._heads_removed(candidate)
                     yield candidate
                     break
@@ -117,6 +118,28 @@ class HeadPlanner:
         for module, count in group.heads_removed.items():
             self.num_heads[module] = self.num_heads[module] - count
 
+    def _accepted_heads(self, root, side, idxs):
+        """The group removing these heads, if the graph accepts it as planned and it takes no other head
+        projection below its own target (a key/value head takes its query heads along: after q lost one
+        head per group, removing a kv group as well would leave a quarter of the q heads)."""
+        candidate = self.DG.get_group_by_side(root, side, idxs.tolist())
+        if not self._accepts(candidate, idxs):
+            return None
+        for item in list(candidate)[1:]:
+            module = item.dep.target.module
+            if isinstance(module, torch.nn.Parameter) or item.side is not Side.OUT:
+                continue
+            width = self.DG.get_out_channels(module)
+            original = self.layer_init_out_ch.get(module)
+            head_dim = self._head_dim(module, width) if width else None
+            if head_dim is None or not original:
+                continue
+            keep = max(1, int(math.floor(original // head_dim * (1 - self.get_target_head_pruning_ratio(module))
+                                         + 1e-9)))
+            if (width - len(item.idxs)) // head_dim < keep:
+                return None
+        return candidate
+
     def _head_candidates(self) -> Iterator[tuple]:
         """(group, root, width, head_dim) of every group blocked for channels whose root has heads.
 
@@ -137,9 +160,10 @@ class HeadPlanner:
         if root in self.num_heads and total % self.num_heads[root] == 0:
             return total // self.num_heads[root]
         parent = self._parents().get(root)
-        head_dim = getattr(parent, "head_dim", None)
-        if isinstance(head_dim, int) and head_dim > 0 and total % head_dim == 0 and total > head_dim:
-            return head_dim
+        for name in HEAD_SIZE_NAMES:  # BERT names it attention_head_size, T5 key_value_proj_dim
+            head_dim = getattr(parent, name, None)
+            if isinstance(head_dim, int) and head_dim > 0 and total % head_dim == 0 and total > head_dim:
+                return head_dim
         return None
 
     def _parents(self) -> dict:
@@ -151,7 +175,7 @@ class HeadPlanner:
 def _head_removals(scores: torch.Tensor, head_dim: int, keep_fraction: float) -> Iterator[torch.Tensor]:
     """Channel sets that remove the lowest-scoring heads, most specific first.
 
-    A root's channels are ``len(scores)`` head blocks of ``head_dim``. Contiguous runs of 1, 2, 4...
+    A root's channels are ``len(scores)`` head blocks of ``head_dim``. Contiguous runs of 1, 2, 3...
     heads cover plain attention and grouped-query attention (q heads that share a key/value head);
     then the same head taken from each of 2, 3 or 4 equal fused blocks covers fused projections
     (GPT-2's c_attn holds q, k and v one after the other, each split into the same heads).
@@ -167,13 +191,12 @@ def _head_removals(scores: torch.Tensor, head_dim: int, keep_fraction: float) ->
         starts = (chosen[:, None] * width + torch.arange(fused)[None, :] * stride).reshape(-1)
         return (starts[:, None] + torch.arange(width)[None, :]).reshape(-1).sort().values
 
-    multiple = 1
-    while multiple <= heads // 2 and heads % multiple == 0:
+    # runs of 3 blocks: a head of fused [heads, 3, head_dim] projections (GPT-NeoX, BLOOM)
+    for multiple in [m for m in range(1, heads // 2 + 1) if heads % m == 0]:
         idxs = removal(scores.view(heads // multiple, multiple).sum(1), head_dim * multiple, 0, 1)
         if idxs is None:
             break
         yield idxs
-        multiple *= 2
     for fused in (3, 2, 4):
         if heads % fused == 0 and heads // fused > 1:
             per_block = heads // fused

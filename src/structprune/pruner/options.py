@@ -74,6 +74,9 @@ class PrunerOptions:
     prune_num_experts: bool = False
     #: fraction of each MoE block's experts removed with ``prune_num_experts`` (None: ``pruning_ratio``)
     expert_pruning_ratio: float | None = None
+    #: prune every layer counted in one config field (``intermediate_size``, ``hidden_size``...) to the same
+    #: width so ``save_pretrained``/``from_pretrained`` round-trip (None: on for Hugging Face models)
+    uniform_config_widths: bool | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

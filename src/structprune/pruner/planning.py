@@ -104,19 +104,33 @@ class PlanningMixin:
             return imp
         return self.estimate_importance(group)
 
+    def _local_n_prune(self, group: Group) -> int:
+        root = group[0].dep.target.module
+        current = len(group[0].idxs)
+        channel_groups = self._channel_groups(group)
+        if current % channel_groups:
+            return 0
+        ratio = self.get_target_pruning_ratio(root)
+        return max(0, current - self._n_keep(root, current, ratio, channel_groups))
+
     def _plan_local(self) -> Iterator[Group]:
         self._prescore()
         yield from self._plan_experts()
         yield from self._plan_whole_heads()
         self._note_pinned_heads()
-        for group in self._groups():
+        self._held_back = []
+        groups = self._groups()
+        planned = {_root_key(group): self._local_n_prune(group) for group in groups}
+        limits = self._uniform_limits(planned)
+        for group in groups:
             root = group[0].dep.target.module
             current = len(group[0].idxs)
             channel_groups = self._channel_groups(group)
-            if current % channel_groups:
-                continue
-            ratio = self.get_target_pruning_ratio(root)
-            n_prune = current - self._n_keep(root, current, ratio, channel_groups)
+            n_prune = planned[_root_key(group)]
+            key = self._field_key(group)
+            if key in limits and limits[key] < n_prune:
+                self._note_held_back(group, key, n_prune, limits[key])
+                n_prune = current - self._rounded_keep(current - limits[key], current, channel_groups)
             if n_prune <= 0:
                 continue
             imp = self._importance(group)
@@ -140,6 +154,9 @@ class PlanningMixin:
         """
         root = group[0]
         self._refusal = Refusal(RefusalKind.NO_CANDIDATE, root.dep.target.name, "no candidate")
+        heads = self._whole_head_blocks(group)
+        if heads is not None:
+            return self._choose_whole_heads(group, imp, n_prune, heads)
         for blocks in _block_candidates(channel_groups, len(imp), n_prune):
             idxs = self._select(group, imp.detach().cpu(), n_prune - n_prune % blocks, blocks)
             if len(idxs) == 0:
@@ -173,6 +190,7 @@ class PlanningMixin:
             yield from self._global_bucket(entries)
 
     def _global_bucket(self, entries):
+        self._held_back = []
         scores = []
         total_original = 0
         total_current = 0
@@ -188,12 +206,21 @@ class PlanningMixin:
         flat = torch.cat([s.repeat(b) if b > 1 and len(i) % b == 0 else s
                           for s, (_, i, b) in zip(scores, entries)])
         threshold = torch.kthvalue(flat, min(n_prune, len(flat))).values
+        counts = {}
         for (group, imp, blocks), score in zip(entries, scores):
             root = group[0].dep.target.module
             current = len(imp)
             limit = current - self._n_keep(root, current, self.max_pruning_ratio, blocks)
             wanted = int((score <= threshold).sum()) * (blocks if len(score) != current else 1)
-            n = current - self._rounded_keep(current - min(wanted, limit), current, blocks)
+            counts[_root_key(group)] = (min(wanted, limit), limit)
+        shared = self._uniform_global({key: count for key, (count, _) in counts.items()})
+        for (group, imp, blocks), score in zip(entries, scores):
+            current = len(imp)
+            wanted, limit = counts[_root_key(group)]
+            field = self._field_key(group)
+            if field in shared:
+                wanted = min(shared[field], limit)
+            n = current - self._rounded_keep(current - wanted, current, blocks)
             if n <= 0:
                 continue
             chosen = self._choose(group, imp, n, blocks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 
 from ..graph.snapshot import Checkpoint
+from ..hf.config import restore_configs, snapshot_configs
 from ..utils.nested import call_model, evaluating
 from .diagnose import explain, layer_widths, size_attributes, stale_attributes
 
@@ -34,10 +35,12 @@ class VerifyMixin:
     def _checkpoint(self) -> Checkpoint:
         graph = self.DG.checkpoint()
         num_heads = dict(self.num_heads)  # whole-head pruning keeps it current; an undone group restores it
+        configs = snapshot_configs(self.model)  # Hugging Face configs the adapters rewrite
 
         def restore_graph():
             graph._restore_graph()
             self.num_heads = dict(num_heads)
+            restore_configs(configs)
 
         return Checkpoint(graph.snapshot, restore_graph)
 

@@ -1,0 +1,99 @@
+"""``uniform_config_widths``: keep one width per config field, so a Hugging Face config describes the model.
+
+A transformers config holds one ``intermediate_size`` for every layer, one ``hidden_size``, one head count.
+Local pruning at one ratio already gives every layer the same width, unless a layer cannot be pruned (its
+group is refused) or ratios differ per layer; global pruning gives each layer its own. With this option
+the pruner finds, for every group, the config field its root's width is counted in
+(``structprune.hf.config.layer_fields``) and prunes all groups of a field by the same amount: the smallest
+planned (local) or the mean (global). Groups held back this way are named in a warning.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..hf.config import layer_fields, uses_transformers
+
+
+class UniformWidths:
+    """Mixin of BasePruner."""
+
+    def _init_uniform(self, model, uniform_config_widths: bool | None) -> None:
+        if uniform_config_widths is None:
+            uniform_config_widths = uses_transformers(model)
+        self.uniform_config_widths = bool(uniform_config_widths)
+        self._field_of = layer_fields(model) if self.uniform_config_widths and uses_transformers(model) else {}
+        self._config_heads = {module for module in model.modules()
+                              if isinstance(module, nn.MultiheadAttention)} if self._field_of else set()
+
+    def _field_key(self, group):
+        """The config field the root's width is counted in (None: no field, or the option is off)."""
+        return self._field_of.get(group[0].dep.target.module) if self._field_of else None
+
+    def _uniform_limits(self, planned: dict) -> dict:
+        """{field: channels every group of it may lose}: the fewest any of its groups plans to lose, 0 when
+        one of them is refused. ``planned`` maps each group root (module, side) to its count."""
+        if not self._field_of:
+            return {}
+        limits: dict = {}
+        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                            root_module_types=self.root_module_types, include_blocked=True):
+            key = self._field_key(group)
+            if key is None or self._is_head_group(group):
+                continue
+            root = (group[0].dep.target.module, group[0].side)
+            count = planned.get(root, 0)
+            limits[key] = min(limits.get(key, count), count)
+        return limits
+
+    def _uniform_global(self, counts: dict) -> dict:
+        """{field: channels each of its groups loses} in global pruning: the mean of what the global ranking
+        gives them, or 0 when one of them is refused."""
+        if not self._field_of:
+            return {}
+        members: dict = {}
+        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                            root_module_types=self.root_module_types, include_blocked=True):
+            key = self._field_key(group)
+            if key is not None and not self._is_head_group(group):
+                root = (group[0].dep.target.module, group[0].side)
+                members.setdefault(key, []).append(counts.get(root))
+        return {key: 0 if None in values else sum(values) // len(values) for key, values in members.items()}
+
+    def _whole_head_blocks(self, group) -> int | None:
+        """Head count of a transformers nn.MultiheadAttention in the group (SigLIP's pooling head): its
+        config builds it with the config's head count, so its width goes by whole heads, never by narrower
+        ones."""
+        if not self._field_of:
+            return None
+        for item in group:
+            module = item.dep.target.module
+            if isinstance(module, nn.MultiheadAttention) and module in self._config_heads:
+                return module.num_heads
+        return None
+
+    def _choose_whole_heads(self, group, imp, n_prune: int, heads: int):
+        width = len(imp) // heads
+        n_heads = n_prune // width
+        if n_heads <= 0 or n_heads >= heads or len(imp) % heads:
+            return None
+        chosen = torch.argsort(imp.detach().cpu().view(heads, width).sum(1))[:n_heads]
+        idxs = (chosen[:, None] * width + torch.arange(width)[None, :]).reshape(-1).sort().values
+        candidate = self.DG.get_group_by_side(group[0].dep.target.module, group[0].side, idxs.tolist())
+        return candidate if self._accepts(candidate, idxs) else None
+
+    def _note_held_back(self, group, key, wanted: int, allowed: int) -> None:
+        if wanted > allowed:
+            self._held_back.append(f"{self.DG._name(group[0].dep.target.module)} ({key[1]}: {wanted} -> {allowed})")
+
+    def _warn_held_back(self) -> None:
+        held = getattr(self, "_held_back", [])
+        if held:
+            warnings.warn(
+                "uniform_config_widths: pruned less than planned so that one config field still describes every "
+                "layer (another layer of the same field could not be pruned as much): " + "; ".join(held)
+                + ". Pass uniform_config_widths=False to prune them anyway, then save with tp.save_pruned",
+                stacklevel=3,
+            )

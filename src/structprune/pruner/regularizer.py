@@ -17,6 +17,8 @@ from ..utils.sharding import is_sharded
 from .binding import ParameterBinding, local_terms
 
 DEFAULT_REG_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+#: ``target_types`` meaning every declared layer and unwrapped parameter (see ``RegularizerEngine``)
+EVERY_DECLARED_LAYER = None
 
 
 @dataclass
@@ -30,7 +32,13 @@ class _Term:
 
 
 class RegularizerEngine:
+    """``target_types``: the layer types whose ``weight``/``bias`` take the penalty, or
+    ``EVERY_DECLARED_LAYER`` (None) for every parameter a layer declares on a group's channel axis, whatever
+    its type: embeddings, LayerNorm/RMSNorm, attention and LSTM tensors, unwrapped parameters too."""
+
     def __init__(self, target_types=DEFAULT_REG_TYPES):
+        self.every_declared = target_types is EVERY_DECLARED_LAYER
+        target_types = () if self.every_declared else target_types
         if tuple(target_types) == DEFAULT_REG_TYPES:  # Linear-like layers of optional libraries too
             target_types = DEFAULT_REG_TYPES + optional_linear_types()
         self.target_types = tuple(target_types)
@@ -104,17 +112,15 @@ class RegularizerEngine:
     def _item_terms(self, index, item, group, k):
         node = item.dep.target
         module = node.module
-        if isinstance(module, nn.Parameter) or not isinstance(module, self.target_types):
+        if not self._covers(module):
             return []
         axes = item_axes(item)
         idxs = roots = None
         terms = []
         for axis in axes:
             leaf = axis.name.rsplit(".", 1)[-1]
-            if leaf not in ("weight", "bias"):
-                continue
-            tensor = axis.tensor(module)
-            if not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
+            tensor = self._penalised_tensor(module, axis, leaf)
+            if tensor is None:
                 continue
             if idxs is None:
                 idxs, roots = group.item_tensors(k)
@@ -125,8 +131,25 @@ class RegularizerEngine:
                 term_roots = roots.repeat(axis.blocks)
             else:
                 positions, term_roots = local, roots
-            terms.append(_Term(index, tensor, axis.dim, positions, term_roots, leaf == "bias"))
+            terms.append(_Term(index, tensor, axis.dim, positions, term_roots, _is_bias(module, leaf)))
         return terms
+
+    def _covers(self, module) -> bool:
+        if self.every_declared:
+            return True
+        return not isinstance(module, nn.Parameter) and isinstance(module, self.target_types)
+
+    def _penalised_tensor(self, module, axis, leaf: str) -> nn.Parameter | None:
+        """The trainable parameter behind a declared axis, if this engine penalises it."""
+        if isinstance(module, nn.Parameter):  # an unwrapped parameter is its own (only) tensor
+            tensor = module
+        elif not self.every_declared and leaf not in ("weight", "bias"):
+            return None
+        else:
+            tensor = axis.tensor(module)
+        if not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
+            return None
+        return tensor
 
     def scatter(self, group_values: list[torch.Tensor]) -> None:
         """Write one value per root channel per group into every coefficient (a handful of tensor ops)."""
@@ -166,6 +189,23 @@ class RegularizerEngine:
         weights = self._weight_binding.resolve(model)
         return weights, self._bias_binding.resolve(model) if bias else self._bias_binding.current
 
+    def decay(self, lr: float, bias: bool = False, model: nn.Module | None = None) -> None:
+        """w *= 1 - lr * coef, clamped at 0, for every compiled parameter with a grad: AdamW's decoupled
+        weight decay with a per-channel coefficient. Call it around ``optimizer.step()``."""
+        weights, biases = self.resolve(model, bias)
+        self._decay(weights, self.weight_coefs, lr)
+        if bias:
+            self._decay(biases, self.bias_coefs, lr)
+
+    def _decay(self, params, coefs, lr: float) -> None:
+        _, values, factors = local_terms(params, coefs, self._local_coefs)
+        if values:
+            scales = torch._foreach_mul(factors, -float(lr))
+            torch._foreach_add_(scales, 1.0)
+            torch._foreach_clamp_min_(scales, 0.0)  # lr * coef > 1 zeroes the channel instead of flipping it
+            with torch.no_grad():
+                torch._foreach_mul_(values, scales)
+
     def _apply(self, params, coefs, sign: bool) -> None:
         grads, values, factors = local_terms(params, coefs, self._local_coefs)
         if grads:
@@ -193,3 +233,7 @@ class RegularizerEngine:
         per_root = torch.zeros(n_roots, device=squares.device).index_add_(0, self._roots, squares[self._positions])
         return per_root.sqrt()
 
+
+def _is_bias(module, leaf: str) -> bool:
+    """Biases take the penalty only with ``bias=True``: ``bias``, ``in_proj_bias``, ``bias_ih_l0``..."""
+    return not isinstance(module, nn.Parameter) and "bias" in leaf

@@ -42,6 +42,10 @@ def delta_reg_for(lr: float, iterations_per_update: int, updates: int, target_sh
     optimizer. Adam's gradient form has no such rule (its normalisation rescales the penalty), which is one
     reason to use the decoupled form with Adam.
 
+    Exact for the decoupled form. With momentum the rule takes the heavy ball's steady state; once
+    ``lr * gamma`` exceeds ``(1 - sqrt(momentum)) ** 2`` the ball oscillates and the channel shrinks faster
+    than the target (a few times smaller for short schedules): the derived value errs on the strong side.
+
     Example: digits, 22 iterations an epoch, 10 epochs, SGD lr 0.05 momentum 0.9, reg 1e-4:
     ``delta_reg_for(0.05, 22, 10, reg=1e-4, momentum=0.9)`` is about 7.6e-3 (hand-tuned: 7e-3).
     """
@@ -52,6 +56,16 @@ def delta_reg_for(lr: float, iterations_per_update: int, updates: int, target_sh
     for name, value in (("iterations_per_update", iterations_per_update), ("updates", updates)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    fastest = momentum ** (iterations_per_update * updates / 2)
+    if target_shrink <= fastest:
+        # a heavy ball shrinks by at most sqrt(momentum) an iteration, however strong the penalty: asking for
+        # more only makes the loss lose to the penalty everywhere (digits, 3 epochs: the network collapses)
+        raise ValueError(
+            f"SGD with momentum {momentum} shrinks a channel by at most {fastest:.3g} in "
+            f"{iterations_per_update * updates} iterations, however large delta_reg is; for target_shrink="
+            f"{target_shrink} regularize for more iterations, lower the momentum or use "
+            f"regularize(model, decoupled=True, lr=...) (then pass momentum=0)"
+        )
     args = (lr, iterations_per_update, updates, reg, momentum, reg_ceiling)
     if shrink_after(0.0, *args) <= target_shrink:
         raise ValueError(

@@ -190,3 +190,38 @@ def test_transformer_hidden_channel_shrinks_to_zero_under_adamw_with_decoupled_d
         # AdamW's own steps (about lr per element) keep pushing back: the channel settles near lr / (lr * gamma)
         assert first.norm() < 0.05 * before[id(param)].select(dim, 0).norm() + 1e-3, (family, param.shape)
         assert last.norm() > 0.5 * last_before.norm(), (family, param.shape)  # unpenalised: barely moved
+
+
+def test_greg1_zeroes_exactly_the_heads_and_neurons_it_chose_and_removing_them_is_lossless():
+    """BERT's heads are reached from two roots (q and v); GReg-1 grows the channels it chose in one of them,
+    and the other (reg 0) must not dilute that penalty: positions shared across groups take the largest."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=16)
+    model = BertModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    layers = model.encoder.layer
+    pruner = tp.pruner.GrowingRegPruner(
+        model, {"input_ids": ids}, tp.importance.MagnitudeImportance(p=2), reg=0.0, delta_reg=1.0,
+        schedule="greg1", reg_ceiling=1.0, pruning_ratio=0.5, prune_num_heads=True, head_pruning_ratio=0.5,
+        num_heads={layer.attention.self.query: 4 for layer in layers},
+        ignored_layers=[model.embeddings.word_embeddings])  # the hidden width is the output: kept
+    pruner.update_reg()
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    pruner.regularize(model, bias=True, decoupled=True, lr=1.0)  # 1 - lr * gamma = 0 on every chosen channel
+    for layer in layers:
+        attention = layer.attention.self
+        zero_rows = attention.query.weight.norm(dim=1) == 0
+        assert int(zero_rows.sum()) == 8  # two whole heads of 4 channels
+        for linear in (attention.key, attention.value):
+            assert torch.equal(linear.weight.norm(dim=1) == 0, zero_rows)
+            assert torch.all(linear.bias[zero_rows] == 0)
+        assert torch.equal(layer.attention.output.dense.weight.norm(dim=0) == 0, zero_rows)
+        assert int((layer.intermediate.dense.weight.norm(dim=1) == 0).sum()) == 16
+    before = model(ids).last_hidden_state
+    pruner.step()
+    assert layers[0].attention.self.num_attention_heads == 2 and layers[0].intermediate.dense.out_features == 16
+    torch.testing.assert_close(model(ids).last_hidden_state, before)

@@ -83,11 +83,11 @@ class RegularizerEngine:
                                + torch.tensor(position_offsets).repeat_interleave(counts)).to(device)
             self._roots = (torch.cat([t.roots for t in self.terms])
                            + torch.tensor(root_offsets).repeat_interleave(counts)).to(device)
+            entry_groups = torch.tensor([t.group for t in self.terms]).repeat_interleave(counts).to(device)
         else:
             self._positions = self._roots = torch.zeros(0, dtype=torch.long, device=device)
-        count = torch.zeros(length, device=device).index_add_(0, self._positions, torch.ones(len(self._positions), device=device))
-        # positions shared by several channels (grouped-conv inputs) take their mean
-        self._inverse_count = torch.where(count > 0, 1.0 / count.clamp(min=1), 0.0)
+            entry_groups = self._positions
+        self._combine_shared_positions(entry_groups, len(groups), device)
         self._buffer = torch.zeros(length, device=device)
         is_bias = {term.param: term.is_bias for term in self.terms}
         self._layout, self._is_bias = params, is_bias
@@ -103,6 +103,18 @@ class RegularizerEngine:
         self._weight_binding = ParameterBinding(self.weights, names or {})
         self._bias_binding = ParameterBinding(self.biases, names or {})
         self._local_coefs: dict = {}
+
+    def _combine_shared_positions(self, entry_groups: torch.Tensor, n_groups: int, device) -> None:
+        """How positions reached more than once get one coefficient: within a group (several channels on one
+        position: grouped-conv inputs) their mean; across groups (the q- and v-rooted views of the same
+        attention heads) the largest, so a group that does not grow a channel neither dilutes nor doubles
+        the penalty another group gives it (GReg-1 chooses heads in one of them)."""
+        keys = self._positions * max(n_groups, 1) + entry_groups
+        unique, self._pair_of_entry = torch.unique(keys, return_inverse=True)
+        self._pair_positions = unique // max(n_groups, 1)
+        count = torch.zeros(len(unique), device=device).index_add_(
+            0, self._pair_of_entry, torch.ones(len(keys), device=device))
+        self._pair_inverse_count = 1.0 / count.clamp(min=1)
 
     def _view(self, param, dim, offset):
         shape = [1] * param.dim()
@@ -157,9 +169,10 @@ class RegularizerEngine:
             self.weight_coefs, self.bias_coefs = [], []
             return
         flat = torch.cat(group_values).to(self._buffer.device, self._buffer.dtype)
+        pair_values = torch.zeros(len(self._pair_positions), device=flat.device, dtype=flat.dtype)
+        pair_values.index_add_(0, self._pair_of_entry, flat[self._roots]).mul_(self._pair_inverse_count)
         self._buffer.zero_()
-        self._buffer.index_add_(0, self._positions, flat[self._roots])
-        self._buffer.mul_(self._inverse_count)
+        self._buffer.scatter_reduce_(0, self._pair_positions, pair_values, reduce="amax", include_self=False)
         coefs = dict(self._single)
         if self._pairs:
             # a conv weight in one group by its outputs and another by its inputs: the penalties add

@@ -3,6 +3,7 @@ from ..layers import functions as function  # torch_pruning users write tp.prune
 from ..layers.base import BasePruningFunc
 from .base import BasePruner, MetaPruner
 from .growing_reg import GrowingRegPruner
+from .reg_schedule import delta_reg_for
 from .schedulers import linear_scheduler
 from .sparse import BNScalePruner, GroupNormPruner
 

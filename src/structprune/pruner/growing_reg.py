@@ -6,7 +6,7 @@ from torch import nn
 
 from ..utils.sharding import refuse_sharded
 from .base import BasePruner, is_loss
-from .regularizer import DEFAULT_REG_TYPES, RegularizerEngine
+from .regularizer import EVERY_DECLARED_LAYER, RegularizerEngine
 
 
 class GrowingRegPruner(BasePruner):
@@ -20,7 +20,7 @@ class GrowingRegPruner(BasePruner):
     SCHEDULES = ("seed", "greg1", "greg2")
 
     def __init__(self, model: nn.Module, example_inputs, importance, reg: float = 1e-5, delta_reg: float = 1e-5,
-                 *args, reg_types=DEFAULT_REG_TYPES, schedule: str = "seed", reg_ceiling: float = 1.0,
+                 *args, reg_types=EVERY_DECLARED_LAYER, schedule: str = "seed", reg_ceiling: float = 1.0,
                  magnitude_ratio: float = 1e4, **kwargs):
         """``schedule`` picks how reg grows on each ``update_reg()``:
 
@@ -32,6 +32,13 @@ class GrowingRegPruner(BasePruner):
           then picks by importance (magnitude) as usual.
         ``ready_to_prune()`` turns True once every growing reg reached ``reg_ceiling`` or, for the paper's
         schedules, once the kept channels' mean magnitude exceeds ``magnitude_ratio`` times the rest.
+
+        ``reg_types``: by default every parameter a declared layer holds on a group's channel axis takes the
+        penalty (Conv/Linear/Conv1D, norms, embeddings, attention and LSTM tensors, unwrapped parameters), so
+        a transformer's hidden width shrinks too. A tuple of layer types penalises only their ``weight`` and
+        ``bias`` (``regularizer.DEFAULT_REG_TYPES`` is the seed's Conv, Linear and BatchNorm).
+        ``delta_reg``: :func:`structprune.pruner.delta_reg_for` derives it from the learning rate and the
+        number of iterations.
         """
         super().__init__(model, example_inputs, importance, *args, **kwargs)
         if reg < 0 or delta_reg < 0:
@@ -151,12 +158,31 @@ class GrowingRegPruner(BasePruner):
             return 0.0
         return float(torch.cat(kept).mean() / torch.cat(removed).mean().clamp(min=1e-12))
 
-    def regularize(self, model: nn.Module = None, bias: bool = False) -> None:
+    def regularize(self, model: nn.Module = None, bias: bool = False, decoupled: bool = False,
+                   lr: float | None = None) -> None:
         """grad += gamma * weight for every regularized channel; call after backward(), before optimizer.step().
 
-        ``regularize(model, loss)`` (BasePruner's torch_pruning call form) is accepted: the loss is not needed.
+        With ``decoupled=True`` the penalty skips the gradient and shrinks the weights directly,
+        ``w *= 1 - lr * gamma`` (AdamW's decoupled weight decay, per channel), with ``lr`` the optimizer's
+        current learning rate: use it with Adam/AdamW, whose normalisation of the gradient otherwise
+        cancels most of the gradient penalty (see the README). ``regularize(model, loss)`` (BasePruner's
+        torch_pruning call form) is accepted: the loss is not needed.
         """
-        self._engine.apply(False if is_loss(bias) else bool(bias), model=self.model if model is None else model)
+        bias = False if is_loss(bias) else bool(bias)
+        model = self.model if model is None else model
+        if not decoupled:
+            if lr is not None:
+                raise ValueError(
+                    f"regularize(lr={lr}) without decoupled=True: the gradient penalty does not use a learning "
+                    f"rate; pass decoupled=True to shrink the weights by lr * gamma, or drop lr"
+                )
+            return self._engine.apply(bias, model=model)
+        if lr is None or not lr >= 0:
+            raise ValueError(
+                f"regularize(decoupled=True) needs lr >= 0, the optimizer's current learning rate "
+                f"(optimizer.param_groups[0]['lr']), got lr={lr!r}"
+            )
+        self._engine.decay(float(lr), bias, model=model)
 
     # -- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -18,6 +18,8 @@ from ..layers.registry import ROLE_TYPES, LayerRole, resolve_layer_types
 from ..layers.moe import holds_fused_tensors
 
 DEFAULT_REG_TYPES = ROLE_TYPES[LayerRole.REGULARIZED]
+#: ``target_types`` meaning every declared layer and unwrapped parameter (see ``RegularizerEngine``)
+EVERY_DECLARED_LAYER = None
 
 
 @dataclass
@@ -31,7 +33,13 @@ class _Term:
 
 
 class RegularizerEngine:
+    """``target_types``: the layer types whose ``weight``/``bias`` take the penalty, or
+    ``EVERY_DECLARED_LAYER`` (None) for every parameter a layer declares on a group's channel axis, whatever
+    its type: embeddings, LayerNorm/RMSNorm, attention and LSTM tensors, unwrapped parameters too."""
+
     def __init__(self, target_types=DEFAULT_REG_TYPES):
+        self.every_declared = target_types is EVERY_DECLARED_LAYER
+        target_types = () if self.every_declared else target_types
         self.target_types = resolve_layer_types(target_types, LayerRole.REGULARIZED)
         self.terms: list[_Term] = []
         self.weights: list[nn.Parameter] = []
@@ -74,11 +82,11 @@ class RegularizerEngine:
                                + torch.tensor(position_offsets).repeat_interleave(counts)).to(device)
             self._roots = (torch.cat([t.roots for t in self.terms])
                            + torch.tensor(root_offsets).repeat_interleave(counts)).to(device)
+            entry_groups = torch.tensor([t.group for t in self.terms]).repeat_interleave(counts).to(device)
         else:
             self._positions = self._roots = torch.zeros(0, dtype=torch.long, device=device)
-        count = torch.zeros(length, device=device).index_add_(0, self._positions, torch.ones(len(self._positions), device=device))
-        # positions shared by several channels (grouped-conv inputs) take their mean
-        self._inverse_count = torch.where(count > 0, 1.0 / count.clamp(min=1), 0.0)
+            entry_groups = self._positions
+        self._combine_shared_positions(entry_groups, len(groups), device)
         self._buffer = torch.zeros(length, device=device)
         is_bias = {term.param: term.is_bias for term in self.terms}
         self._layout, self._is_bias = params, is_bias
@@ -95,6 +103,18 @@ class RegularizerEngine:
         self._bias_binding = ParameterBinding(self.biases, names or {})
         self._local_coefs: dict = {}
 
+    def _combine_shared_positions(self, entry_groups: torch.Tensor, n_groups: int, device) -> None:
+        """How positions reached more than once get one coefficient: within a group (several channels on one
+        position: grouped-conv inputs) their mean; across groups (the q- and v-rooted views of the same
+        attention heads) the largest, so a group that does not grow a channel neither dilutes nor doubles
+        the penalty another group gives it (GReg-1 chooses heads in one of them)."""
+        keys = self._positions * max(n_groups, 1) + entry_groups
+        unique, self._pair_of_entry = torch.unique(keys, return_inverse=True)
+        self._pair_positions = unique // max(n_groups, 1)
+        count = torch.zeros(len(unique), device=device).index_add_(
+            0, self._pair_of_entry, torch.ones(len(keys), device=device))
+        self._pair_inverse_count = 1.0 / count.clamp(min=1)
+
     def _view(self, param, dim, offset):
         shape = [1] * param.dim()
         shape[dim] = param.shape[dim]
@@ -103,7 +123,7 @@ class RegularizerEngine:
     def _item_terms(self, index, item, group, k):
         node = item.dep.target
         module = node.module
-        if isinstance(module, nn.Parameter) or not isinstance(module, self.target_types):
+        if not self._covers(module):
             return []
         axes = item_axes(item)
         idxs = roots = None
@@ -111,10 +131,8 @@ class RegularizerEngine:
         fused = holds_fused_tensors(module)  # MoE experts name their weights gate_up_proj, down_proj...
         for axis in axes:
             leaf = axis.name.rsplit(".", 1)[-1]
-            if leaf not in ("weight", "bias") and not fused:
-                continue
-            tensor = axis.tensor(module)
-            if not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
+            tensor = self._penalised_tensor(module, axis, leaf, fused)
+            if tensor is None:
                 continue
             if idxs is None:
                 idxs, roots = group.item_tensors(k)
@@ -125,8 +143,26 @@ class RegularizerEngine:
                 term_roots = roots.repeat(axis.blocks)
             else:
                 positions, term_roots = local, roots
-            terms.append(_Term(index, tensor, axis.dim, positions, term_roots, "bias" in leaf))
+            terms.append(_Term(index, tensor, axis.dim, positions, term_roots, _is_bias(module, leaf)))
         return terms
+
+    def _covers(self, module) -> bool:
+        if self.every_declared:
+            return True
+        return not isinstance(module, nn.Parameter) and isinstance(module, self.target_types)
+
+    def _penalised_tensor(self, module, axis, leaf: str, fused: bool = False) -> nn.Parameter | None:
+        """The trainable parameter behind a declared axis, if this engine penalises it (MoE experts name
+        their fused weights gate_up_proj, down_proj...)."""
+        if isinstance(module, nn.Parameter):  # an unwrapped parameter is its own (only) tensor
+            tensor = module
+        elif not self.every_declared and not fused and leaf not in ("weight", "bias"):
+            return None
+        else:
+            tensor = axis.tensor(module)
+        if not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
+            return None
+        return tensor
 
     def scatter(self, group_values: list[torch.Tensor]) -> None:
         """Write one value per root channel per group into every coefficient (a handful of tensor ops)."""
@@ -134,9 +170,10 @@ class RegularizerEngine:
             self.weight_coefs, self.bias_coefs = [], []
             return
         flat = torch.cat(group_values).to(self._buffer.device, self._buffer.dtype)
+        pair_values = torch.zeros(len(self._pair_positions), device=flat.device, dtype=flat.dtype)
+        pair_values.index_add_(0, self._pair_of_entry, flat[self._roots]).mul_(self._pair_inverse_count)
         self._buffer.zero_()
-        self._buffer.index_add_(0, self._positions, flat[self._roots])
-        self._buffer.mul_(self._inverse_count)
+        self._buffer.scatter_reduce_(0, self._pair_positions, pair_values, reduce="amax", include_self=False)
         coefs = dict(self._single)
         if self._pairs:
             # a conv weight in one group by its outputs and another by its inputs: the penalties add
@@ -166,6 +203,23 @@ class RegularizerEngine:
         weights = self._weight_binding.resolve(model)
         return weights, self._bias_binding.resolve(model) if bias else self._bias_binding.current
 
+    def decay(self, lr: float, bias: bool = False, model: nn.Module | None = None) -> None:
+        """w *= 1 - lr * coef, clamped at 0, for every compiled parameter with a grad: AdamW's decoupled
+        weight decay with a per-channel coefficient. Call it around ``optimizer.step()``."""
+        weights, biases = self.resolve(model, bias)
+        self._decay(weights, self.weight_coefs, lr)
+        if bias:
+            self._decay(biases, self.bias_coefs, lr)
+
+    def _decay(self, params, coefs, lr: float) -> None:
+        _, values, factors = local_terms(params, coefs, self._local_coefs)
+        if values:
+            scales = torch._foreach_mul(factors, -float(lr))
+            torch._foreach_add_(scales, 1.0)
+            torch._foreach_clamp_min_(scales, 0.0)  # lr * coef > 1 zeroes the channel instead of flipping it
+            with torch.no_grad():
+                torch._foreach_mul_(values, scales)
+
     def _apply(self, params, coefs, sign: bool) -> None:
         grads, values, factors = local_terms(params, coefs, self._local_coefs)
         if grads:
@@ -193,3 +247,7 @@ class RegularizerEngine:
         per_root = torch.zeros(n_roots, device=squares.device).index_add_(0, self._roots, squares[self._positions])
         return per_root.sqrt()
 
+
+def _is_bias(module, leaf: str) -> bool:
+    """Biases take the penalty only with ``bias=True``: ``bias``, ``in_proj_bias``, ``bias_ih_l0``..."""
+    return not isinstance(module, nn.Parameter) and "bias" in leaf

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from torch import nn
 
-from ._autograd import reset_grad_accumulators
 from .ultralytics import build_pruner, head_name, head_of, is_pruned, make_example_inputs, require_ultralytics
 
 UPDATE_EVERY = ("epoch", "batch")
@@ -141,7 +140,6 @@ class _GrowingReg(_KeepsPrunedWidths):
         self.pruner.step(optimizer=self.optimizer)
         self.pruned_epoch = self.epoch
         model.zero_grad(set_to_none=True)
-        reset_grad_accumulators(model)
         # the EMA copy, its pairing with the model's tensors and the best fitness describe the unpruned model
         self.ema = ModelEMA(self.model)
         self.best_fitness = None

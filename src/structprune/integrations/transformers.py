@@ -23,7 +23,6 @@ from __future__ import annotations
 import warnings
 from torch import nn
 
-from ._autograd import reset_grad_accumulators
 
 UPDATE_EVERY = ("epoch", "step")
 
@@ -109,7 +108,6 @@ class GrowingRegCallback(TrainerCallback):
         self.params_before = sum(p.numel() for p in model.parameters())
         self.pruner.step(optimizer=unwrap_optimizer(optimizer))
         model.zero_grad(set_to_none=True)
-        reset_grad_accumulators(model)
         self.pruned_step = step
         self.params_after = sum(p.numel() for p in model.parameters())
 

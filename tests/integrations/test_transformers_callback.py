@@ -12,6 +12,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import structprune as tp
+from structprune.layers.slicing_log import replay
 from structprune.integrations.transformers import GrowingRegCallback, unwrap_optimizer
 
 LENGTH = 32
@@ -88,15 +89,26 @@ class AfterReg(GradProbe):
     pass  # a second class: Trainer warns when a callback class is added twice
 
 
-class AfterPruning(TrainerCallback):
-    """Runs after GrowingRegCallback: keeps the weights as pruning left them."""
+class Snapshot(TrainerCallback):
+    """Weights and Adam moments in ``on_step_end`` of one step: one instance before GrowingRegCallback and one
+    after it see them as pruning found and left them, before the next optimizer step."""
 
-    def __init__(self, callback):
-        self.callback, self.weights = callback, None
+    def __init__(self, step):
+        self.step, self.taken = step, None
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.callback.pruned_step == state.global_step:
-            self.weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == self.step:
+            inner = unwrap_optimizer(optimizer)
+            self.taken = {name: (p.detach().clone(), inner.state[p]["exp_avg"].clone(),
+                                 inner.state[p]["exp_avg_sq"].clone()) for name, p in model.named_parameters()}
+
+
+class BeforePruning(Snapshot):
+    pass
+
+
+class AfterPruning(Snapshot):
+    pass
 
 
 def test_trainer_regularizes_prunes_fine_tunes_and_saves(tmp_path):
@@ -111,7 +123,7 @@ def test_trainer_regularizes_prunes_fine_tunes_and_saves(tmp_path):
     callback = GrowingRegCallback(pruner, prune_at_step=20, save_dir=str(tmp_path / "pruned"))
     gate = model.model.layers[0].mlp.gate_proj
     before, after = BeforeReg(gate.weight, (0, 10)), AfterReg(gate.weight, (0, 10))
-    after_pruning = AfterPruning(callback)
+    before_pruning, after_pruning = BeforePruning(20), AfterPruning(20)
     weights_at = {}
 
     class Weights(TrainerCallback):  # gate_proj's weight when the penalty is added at steps 0 and 10
@@ -126,7 +138,8 @@ def test_trainer_regularizes_prunes_fine_tunes_and_saves(tmp_path):
                 stepped.setdefault(len(stepped), gate.weight.grad.detach().clone())
             unwrap_optimizer(optimizer).register_step_pre_hook(record)
 
-    trainer = trainer_for(model, ids, [before, callback, after, Weights(), after_pruning, OptimizerSees()],
+    trainer = trainer_for(model, ids, [before, before_pruning, callback, after, Weights(), after_pruning,
+                                         OptimizerSees()],
                           tmp_path, epochs=3, batch=32)
     trainer.train()
 
@@ -152,7 +165,15 @@ def test_trainer_regularizes_prunes_fine_tunes_and_saves(tmp_path):
     assert callback.params_before == params_before and callback.params_after == count(model) == count(expected)
     assert count(model) < 0.6 * params_before
 
-    # the Trainer's accelerate-wrapped optimizer went on training the pruned parameters, with sliced moments
+    # the callback sliced the Trainer's optimizer when it pruned: the moments left are those of the kept
+    # channels (the slices that turn the old weights into the kept ones turn the old moments into these)
+    for name, parameter in model.named_parameters():
+        old_weight, old_avg, old_avg_sq = before_pruning.taken[name]
+        weight, avg, avg_sq = after_pruning.taken[name]
+        assert torch.equal(replay(old_weight, parameter), weight), name
+        assert avg.shape == avg_sq.shape == weight.shape, f"{name}: moments not sliced when pruned"
+        assert torch.equal(avg, replay(old_avg, parameter)) and torch.equal(avg_sq, replay(old_avg_sq, parameter))
+    # the Trainer's accelerate-wrapped optimizer and its LR schedule went on training the pruned parameters
     assert isinstance(trainer.optimizer, AcceleratedOptimizer)
     inner = unwrap_optimizer(trainer.optimizer)
     assert unwrap_optimizer(trainer.lr_scheduler.optimizer) is inner
@@ -162,7 +183,7 @@ def test_trainer_regularizes_prunes_fine_tunes_and_saves(tmp_path):
         state = inner.state[parameter]
         assert state["exp_avg"].shape == state["exp_avg_sq"].shape == parameter.shape, name
         assert int(state["step"]) == 30, name
-        assert not torch.equal(after_pruning.weights[name], parameter.detach()), f"{name} stopped training"
+        assert not torch.equal(after_pruning.taken[name][0], parameter.detach()), f"{name} stopped training"
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 30 and all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-3:]) / 3 < losses[20]  # fine-tuning recovers from the cut

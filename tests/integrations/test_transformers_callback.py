@@ -1,21 +1,18 @@
-"""GrowingRegCallback drives regularize -> prune -> fine-tune of a tiny Llama on standard-library docstrings.
-
-transformers' ``Trainer`` (even ``TrainingArguments``) needs the ``accelerate`` package, which the test
-environment does not install, so ``run_like_trainer`` below calls the callback through transformers' own
-``CallbackHandler`` in the order ``Trainer``'s inner loop does (transformers 5.x: step_begin, forward and
-backward, gradient clipping, pre_optimizer_step, optimizer.step, optimizer_step, scheduler, zero_grad,
-global_step += 1, step_end), with the optimizer wrapped the way accelerate wraps it.
-"""
+"""GrowingRegCallback inside the real ``transformers.Trainer``: a tiny Llama trained on standard-library
+docstrings through regularize -> prune -> fine-tune, with the Trainer's own accelerate-wrapped optimizer,
+its LR scheduler, gradient clipping and gradient accumulation."""
 import inspect
+import math
 import re
 import types
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState
-from transformers.trainer_callback import CallbackHandler
+from accelerate.optimizer import AcceleratedOptimizer
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import structprune as tp
+from structprune.layers.slicing_log import replay
 from structprune.integrations.transformers import GrowingRegCallback, unwrap_optimizer
 
 LENGTH = 32
@@ -52,95 +49,145 @@ def encode(sentences: list[str]) -> tuple[torch.Tensor, int]:
     return ids, len(alphabet) + 1
 
 
-class AcceleratedLike:
-    """What accelerate hands the Trainer: the torch optimizer kept as ``.optimizer``."""
-
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-
-    def step(self):
-        self.optimizer.step()
-
-    def zero_grad(self, set_to_none=True):
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+def llama(vocab: int, hidden: int = 64, intermediate: int = 128, layers: int = 2, head_dim: int | None = None):
+    return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                        head_dim=head_dim, max_position_embeddings=LENGTH))
 
 
-def run_like_trainer(model, ids, callbacks, epochs, batch, on_pre_step=None):
-    optimizer = AcceleratedLike(torch.optim.AdamW(model.parameters(), lr=3e-3))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda step: 1.0)
-    handler = CallbackHandler(callbacks, model, None, optimizer, scheduler)
-    args = types.SimpleNamespace(max_grad_norm=1.0)
-    state, control = TrainerState(), TrainerControl()
-    steps_per_epoch = len(ids) // batch
-    losses = []
-    handler.on_train_begin(args, state, control)
-    for epoch in range(epochs):
-        handler.on_epoch_begin(args, state, control)
-        for step in range(steps_per_epoch):
-            handler.on_step_begin(args, state, control)
-            chunk = ids[step * batch:(step + 1) * batch]
-            loss = model(input_ids=chunk, labels=chunk).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            handler.on_pre_optimizer_step(args, state, control)
-            if on_pre_step is not None:
-                on_pre_step(state.global_step, before)
-            optimizer.step()
-            handler.on_optimizer_step(args, state, control)
-            scheduler.step()
-            model.zero_grad()
-            state.global_step += 1
-            state.epoch = epoch + (step + 1) / steps_per_epoch
-            handler.on_step_end(args, state, control)
-            losses.append(loss.item())
-        handler.on_epoch_end(args, state, control)
-    handler.on_train_end(args, state, control)
-    return optimizer, losses
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
-def test_growing_reg_callback_regularizes_prunes_fine_tunes_and_saves(tmp_path):
+def trainer_for(model, ids, callbacks, tmp_path, epochs: int, batch: int, accumulation: int = 1) -> Trainer:
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, save_strategy="no",
+                             per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                             num_train_epochs=epochs, learning_rate=3e-3, max_grad_norm=1.0,
+                             dataloader_num_workers=0, seed=0, logging_steps=1, logging_nan_inf_filter=False,
+                             disable_tqdm=True)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+
+
+class GradProbe(TrainerCallback):
+    """Copies a parameter's gradient in ``on_pre_optimizer_step``: one probe before GrowingRegCallback and
+    one after it see the gradient without and with the penalty, the latter being what optimizer.step() uses."""
+
+    def __init__(self, parameter, steps):
+        self.parameter, self.steps, self.grads = parameter, steps, {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            self.grads[state.global_step] = self.parameter.grad.detach().clone()
+
+
+class BeforeReg(GradProbe):
+    pass
+
+
+class AfterReg(GradProbe):
+    pass  # a second class: Trainer warns when a callback class is added twice
+
+
+class Snapshot(TrainerCallback):
+    """Weights and Adam moments in ``on_step_end`` of one step: one instance before GrowingRegCallback and one
+    after it see them as pruning found and left them, before the next optimizer step."""
+
+    def __init__(self, step):
+        self.step, self.taken = step, None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == self.step:
+            inner = unwrap_optimizer(optimizer)
+            self.taken = {name: (p.detach().clone(), inner.state[p]["exp_avg"].clone(),
+                                 inner.state[p]["exp_avg_sq"].clone()) for name, p in model.named_parameters()}
+
+
+class BeforePruning(Snapshot):
+    pass
+
+
+class AfterPruning(Snapshot):
+    pass
+
+
+def test_trainer_regularizes_prunes_fine_tunes_and_saves(tmp_path):
     torch.manual_seed(0)
     ids, vocab = encode(docstring_sentences())
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                                         max_position_embeddings=LENGTH))
-    params_before = sum(p.numel() for p in model.parameters())
+    model = llama(vocab)
+    params_before = count(model)
     reg, delta = 1e-3, 5e-2
     pruner = tp.pruner.GrowingRegPruner(model, {"input_ids": ids[:1]}, tp.importance.MagnitudeImportance(),
                                         reg=reg, delta_reg=delta, pruning_ratio=0.5, prune_head_dims=False,
                                         ignored_layers=[model.lm_head])
     callback = GrowingRegCallback(pruner, prune_at_step=20, save_dir=str(tmp_path / "pruned"))
     gate = model.model.layers[0].mlp.gate_proj
-    penalties = []
+    before, after = BeforeReg(gate.weight, (0, 10)), AfterReg(gate.weight, (0, 10))
+    before_pruning, after_pruning = BeforePruning(20), AfterPruning(20)
+    weights_at = {}
 
-    def check_penalty(step, before):
-        # the callback has just added gamma * w to the gradient of every regularized channel
-        if callback.pruned_step is None and step in (0, 10):
-            added = gate.weight.grad - before["model.layers.0.mlp.gate_proj.weight"]
-            penalties.append(added / gate.weight.detach())
+    class Weights(TrainerCallback):  # gate_proj's weight when the penalty is added at steps 0 and 10
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            weights_at[state.global_step] = gate.weight.detach().clone()
 
-    optimizer, losses = run_like_trainer(model, ids, [callback], epochs=3, batch=32, on_pre_step=check_penalty)
+    stepped = {}
 
-    # the penalty changed the gradients: gate_proj's output channels (its MLP group) and input channels (the
-    # hidden-size group) each add their coefficient, at least reg, up to reg + delta after one update_reg
-    assert len(penalties) == 2
-    for gamma in penalties:
+    class OptimizerSees(TrainerCallback):  # the gradient the torch optimizer inside accelerate's wrapper steps with
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            def record(inner, *_):
+                stepped.setdefault(len(stepped), gate.weight.grad.detach().clone())
+            unwrap_optimizer(optimizer).register_step_pre_hook(record)
+
+    trainer = trainer_for(model, ids, [before, before_pruning, callback, after, Weights(), after_pruning,
+                                         OptimizerSees()],
+                          tmp_path, epochs=3, batch=32)
+    trainer.train()
+
+    # the gradient optimizer.step() used carries the penalty: gate_proj's output channels (its MLP group)
+    # and input channels (the hidden-size group) each add their coefficient, at least reg, up to reg + delta
+    # after one update_reg (epoch 0) and up to reg + 2 * delta after two (epoch 1 starts at step 10)
+    assert len(stepped) == 30
+    for step in (0, 10):
+        assert torch.equal(stepped[step], after.grads[step]) and not torch.equal(stepped[step], before.grads[step])
+    gammas = [(after.grads[s] - before.grads[s]) / weights_at[s] for s in (0, 10)]
+    for gamma in gammas:
         assert torch.allclose(gamma, gamma[:, :1] + gamma[:1, :] - gamma[0, 0], rtol=1e-3, atol=1e-5)
-    assert penalties[0].min() >= 2 * reg * 0.999 and penalties[0].max() <= 2 * (reg + delta) * 1.001
-    assert penalties[0].max() > 2 * reg + 0.5 * delta
-    assert penalties[1].max() > penalties[0].max()  # the second epoch's update_reg grew it further
-    # pruned at step 20, then fine-tuned with the same (sliced) optimizer
-    assert callback.pruned_step == 20 and len(losses) == 30
-    params_after = sum(p.numel() for p in model.parameters())
-    assert callback.params_before == params_before and callback.params_after == params_after
-    assert params_after < 0.6 * params_before
+    assert gammas[0].min() >= 2 * reg * 0.999 and gammas[0].max() <= 2 * (reg + delta) * 1.001
+    assert gammas[0].max() > 2 * reg + 0.5 * delta
+    assert gammas[1].max() > 2 * reg + 1.5 * delta and gammas[1].max() <= 2 * (reg + 2 * delta) * 1.001
+
+    # pruned at step 20 to exactly the model its new config describes
+    assert callback.pruned_step == 20 and trainer.state.global_step == 30
     assert model.config.hidden_size == 32 and model.config.intermediate_size == 64
     assert model.config.num_attention_heads == 4 and model.config.head_dim == 16  # heads keep their width
-    inner = unwrap_optimizer(optimizer)
-    for parameter in model.parameters():
-        assert inner.state[parameter]["exp_avg"].shape == parameter.shape
-    assert all(torch.isfinite(torch.tensor(losses[20:])))
+    expected = llama(vocab, hidden=32, intermediate=64, head_dim=16)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in expected.state_dict().items()}
+    assert callback.params_before == params_before and callback.params_after == count(model) == count(expected)
+    assert count(model) < 0.6 * params_before
+
+    # the callback sliced the Trainer's optimizer when it pruned: the moments left are those of the kept
+    # channels (the slices that turn the old weights into the kept ones turn the old moments into these)
+    for name, parameter in model.named_parameters():
+        old_weight, old_avg, old_avg_sq = before_pruning.taken[name]
+        weight, avg, avg_sq = after_pruning.taken[name]
+        assert torch.equal(replay(old_weight, parameter), weight), name
+        assert avg.shape == avg_sq.shape == weight.shape, f"{name}: moments not sliced when pruned"
+        assert torch.equal(avg, replay(old_avg, parameter)) and torch.equal(avg_sq, replay(old_avg_sq, parameter))
+    # the Trainer's accelerate-wrapped optimizer and its LR schedule went on training the pruned parameters
+    assert isinstance(trainer.optimizer, AcceleratedOptimizer)
+    inner = unwrap_optimizer(trainer.optimizer)
+    assert unwrap_optimizer(trainer.lr_scheduler.optimizer) is inner
+    held = {id(p) for group in inner.param_groups for p in group["params"]}
+    for name, parameter in model.named_parameters():
+        assert id(parameter) in held, name
+        state = inner.state[parameter]
+        assert state["exp_avg"].shape == state["exp_avg_sq"].shape == parameter.shape, name
+        assert int(state["step"]) == 30, name
+        assert not torch.equal(after_pruning.taken[name][0], parameter.detach()), f"{name} stopped training"
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 30 and all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-3:]) / 3 < losses[20]  # fine-tuning recovers from the cut
+
     # the checkpoint written at on_train_end reloads with the same logits
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "pruned")
     model.eval()
@@ -148,10 +195,56 @@ def test_growing_reg_callback_regularizes_prunes_fine_tunes_and_saves(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids[:4]).logits, model(input_ids=ids[:4]).logits)
 
 
+def test_step_schedule_gradient_accumulation_and_prune_when_ready(tmp_path):
+    torch.manual_seed(1)
+    ids, vocab = encode(docstring_sentences(64))
+    model = llama(vocab, layers=1)
+    pruner = tp.pruner.GrowingRegPruner(model, {"input_ids": ids[:1]}, tp.importance.MagnitudeImportance(),
+                                        reg=0.01, delta_reg=0.1, schedule="greg2", reg_ceiling=0.3,
+                                        pruning_ratio=0.5, prune_head_dims=False, ignored_layers=[model.lm_head])
+    # reg grows at optimizer steps 0, 2 and 4 (0.11, 0.21, then the 0.3 ceiling): ready after step 4 ends
+    callback = GrowingRegCallback(pruner, update_every="step", update_interval=2, prune_when_ready=True)
+    gate = model.model.layers[0].mlp.gate_proj
+    before, after = BeforeReg(gate.weight, (0, 2)), AfterReg(gate.weight, (0, 2))
+    seen = []
+
+    class Regs(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.append((state.global_step, round(max(float(r.max()) for r in pruner.group_reg.values()), 6)))
+
+    weights_at = {}
+
+    class Weights(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            weights_at[state.global_step] = gate.weight.detach().clone()
+
+    # 64 sentences, 8 a micro-batch, 2 micro-batches an optimizer step: 4 steps an epoch, 8 in all
+    trainer = trainer_for(model, ids, [before, callback, after, Regs(), Weights()], tmp_path, epochs=2, batch=8,
+                          accumulation=2)
+    trainer.train()
+
+    # update_reg runs once per optimizer step (not per micro-batch), every second one, until pruning
+    assert [s for s, _ in seen] == list(range(8))
+    assert [r for _, r in seen[:6]] == [0.11, 0.11, 0.21, 0.21, 0.3, 0.3]
+    # the penalty is added once per optimizer step, to the accumulated gradient: gate_proj's in and out
+    # channels both carry the uniform greg2 coefficient
+    for step, coefficient in ((0, 0.11), (2, 0.21)):
+        torch.testing.assert_close(after.grads[step] - before.grads[step], 2 * coefficient * weights_at[step],
+                                   rtol=1e-4, atol=1e-7)
+    assert callback.pruned_step == 5 and trainer.state.global_step == 8
+    assert model.config.hidden_size == 32 and model.config.intermediate_size == 64
+    assert callback.params_after == count(model) < callback.params_before
+    inner = unwrap_optimizer(trainer.optimizer)
+    for name, parameter in model.named_parameters():
+        assert inner.state[parameter]["exp_avg"].shape == parameter.shape, name
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
+
+
 def test_callback_checks_its_arguments_and_warns_when_training_ends_unpruned(tmp_path):
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=50))
-    ids = torch.randint(1, 50, (8, 8))
+    torch.manual_seed(0)
+    ids, vocab = encode(docstring_sentences(8))
+    model = llama(vocab, hidden=32, intermediate=64, layers=1)
     pruner = tp.pruner.GrowingRegPruner(model, {"input_ids": ids[:1]}, tp.importance.MagnitudeImportance(),
                                         pruning_ratio=0.5, ignored_layers=[model.lm_head])
     with pytest.raises(ValueError, match="say when to prune"):
@@ -159,10 +252,15 @@ def test_callback_checks_its_arguments_and_warns_when_training_ends_unpruned(tmp
     with pytest.raises(TypeError, match="GrowingRegPruner"):
         GrowingRegCallback(tp.pruner.BasePruner(model, {"input_ids": ids[:1]}, tp.importance.MagnitudeImportance()),
                            prune_at_step=1)
+    with pytest.raises(ValueError, match="update_every must be one of"):
+        GrowingRegCallback(pruner, update_every="batch", prune_at_step=1)
     callback = GrowingRegCallback(pruner, prune_at_step=100)
     with pytest.warns(UserWarning, match="training ended at step 2 before pruning"):
-        run_like_trainer(model, ids, [callback], epochs=1, batch=4)
+        trainer_for(model, ids, [callback], tmp_path, epochs=1, batch=4).train()
     assert callback.pruned_step is None
-    other = LlamaForCausalLM(model.config)
+    other = llama(vocab, hidden=32, intermediate=64, layers=1)
     with pytest.raises(ValueError, match="not the Trainer's model"):
-        run_like_trainer(other, ids, [GrowingRegCallback(pruner, prune_at_step=1)], epochs=1, batch=4)
+        trainer_for(other, ids, [GrowingRegCallback(pruner, prune_at_step=1)], tmp_path, epochs=1, batch=4).train()
+    distributed = types.SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match="one process"):
+        GrowingRegCallback(pruner, prune_at_step=1).on_train_begin(distributed, None, None, model=model)

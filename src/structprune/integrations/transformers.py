@@ -13,8 +13,8 @@ adds it to the gradients (after backward and gradient clipping, right before ``o
 ``on_step_end`` prunes at ``prune_at_step`` or, with ``prune_when_ready``, once ``pruner.ready_to_prune()``;
 the optimizer's state is sliced to the pruned shapes (the Trainer's optimizer, usually wrapped by
 accelerate, keeps working because structprune keeps parameter identity), and ``on_train_end`` writes a
-``save_pretrained`` checkpoint whose config follows the pruned shapes. Single-process training only:
-under DDP/FSDP the wrapper's buckets describe the unpruned shapes.
+``save_pretrained`` checkpoint whose config follows the pruned shapes. Single-process training only
+(``on_train_begin`` refuses more): under DDP/FSDP/DeepSpeed the wrappers describe the unpruned shapes.
 
 Importing this module imports transformers (``pip install transformers accelerate``).
 """
@@ -78,6 +78,11 @@ class GrowingRegCallback(TrainerCallback):
 
     # -- the penalty -------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        processes = getattr(args, "world_size", 1)
+        if processes > 1:
+            raise ValueError(f"GrowingRegCallback runs in one process; this Trainer runs {processes} (DDP, FSDP or "
+                             f"DeepSpeed), whose wrappers keep the unpruned shapes: regularize and prune in a "
+                             f"single-process run, then fine-tune the pruned model from its save_pretrained checkpoint")
         if model is not None and model is not self.pruner.model:
             raise ValueError(f"the pruner was built on a {type(self.pruner.model).__name__} that is not the "
                              f"Trainer's model ({type(model).__name__}); build it on trainer.model")

@@ -24,13 +24,14 @@ from .planning import PlanningMixin, _block_candidates, _refusal, _root_key, _si
 from .scheduling import ScheduleMixin
 from .schedulers import linear_scheduler
 from .uniform import UniformWidths
+from .report import ReportMixin
 from .verify import VerifyMixin
 
 _OPTION_NAMES = frozenset(PrunerOptions.names())
 
 
 class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, HeadPlanner, ExpertPlanner,
-                 UniformWidths):
+                 UniformWidths, ReportMixin):
     """Structural pruner driven by an importance criterion (also exported as MetaPruner).
 
     Assembled from one mixin per job: ``scheduling.py`` (ratios per step and scope), ``planning.py``
@@ -148,6 +149,7 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         self._parent_of: dict | None = None  # module -> its parent, built on first use
         self._reset_head_notes()
         self._init_uniform(model, options.uniform_config_widths)
+        self._init_report()
 
     # -- hooks for sparse-training subclasses ---------------------------------------------------------
     def update_regularizer(self) -> None:
@@ -196,6 +198,7 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         if interactive:
             return self._interactive(self._plan(), optimizer)
         checkpoint = self._checkpoint()
+        record = self._begin_step_record()
         optimizer_plans = []
         try:
             for group in self._plan():
@@ -214,10 +217,12 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
             apply_optimizer_plan(plan)
         self._warn_heads_refused()
         self._warn_held_back()
+        self._end_step_record(record)
         return None
 
     def _interactive(self, plan, optimizer) -> Iterator[Group]:
         sizes = self._sizes()
+        record = self._begin_step_record()
         for group in plan:
             root = group[0].dep.target
             width = self.DG._safe_channels(root, group[0].side)
@@ -225,6 +230,7 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
             if width is not None and self.DG._safe_channels(root, group[0].side) < width:
                 self._count_removed_heads(group)  # the caller pruned it
         self._warn_heads_refused()
+        self._end_step_record(record, warn=False)  # the caller chose what to prune
         self._after_step(sizes)
 
     def _prune_group(self, group: Group, optimizer=None) -> list:

@@ -78,7 +78,9 @@ class HeadPlanner:
         self._reset_head_notes()
         if not self.prune_num_heads:
             return
+        found = False
         for group, root, total, head_dim in self._head_candidates():
+            found = True
             ratio = self.get_target_head_pruning_ratio(root)
             heads = total // head_dim
             imp = self._importance(group)
@@ -99,6 +101,14 @@ class HeadPlanner:
             else:
                 if tried:
                     self._heads_refused.append((root, group[0].side, total, heads, head_dim))
+        if not found and not self.num_heads and self.current_step == 1:
+            warnings.warn(
+                "prune_num_heads=True found no attention heads to remove: heads are read from num_heads={layer: "
+                "heads} or from a head_dim / attention_head_size attribute of the attention module, and no layer "
+                "of this model has either. Pass num_heads for the q/k/v projections; pruner.report() shows what "
+                "each step removed",
+                stacklevel=4,
+            )
 
     def _heads_removed(self, group: Group) -> dict:
         """{layer in ``num_heads``: heads this whole-head group removes from it}: the group removes the same

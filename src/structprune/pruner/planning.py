@@ -139,7 +139,9 @@ class PlanningMixin:
             chosen = self._choose(group, imp, n_prune, channel_groups)
             if chosen is not None:
                 yield chosen
-            elif not self.prune_num_heads and self._is_head_group(group):
+                continue
+            self._note_refusal(group[0].dep.target, self._refusal)
+            if not self.prune_num_heads and self._is_head_group(group):
                 self._heads_narrow_refused.append((self.DG._name(root), self._refusal))
 
     def _accepts(self, candidate: Group, idxs: torch.Tensor) -> bool:
@@ -226,6 +228,8 @@ class PlanningMixin:
             chosen = self._choose(group, imp, n, blocks)
             if chosen is not None:
                 yield chosen
+            else:
+                self._note_refusal(group[0].dep.target, self._refusal)
 
 
 def _block_candidates(channel_groups: int, total: int, n_prune: int, limit: int = 24):

@@ -25,6 +25,7 @@ class VerifyMixin:
                 hint = self._stale_hint(sizes)
                 checkpoint.restore()
                 skipped.append(f"{group[0].dep.target.name} ({error}{hint})")
+        self._step_fallback = list(skipped)
         if skipped:
             warnings.warn(
                 "left unpruned because the model stopped running after pruning them: " + "; ".join(skipped),

@@ -1,0 +1,188 @@
+"""What a pruner did and did not do: ``pruner.report()``, and the warning that points to it.
+
+A pruner that quietly removes less than asked is worse than one that fails, so every step is recorded
+against its target: each group root's width before and after, the channels the ratio asked of it, and why
+a group kept more (a structured :class:`~structprune.graph.refusal.Refusal`, or the forward check's
+error when the verified fallback left it). ``step()`` warns once per step whenever it removed fewer
+channels than its schedule asked, naming the groups and pointing here.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from ..graph.refusal import Refusal
+from .heads import subset_may_pass
+
+
+@dataclass
+class GroupRecord:
+    """One group root in one step: widths, what the ratio asked of it, and why it kept more."""
+
+    root: str
+    side: str
+    before: int
+    after: int
+    #: channels the step's ratio asked this group to lose (its local target; global pruning shares one total)
+    target: int
+    #: why it kept more than asked: a Refusal (kind, layer, detail), or the fallback's error text
+    reason: str | None = None
+
+    @property
+    def removed(self) -> int:
+        return self.before - self.after
+
+
+@dataclass
+class StepRecord:
+    step: int
+    groups: list = field(default_factory=list)
+    #: groups the verified fallback could not keep (the model stopped running after pruning them)
+    fallback: list = field(default_factory=list)
+    #: other notes of the step (heads kept, uniform config widths held back)
+    notes: list = field(default_factory=list)
+    #: global pruning: the channels the step asked of all groups together
+    global_target: int | None = None
+
+    @property
+    def removed(self) -> int:
+        return sum(record.removed for record in self.groups)
+
+    @property
+    def target(self) -> int:
+        return self.global_target if self.global_target is not None else sum(r.target for r in self.groups)
+
+    def short(self) -> list:
+        """Groups that lost fewer channels than their target."""
+        return [record for record in self.groups if record.removed < record.target]
+
+
+@dataclass
+class PruningReport:
+    """``pruner.report()``: every group the graph refuses whole, and what each step removed and why not more.
+
+    ``refused`` lists ``(root, Refusal)`` for groups no channel subset can leave (a model output, a
+    constant, a buffer...); ``steps`` holds one :class:`StepRecord` per ``step()``. ``str(report)`` is a
+    readable summary.
+    """
+
+    groups: int
+    refused: list
+    steps: list
+
+    def __str__(self) -> str:
+        lines = [f"{self.groups} prunable group(s); {len(self.refused)} refused whole by the graph"]
+        for root, refusal in self.refused:
+            kind = refusal.kind.value if isinstance(refusal, Refusal) else "refused"
+            lines.append(f"  refused  {root}: {kind} ({refusal})")
+        for step in self.steps:
+            lines.append(f"step {step.step}: removed {step.removed} of {step.target} planned channels")
+            for record in step.groups:
+                if record.removed or record.target:
+                    mark = "" if record.removed >= record.target else "  <- " + (record.reason or "kept")
+                    lines.append(f"  {record.root} ({record.side}): {record.before} -> {record.after}, "
+                                 f"target -{record.target}{mark}")
+            lines += [f"  fallback: {entry}" for entry in step.fallback]
+            lines += [f"  note: {note}" for note in step.notes]
+        return "\n".join(lines)
+
+
+class ReportMixin:
+    """Mixin of BasePruner: records each step against its targets and renders ``report()``."""
+
+    def _init_report(self) -> None:
+        self._step_records: list[StepRecord] = []
+        self._step_refusals: dict = {}
+        self._step_fallback: list = []
+        groups = self.DG.get_all_groups(ignored_layers=self.ignored_layers, root_module_types=self.root_module_types,
+                                        include_blocked=True)
+        # whole heads are tried on head groups whatever refuses their channels one by one
+        if not any(all(subset_may_pass(reason) for reason in group.blocked)
+                   or (self.prune_num_heads and self._is_head_group(group)) for group in groups):
+            warnings.warn(
+                f"{type(self).__name__}: the graph found no prunable group in {type(self.model).__name__} (every "
+                f"root layer is ignored, or its channels reach outputs, constants or buffers); step() will remove "
+                f"nothing. pruner.report() lists each refused group and why",
+                stacklevel=3,
+            )
+
+    def _root_groups(self) -> list:
+        """Every group the pruner may root at, refused ones included, minus attention head groups (heads
+        have their own planning and warnings)."""
+        return [group for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                                          root_module_types=self.root_module_types,
+                                                          include_blocked=True)
+                if not self._is_head_group(group)]
+
+    def _begin_step_record(self) -> list:
+        self._step_refusals = {}
+        self._step_fallback = []
+        entries = []
+        for group in self._root_groups():
+            root = group[0].dep.target
+            current = len(group[0].idxs)
+            blocks = self._channel_groups(group)
+            target = 0
+            if current % blocks == 0:
+                ratio = self.get_target_pruning_ratio(root.module)
+                target = max(0, current - self._n_keep(root.module, current, ratio, blocks))
+            hard = [reason for reason in group.blocked if not subset_may_pass(reason)]
+            entries.append((root, group[0].side, current, target, hard[0] if hard else None))
+        return entries
+
+    def _end_step_record(self, entries: list, warn: bool = True) -> None:
+        record = StepRecord(self.current_step, fallback=list(self._step_fallback))
+        if self.global_pruning:
+            ratio = self.per_step_pruning_ratio[min(self.current_step, self.iterative_steps)]
+            current = sum(entry[2] for entry in entries if entry[4] is None)
+            original = sum(self.layer_init_out_ch.get(entry[0].module) or entry[2] for entry in entries)
+            record.global_target = max(0, current - int(original * (1 - ratio)))
+        for root, side, before, target, hard in entries:
+            after = self.DG._safe_channels(root, side)
+            after = before if after is None else after
+            reason = hard or self._step_refusals.get(root.name)
+            if reason is None and after > before - target:
+                reason = next((entry for entry in record.fallback if entry.startswith(root.name + " ")), None)
+            record.groups.append(GroupRecord(root.name, side.name.lower(), before, after, target, reason))
+        record.notes += [f"uniform config widths held back {note}" for note in getattr(self, "_held_back", [])]
+        self._step_records.append(record)
+        if warn:
+            self._warn_short(record)
+
+    def _note_refusal(self, root, refusal: Refusal | None) -> None:
+        """The planner's reason for a group it wanted to prune but could not (kept for the report)."""
+        self._step_refusals[root.name if hasattr(root, "name") else self.DG._name(root)] = refusal
+
+    def _warn_short(self, record: StepRecord) -> None:
+        if record.removed >= record.target:
+            return
+        short = record.short()
+        named = "; ".join(f"{r.root} ({r.removed} of {r.target}: {_kind(r.reason)})" for r in short[:6])
+        more = f"; and {len(short) - 6} more" if len(short) > 6 else ""
+        warnings.warn(
+            f"step() removed {record.removed} of the {record.target} channels its schedule asked for: {named}{more}. "
+            f"pruner.report() lists every group and why it kept channels",
+            stacklevel=3,
+        )
+
+    def report(self) -> PruningReport:
+        """What every step removed against its target, the groups the graph refuses whole and why."""
+        refused, prunable = [], 0
+        for group in self._root_groups():
+            hard = [reason for reason in group.blocked if not subset_may_pass(reason)]
+            if hard:
+                refused.append((group[0].dep.target.name, hard[0]))
+            else:
+                prunable += 1
+        return PruningReport(prunable, refused, list(self._step_records))
+
+
+def _kind(reason: str | None) -> str:
+    if isinstance(reason, Refusal):
+        return reason.kind.value
+    if reason is None:
+        return "no reason recorded"
+    return reason if len(reason) < 80 else reason[:77] + "..."
+
+
+__all__ = ["GroupRecord", "StepRecord", "PruningReport", "ReportMixin"]

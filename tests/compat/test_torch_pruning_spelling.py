@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 import structprune as tp
+from structprune.graph.refusal import RefusalKind
 
 
 # -- custom layers: BasePruningFunc ----------------------------------------------------------------------
@@ -346,3 +347,80 @@ def test_pruners_at_the_top_level_and_manual_prune():
     pruner = tp.MetaPruner(model, torch.randn(1, 3, 64, 64), tp.importance.MagnitudeImportance(), ignored_layers=[model.fc])
     pruner.manual_prune(model.layer1[0].conv1, tp.prune_conv_out_channels, 0.25)
     assert model.layer1[0].conv1.out_channels == 48
+
+
+class ThreeLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 16), nn.Linear(16, 12), nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_an_explicit_request_to_narrow_a_model_output_is_honoured_with_a_warning():
+    """torch_pruning prunes ``DG.get_pruning_group(model.fc3, prune_linear_out_channels, idxs).prune()`` even
+    though fc3 is the model output: the user asked for exactly that. The pruners still never plan it."""
+    torch.manual_seed(0)
+    model, x = ThreeLinear(), torch.randn(4, 6)
+    before = model(x).detach()
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    group = DG.get_pruning_group(model.fc3, tp.prune_linear_out_channels, idxs=[0, 2, 5])
+    assert [reason.kind for reason in group.blocked] == [RefusalKind.MODEL_OUTPUT]
+    assert not DG.check_pruning_group(group)  # it does change what the model returns
+    with pytest.warns(UserWarning, match=r"pruning fc3 changes the shape of model output\(s\) \(4, 10\)"):
+        group.prune()
+    assert model.fc3.out_features == 7 and model.fc3.weight.shape == (7, 12)
+    kept = [i for i in range(10) if i not in (0, 2, 5)]
+    torch.testing.assert_close(model(x), before[:, kept])  # the other outputs are untouched
+
+    # automatic planning keeps refusing it: a pruner never narrows an output
+    model = ThreeLinear()
+    pruner = tp.pruner.BasePruner(model, x, tp.importance.MagnitudeImportance(), pruning_ratio=0.5)
+    with pytest.warns(UserWarning, match="reaches a model output"):
+        pruner.step()
+    assert model.fc3.out_features == 10 and model.fc1.out_features == 8
+
+
+def test_an_explicit_request_refused_for_another_reason_still_raises():
+    class Buffered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.register_buffer("scale", torch.ones(6))
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.out(self.fc(x) * self.scale)
+
+    model = Buffered()
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match=r"cannot prune group rooted at fc: channels reach a buffer"):
+        DG.get_pruning_group(model.fc, tp.prune_linear_out_channels, [0]).prune()
+    assert model.fc.out_features == 6
+
+
+def test_node_dependencies_and_update_index_mapping():
+    model = resnet18().eval()
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32))
+    node = DG.module2node[model.conv1]
+    deps = {(dep.target.module, dep.handler.__name__) for dep in node.dependencies}
+    assert (model.bn1, "prune_out_channels") in deps  # conv1 feeds bn1 (coupled: its one set of channels)
+    assert all(dep.source is node and dep.trigger == node.pruner.prune_out_channels for dep in node.dependencies)
+    bn = DG.module2node[model.bn1]
+    assert {dep.target.module for dep in bn.dependencies} >= {model.conv1}
+    DG.get_pruning_group(model.layer1[0].conv1, tp.prune_conv_out_channels, [0, 1]).prune()
+    DG.update_index_mapping()
+    group = DG.get_pruning_group(model.layer1[0].conv1, tp.prune_conv_out_channels, [61])
+    assert [item.idxs for item in group][0] == [61] and model.layer1[0].conv1.out_channels == 62
+    group.prune()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000) and model.layer1[0].conv1.out_channels == 61
+
+
+def test_ignoring_a_container_ignores_every_layer_in_it():
+    model = resnet18().eval()
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 32, 32), tp.importance.MagnitudeImportance(),
+                                  pruning_ratio=0.5, ignored_layers=[model.layer4, model.fc])
+    pruner.step()
+    assert [m.out_channels for m in model.layer4.modules() if isinstance(m, nn.Conv2d)] == [512] * 5
+    assert model.layer3[1].conv1.out_channels == 128 and model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)

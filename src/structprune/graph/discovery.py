@@ -20,7 +20,17 @@ OUT, IN = Side.OUT, Side.IN
 class GroupFinder:
     """Mixin of DependencyGraph: needs ``values``, ``module2node``, ``_calls_of`` and ``_output_keys``."""
 
-    def _discover(self, node: Node, side: Side, idxs: torch.Tensor, trigger) -> Group:
+    def _discover(self, node: Node, side: Side, idxs: torch.Tensor, trigger, explicit: bool = False) -> Group:
+        self._past_outputs = explicit
+        self._outputs_passed = []
+        try:
+            group = self._discover_states(node, side, idxs, trigger)
+        finally:
+            self._past_outputs = False
+        group.explicit = explicit
+        return group
+
+    def _discover_states(self, node: Node, side: Side, idxs: torch.Tensor, trigger) -> Group:
         deps: dict = {}
         order: list = []
         blocked: list[Refusal] = []
@@ -41,7 +51,7 @@ class GroupFinder:
                             for value_key, entry in self._layer_entry(sibling, sibling_side, state):
                                 push(value_key, entry)
                         except Blocked as reason:
-                            blocked.append(str(reason))
+                            blocked.append(reason.refusal)
             else:
                 deps[key] = _merge(deps[key], state)[0]
 
@@ -115,7 +125,7 @@ class GroupFinder:
                         f"which this removal would shrink; only the dim written as -1 (or the innermost) may change"
                     ))
         group = Group(self)
-        group.blocked = sorted(set(blocked))
+        group.blocked = sorted(set(blocked + self._outputs_passed))
         root_fn = trigger
         for target, target_side in order:
             state = deps[(target, target_side)]
@@ -189,7 +199,12 @@ class GroupFinder:
     def _visit(self, value, state: ChannelState):
         """Yield (node, side, layer-state, [(value, state)...]) for everything touching ``value``."""
         if value.key in self._output_keys:
-            raise Blocked(RefusalKind.MODEL_OUTPUT, None, f"channels reach a model output {value.shape}; outputs keep their shape")
+            detail = f"channels reach a model output {value.shape}; outputs keep their shape"
+            if not getattr(self, "_past_outputs", False):
+                raise Blocked(RefusalKind.MODEL_OUTPUT, None, detail)
+            # an explicit request: refused all the same, but the group goes on past the output, so that a
+            # prune() the user insists on removes every coupled channel
+            self._outputs_passed.append(Refusal(RefusalKind.MODEL_OUTPUT, None, detail))
         if value.producer is None:
             yield from self._visit_leaf(value, state)
         else:

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .refusal import Refusal
+from .refusal import Refusal, RefusalKind
 from .side import Side, is_in_channel_pruning_fn, is_out_channel_pruning_fn, side_of_pruning_fn  # noqa: F401
 
 
@@ -45,6 +45,22 @@ class Node:
     @property
     def type(self):
         return type(self.module)
+
+    @property
+    def dependencies(self) -> list:
+        """torch_pruning's per-node edges: removing this node's outputs removes the inputs of the layers it
+        feeds, and removing its inputs removes the outputs of the layers feeding it (direct neighbours of
+        the traced forward; index maps through ops such as concat live in the groups, not here)."""
+        deps = [Dependency(self.pruner.prune_out_channels,
+                           out.pruner.prune_in_channels if Side.IN in out.sides else out.pruner.prune_out_channels,
+                           self, out, Side.IN) for out in self.outputs]
+        if Side.IN in self.sides:
+            deps += [Dependency(self.pruner.prune_in_channels, inp.pruner.prune_out_channels, self, inp, Side.OUT)
+                     for inp in self.inputs]
+        else:  # coupled (BatchNorm, depthwise): its one set of channels is its inputs' outputs too
+            deps += [Dependency(self.pruner.prune_out_channels, inp.pruner.prune_out_channels, self, inp, Side.OUT)
+                     for inp in self.inputs]
+        return deps
 
     def side_for(self, side: Side) -> Side:
         """The side ``side`` means on this node: parameters and coupled layers (norms, depthwise convs)
@@ -145,6 +161,8 @@ class Group:
         self.blocked: list[Refusal] = []
         #: {layer: heads removed} when the pruner planned this group as whole attention heads
         self.heads_removed: dict = {}
+        #: built for an explicit request (``get_pruning_group``): prune() honours a model-output refusal
+        self.explicit: bool = False
 
     def add_dep(self, dep: Dependency, idxs, root_idxs=None):
         tensors = None
@@ -202,11 +220,19 @@ class Group:
         """Remove the group's channels (or, with ``idxs``, those root indices) from every coupled layer."""
         if idxs is not None:
             root = self._group[0]
-            fresh = self._DG.get_group_by_side(root.dep.target.module, root.side, idxs)
+            fresh = self._DG.get_group_by_side(root.dep.target.module, root.side, idxs, explicit=self.explicit)
             return fresh.prune(record_history=record_history)
-        if self.blocked:
+        outputs = [reason for reason in self.blocked if getattr(reason, "kind", None) is RefusalKind.MODEL_OUTPUT]
+        if self.blocked and not (self.explicit and len(outputs) == len(self.blocked)):
             raise RuntimeError(
                 f"cannot prune group rooted at {self._group[0].dep.target.name}: " + "; ".join(self.blocked)
+            )
+        if outputs:
+            shapes = ", ".join(reason.detail.split("model output ", 1)[-1].split(";")[0] for reason in outputs)
+            warnings.warn(
+                f"pruning {self._group[0].dep.target.name} changes the shape of model output(s) {shapes}, as you "
+                f"asked explicitly (the pruners never plan this: an output keeps its shape there)",
+                stacklevel=2,
             )
         self._DG._apply_group(self)
         if record_history:

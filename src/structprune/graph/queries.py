@@ -19,10 +19,17 @@ class GraphQueries:
     # -- groups ----------------------------------------------------------------------------------------
     def get_pruning_group(self, module, pruning_fn, idxs) -> Group:
         """Every (layer, side, indices) that must go with removing ``idxs`` via ``pruning_fn`` on ``module``."""
-        return self.get_group_by_side(module, side_of_pruning_fn(pruning_fn), idxs, trigger=pruning_fn)
+        # an explicit request: a group whose only refusal is a model output is still complete, and prune()
+        # honours it with a warning; the pruners' own planning goes through get_group_by_side
+        return self.get_group_by_side(module, side_of_pruning_fn(pruning_fn), idxs, trigger=pruning_fn,
+                                      explicit=True)
 
-    def get_group_by_side(self, module, side: Side, idxs, trigger=None) -> Group:
-        """Every (layer, side, indices) that must go with removing ``idxs`` from ``side`` of ``module``."""
+    def get_group_by_side(self, module, side: Side, idxs, trigger=None, explicit: bool = False) -> Group:
+        """Every (layer, side, indices) that must go with removing ``idxs`` from ``side`` of ``module``.
+
+        ``explicit``: the user asked for exactly this removal. Channels that reach a model output still
+        refuse the group (``blocked``, and ``check_pruning_group`` says False), but discovery follows them
+        past the output, and ``prune()`` removes them with a warning that the output shape changes."""
         node = self.module2node.get(module)
         if node is None:
             if module not in self.module2name and module not in self._param_names:
@@ -43,7 +50,7 @@ class GraphQueries:
         alive = self._alive.get((module, side))
         original = alive[idxs] if alive is not None and (module, side) in self._position_maps else idxs
         trigger = self._handler(node, side) if trigger is None else trigger
-        return self._to_current(self._discover(node, side, original, trigger))
+        return self._to_current(self._discover(node, side, original, trigger, explicit=explicit))
 
     def get_all_groups(self, ignored_layers=None, root_module_types=None, include_blocked: bool = False) -> Iterable[Group]:
         """One group per independent set of coupled channels, rooted at the first layer that owns it.

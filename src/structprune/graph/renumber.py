@@ -11,6 +11,11 @@ class GraphRenumbering:
 
     # The trace describes the model as built; after pruning, its index maps still hold for the channels
     # that remain. Groups are found in original numbering and shown in current numbering.
+    def update_index_mapping(self) -> None:
+        """torch_pruning's call to refresh concat/split index maps after pruning. Here every group is found
+        in the original numbering and translated to the current one when returned, so the maps are never
+        stale; the call is accepted so that code written for torch_pruning runs unchanged."""
+
     def _init_alive(self):
         # original indices still alive, and original -> current position maps, only for pruned sides
         self._position_maps = {}
@@ -26,6 +31,7 @@ class GraphRenumbering:
     def _to_current(self, original: Group) -> Group:
         group = Group(self)
         group.blocked = original.blocked
+        group.explicit = original.explicit
         root_map = self._position_maps.get((original[0].dep.target.module, original[0].side))
         for k, item in enumerate(original):
             position_map = self._position_maps.get((item.dep.target.module, item.side))

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from ..graph.group import Group
+from ..graph.side import Side
 from ..layers.moe import ExpertCount, fewest_experts, routing_groups
 
 
@@ -28,7 +29,7 @@ class ExpertPlanner:
         for module, node in self.DG.module2node.items():
             if isinstance(module, ExpertCount):
                 total = node.pruner.get_out_channels(module)
-                yield self.DG.get_pruning_group(module, node.pruner.prune_out_channels, list(range(total)))
+                yield self.DG.get_group_by_side(module, Side.OUT, list(range(total)))
 
     def get_target_expert_pruning_ratio(self, module) -> float:
         return self.per_step_expert_pruning_ratio[min(self.current_step, self.iterative_steps)]
@@ -52,7 +53,7 @@ class ExpertPlanner:
                 refused.append(f"{name} (the importance criterion gave the experts no score)")
                 continue
             idxs = _lowest_per_group(imp.detach().cpu(), current - keep, routing_groups(proxy.router))
-            candidate = self.DG.get_pruning_group(proxy, group[0].dep.handler, idxs.tolist())
+            candidate = self.DG.get_group_by_side(proxy, group[0].side, idxs.tolist())
             if self._accepts(candidate, idxs):
                 yield candidate
             else:

@@ -127,7 +127,10 @@ def split_ignored(ignored) -> tuple[list, list]:
     for item in ignored or []:
         if isinstance(item, nn.Parameter):
             params.append(item)
-        elif isinstance(item, nn.Module) or isinstance(item, type):
+        elif isinstance(item, nn.Module):
+            # a container means everything in it, as in torch_pruning (``ignored_layers=[model.pooler]``)
+            layers.extend(module for module in item.modules() if not any(module is seen for seen in layers))
+        elif isinstance(item, type):
             layers.append(item)
         else:
             raise TypeError(

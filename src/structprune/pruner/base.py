@@ -14,6 +14,7 @@ from ..layers.base import as_index_tensor
 from ..layers.declarations import default_root_types
 from ..utils.nested import call_model, evaluating
 from .diagnose import explain, layer_widths, size_attributes, stale_attributes
+from .fallback import FallbackRecord
 from .heads import HeadPlanner, subset_may_pass
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
 from .schedulers import linear_scheduler
@@ -118,6 +119,8 @@ class BasePruner(HeadPlanner):
             self.layer_init_in_ch[module] = self.DG._safe_channels(node, "in")
         self.init_num_heads = dict(self.num_heads)
         self._initial_groups = None
+        #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
+        self.fallback_history: list[FallbackRecord] = []
 
     # -- scopes and targets --------------------------------------------------------------------------
     def _init_scopes(self, pruning_ratio_dict, head_pruning_ratio_dict):
@@ -234,11 +237,14 @@ class BasePruner(HeadPlanner):
         optimizer_plans = []
         for group in self._plan():
             optimizer_plans.append(self._prune_group(group, optimizer))
-        if self.verify and self._forward_error() is not None:
+        error = self._forward_error() if self.verify else None
+        if error is not None:
             # some group broke the model (a size the graph cannot see, e.g. a reshape to an input's
             # width): redo the step one group at a time, keeping only the groups after which it still runs
             checkpoint.restore()
-            optimizer_plans = self._step_verified(optimizer)
+            record = FallbackRecord(self.current_step, error)
+            self.fallback_history.append(record)
+            optimizer_plans = self._step_verified(optimizer, record)
         for plan in optimizer_plans:
             apply_optimizer_plan(plan)
         self._warn_heads_refused()
@@ -247,7 +253,8 @@ class BasePruner(HeadPlanner):
     def _plan(self) -> Iterator[Group]:
         return self._plan_global() if self.global_pruning else self._plan_local()
 
-    def _step_verified(self, optimizer) -> list:
+    def _step_verified(self, optimizer, record: FallbackRecord | None = None) -> list:
+        record = record if record is not None else FallbackRecord(self.current_step, "")
         plans, skipped = [], []
         for group in self._plan():
             checkpoint = self._checkpoint()
@@ -256,10 +263,12 @@ class BasePruner(HeadPlanner):
             error = self._forward_error()
             if error is None:
                 plans.append(plan)
+                record.kept.append(group[0].dep.target.name)
             else:
                 hint = self._stale_hint(sizes)
                 checkpoint.restore()
                 skipped.append(f"{group[0].dep.target.name} ({error}{hint})")
+                record.skipped.append((group[0].dep.target.name, error))
         if skipped:
             warnings.warn(
                 "left unpruned because the model stopped running after pruning them: " + "; ".join(skipped),

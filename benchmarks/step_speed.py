@@ -5,7 +5,9 @@ Setup per model, as a new user would write it (random init, nothing downloaded):
 (the Llama adds ``prune_num_heads=True, head_pruning_ratio=0.5`` as benchmarks/llm_speed.py does; the
 detectors ignore nothing: their outputs are refused by the graph anyway).
 
-Columns: construction seconds (trace + graph), step seconds, kept-params ratio, and what the verified
+Columns: construction seconds (trace + graph), step seconds, their sum, the process's CPU seconds for both
+(on a shared machine the CPU time says what the wall time would be on a quiet one when ``--threads 1``),
+kept-params ratio, and what the verified
 fallback did: ``-`` when the one-shot step ran, else ``n/m left`` (m groups redone one forward at a time,
 n of them left unpruned). ``tp s`` is torch_pruning's construction + step time where we know it (measured
 once on this machine; written by hand, torch_pruning is not installed).
@@ -110,17 +112,18 @@ def run_one(name: str) -> dict:
     extra = {"prune_num_heads": True, "head_pruning_ratio": 0.5} if name.startswith("llama") else {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         pruner = tp.pruner.BasePruner(model, x, tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
                                       ignored_layers=ignored, **extra)
         built = time.perf_counter() - start
         start = time.perf_counter()
         pruner.step()
         stepped = time.perf_counter() - start
+        cpu = time.process_time() - cpu
     after = sum(p.numel() for p in model.parameters())
     records = pruner.fallback_history
     return {
-        "model": name, "build": built, "step": stepped, "kept": after / before,
+        "model": name, "build": built, "step": stepped, "cpu": cpu, "kept": after / before,
         "handled": sum(r.handled for r in records), "left": sum(len(r.skipped) for r in records),
         "fallback_error": records[0].error if records else None,
         "skipped": [f"{root}: {error}" for r in records for root, error in r.skipped],
@@ -166,18 +169,18 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown models {unknown}; --list prints the known ones")
     print(f"torch {torch.__version__}, {args.threads} threads, timeout {args.timeout:.0f} s per model")
-    print(f"| {'model':30s} | build s | step s | total s | tp s | kept | fallback |")
-    print(f"|{'-' * 32}|---------|--------|---------|------|------|----------|")
+    print(f"| {'model':30s} | build s | step s | total s | cpu s | tp s | kept | fallback |")
+    print(f"|{'-' * 32}|---------|--------|---------|-------|------|------|----------|")
     for name in names:
         row = _run_isolated(name, args.threads, args.timeout)
         known = TORCH_PRUNING.get(name)
         reference = f"{known:.2f}" if known is not None else ""
         if "error" in row:
-            print(f"| {name:30s} | {'':7s} | {'':6s} | {'':7s} | {reference:4s} | {'':4s} | {row['error']} |")
+            print(f"| {name:30s} | {'':7s} | {'':6s} | {'':7s} | {'':5s} | {reference:4s} | {'':4s} | {row['error']} |")
             continue
         fallback = f"{row['left']}/{row['handled']} left" if row["handled"] else "-"
         total = row["build"] + row["step"]
-        print(f"| {name:30s} | {row['build']:7.2f} | {row['step']:6.2f} | {total:7.2f} | {reference:4s} "
+        print(f"| {name:30s} | {row['build']:7.2f} | {row['step']:6.2f} | {total:7.2f} | {row['cpu']:5.2f} | {reference:4s} "
               f"| {row['kept']:.2f} | {fallback} |", flush=True)
         if args.verbose:
             if row["fallback_error"]:

@@ -358,6 +358,7 @@ class BasePruner(HeadPlanner):
         yield from self._plan_whole_heads()
         self._note_pinned_heads()
         for group in self._groups():
+            group = self._as_now(group)
             root = group[0].dep.target.module
             current = len(group[0].idxs)
             channel_groups = self._channel_groups(group)
@@ -375,6 +376,19 @@ class BasePruner(HeadPlanner):
                 yield chosen
             elif not self.prune_num_heads and self._is_head_group(group):
                 self._heads_narrow_refused.append(f"{self.DG._name(root)} ({self._refusal})")
+
+    def _as_now(self, group: Group) -> Group:
+        """The group over its root's channels as they are now, not as when the step's groups were listed.
+
+        A root reached several channels per root channel from another group's root (a depthwise conv
+        after a ghost module's concat, EdgeNeXt's XCA projection) keeps a group of its own, and the other
+        group, pruned first, narrows it; planning on the listed width would pick channels that are gone.
+        """
+        root = group[0].dep.target.module
+        node = self.DG.module2node[root]
+        if self.DG._safe_channels(node, "out") == len(group[0].idxs):
+            return group
+        return self.DG._cached_group(node)
 
     def _accepts(self, candidate: Group, idxs: torch.Tensor) -> bool:
         """Prunable, and exactly the planned root channels: a product (q * k) can pull in more of the
@@ -443,6 +457,16 @@ class BasePruner(HeadPlanner):
             n = current - self._rounded_keep(current - min(wanted, limit), current, blocks)
             if n <= 0:
                 continue
+            fresh = self._as_now(group)
+            if fresh is not group:
+                # an earlier group of this step already took some of this root's channels
+                n -= current - len(fresh[0].idxs)
+                if n <= 0:
+                    continue
+                group, imp = fresh, self._importance(fresh)
+                if imp is None or torch.isnan(imp).any():
+                    continue
+                imp = imp.detach().cpu()
             chosen = self._choose(group, imp, n, blocks)
             if chosen is not None:
                 yield chosen

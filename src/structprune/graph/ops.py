@@ -417,6 +417,7 @@ def _check_head_grid(state, letters, shape, kv_heads, groups):
         )
 
 
+@lru_cache(maxsize=64)
 def _repeat_heads(shape, groups):
     numel = 1
     for size in shape:

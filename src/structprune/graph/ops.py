@@ -12,6 +12,7 @@ from functools import lru_cache
 import torch
 
 from .channels import Blocked, ChannelState, backward_through, forward_through, through_letters
+from .replays import shared_replay
 from .trace import Call, FollowedSize
 
 MOVEMENT = {
@@ -314,8 +315,12 @@ def _is_float(call, index) -> bool:
 def _correspondence(call: Call, source: int) -> list[torch.Tensor]:
     """Per output: which flat element of input ``source`` each output element reads (-1: another input)."""
     cache = call.cache.setdefault("correspondence", {})
-    if source in cache:
-        return cache[source]
+    if source not in cache:
+        cache[source] = shared_replay(call, source, lambda: _replay_labels(call, source))
+    return cache[source]
+
+
+def _replay_labels(call: Call, source: int) -> list[torch.Tensor]:
     args, kwargs = _substitute(call, source)
     try:
         result = call.target(*args, **kwargs)
@@ -324,8 +329,7 @@ def _correspondence(call: Call, source: int) -> list[torch.Tensor]:
     from .trace import _flatten
 
     outputs = [tensor for _, tensor in _flatten(result, [])]
-    cache[source] = [tensor.reshape(tuple(shape)) for tensor, shape in zip(outputs, call.out_shapes)]
-    return cache[source]
+    return [tensor.reshape(tuple(shape)) for tensor, shape in zip(outputs, call.out_shapes)]
 
 
 def _substitute(call, source):

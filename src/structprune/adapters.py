@@ -315,7 +315,7 @@ ADAPTERS: list[Adapter] = [
     Adapter("Hugging Face GPT-2 attention (num_heads, head_dim, split_size, embed_dim, scaling)",
             _is_hf_gpt2_attention, _hf_gpt2_attention, uses_removed=True, follows=("split_size",)),
     Adapter("timm Attention (num_heads, head_dim, attn_dim, scale)", _is_timm_attention, _timm_attention,
-            uses_removed=True, follows=("num_heads",)),
+            uses_removed=True, follows=("num_heads", "head_dim", "attn_dim")),
     Adapter(
         "timm Swin WindowAttention (num_heads, scale)",
         lambda module: _from("timm", module) and _class_named("WindowAttention")(module)
@@ -326,22 +326,22 @@ ADAPTERS: list[Adapter] = [
         "timm LeViT attention (num_heads, key_dim, val_dim, scale, bias cache)",
         lambda module: _from("timm.models.levit", module) and hasattr(module, "attention_biases")
         and hasattr(module, "key_dim"),
-        _timm_levit_attention, follows=("key_dim", "val_dim"),
+        _timm_levit_attention, follows=("key_dim", "val_dim", "key_attn_dim", "val_attn_dim"),
     ),
     Adapter(
         "timm MetaFormer Scale.shape",
         lambda module: _from("timm", module) and _class_named("Scale")(module) and hasattr(module, "scale"),
-        _timm_metaformer_scale,
+        _timm_metaformer_scale, follows=("shape",),
     ),
     Adapter(
         "torchvision RelativePositionalMultiHeadAttention.head_dim",
         lambda module: _class_named("RelativePositionalMultiHeadAttention")(module) and hasattr(module, "merge"),
-        _torchvision_maxvit_attention,
+        _torchvision_maxvit_attention, follows=("head_dim",),
     ),
     Adapter(
         "torchvision VisionTransformer.hidden_dim",
         lambda module: _class_named("VisionTransformer")(module) and hasattr(module, "conv_proj"),
-        _torchvision_vit,
+        _torchvision_vit, follows=("hidden_dim",),
     ),
 ]
 

@@ -110,10 +110,11 @@ class DependencyGraph(GroupFinder):
 
         self._adapted_modules = matching_modules(model)
         followed = [(module, adapter.follows) for module, adapter in self._adapted_modules]
-        followed += [(module, LAYER_SIZE_NAMES) for module in self.module2name if self._is_declared(module)]
-        with followed_sizes(followed):
+        layers = [(module, LAYER_SIZE_NAMES) for module in self.module2name if self._is_declared(module)]
+        with followed_sizes(followed, layers):
             self._trace(model, example_inputs, forward_fn, output_transform)
         self._all_groups_cache = {}
+        self._size_dependents = None  # reshapes by the sizes they read; found on the first discovery
         self._init_alive()
         return self
 
@@ -157,15 +158,18 @@ class DependencyGraph(GroupFinder):
             )
         self._output_keys = {(t.grad_fn, t.output_nr) for t in roots}
         self._collect(tracer, list(self._output_keys))
-        self._compact()
+        self._compact(tracer.shape_reads)
 
-    def _compact(self):
+    def _compact(self, shape_reads=()):
         """Swap autograd nodes for plain ids so the traced graph is freed.
 
         Holding it would keep each parameter's gradient accumulator alive with the pre-pruning shape, and
-        the next backward after pruning would fail.
+        the next backward after pruning would fail. Sizes read from tensors name values the same way
+        (None: a value that never reaches an output, whose size nothing prunes).
         """
         ids = {key: index for index, key in enumerate(self.values)}
+        for read in shape_reads:
+            read.key = ids.get(read.key)
         for key, value in self.values.items():
             value.key = ids[key]
         self.values = {ids[key]: value for key, value in self.values.items()}
@@ -342,6 +346,7 @@ class DependencyGraph(GroupFinder):
     def _to_current(self, original: Group) -> Group:
         group = Group(self)
         group.blocked = original.blocked
+        group.size_ties = original.size_ties
         root_map = self._position_maps.get((original[0].dep.target.module, self._side_of(original[0])))
         for k, item in enumerate(original):
             position_map = self._position_maps.get((item.dep.target.module, self._side_of(item)))

@@ -103,6 +103,8 @@ class Group:
         self._tensors: list = []
         self._DG = graph
         self.blocked: list[str] = []
+        #: widths this removal changes that a reshape ties to a size read from another tensor (graph/size_checks.py)
+        self.size_ties: list = []
 
     def add_dep(self, dep: Dependency, idxs, root_idxs=None):
         tensors = None

@@ -13,7 +13,8 @@ import torch
 
 from .channels import Blocked, ChannelState, backward_through, forward_through, through_letters
 from .replays import shared_replay
-from .trace import Call, FollowedSize
+from .sizes import FREE, has_followed, is_traced
+from .trace import Call
 
 MOVEMENT = {
     "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "split", "split_with_sizes",
@@ -111,42 +112,6 @@ def _movement(call, operand, state):
     return _movement_unchecked(call, operand, state)
 
 
-RESHAPES = {"view", "reshape"}
-
-
-def fixed_reshape_dims(call: Call, state: ChannelState, shape) -> list[int]:
-    """Dims of a view/reshape output that the code spells out but the removal would shrink.
-
-    Code writes the size that follows the data as -1 (``view(b, t, -1, head_dim)``) or computes the
-    innermost size at run time (a channel shuffle's ``channels // groups``); any other spelled-out size
-    is taken as fixed (``self.num_heads``), so shrinking it would regroup channels silently.
-    """
-    if call.name not in RESHAPES:
-        return []
-    requested = [a for a in call.args[1:] if a is not None]
-    if len(requested) == 1 and isinstance(requested[0], (tuple, list)):
-        requested = list(requested[0])
-    if "shape" in call.kwargs:
-        requested = list(call.kwargs["shape"])
-    if len(requested) != len(shape) or not all(isinstance(a, int) for a in requested):
-        return []
-    sizes = [shape[d] for d in state.dims]
-    kept = torch.ones(sizes, dtype=torch.bool).reshape(-1)
-    kept[state.idxs] = False
-    kept = kept.view(sizes)
-    shrinking = []
-    for axis, dim in enumerate(state.dims):
-        others = tuple(d for d in range(len(sizes)) if d != axis)
-        if int((kept.any(dim=others) if others else kept).sum()) < sizes[axis]:
-            shrinking.append(dim)
-    # -1 follows the data; a FollowedSize attribute is rewritten by an adapter after pruning; without a
-    # -1 the innermost size is taken as computed at run time
-    free = [d for d in state.dims if requested[d] == -1 or isinstance(requested[d], FollowedSize)]
-    if not any(requested[d] == -1 for d in state.dims):
-        free.append(max(state.dims))
-    return [d for d in shrinking if d not in free]
-
-
 def keeps_product(state: ChannelState, shape) -> bool:
     """After removal, channels spread over several dims must still form a full grid (a valid shape)."""
     if len(state.dims) < 2:
@@ -239,17 +204,23 @@ def _fast_concat_or_split(call, operand, state):
 PIECEWISE = SPLITS | {"__getitem__", "select", "index_select", "unbind"}
 
 
-def shifts_channels(call: Call, state: ChannelState) -> bool:
+def shifts_channels(call: Call, state: ChannelState, sizes=None) -> bool:
     """Whether re-running a split/slice on the pruned input hands an output other channels.
 
     The op runs again after pruning with the sizes, bounds and indices the code wrote: ``split(4)`` of
     7 channels gives the first piece a channel of the second, ``x[:, 3]`` picks another channel. Replay
     it on the kept labels and compare with the full output minus the removed channels (removing slices
-    along one dim keeps row-major order, so the flattened outputs must be equal). Sizes that follow the
-    pruning (adapter-followed attributes) are not literal: such calls are left to the element maps.
+    along one dim keeps row-major order, so the flattened outputs must be equal). Sizes read from the data
+    or from layers are replayed as they will be after the removal (``sizes``: a size_checks.RemovalSizes);
+    adapter-followed attributes are not literal: such calls are left to the element maps.
     """
-    if call.name not in PIECEWISE or len(state.dims) != 1 or _has_followed_size((call.args, call.kwargs)):
+    if call.name not in PIECEWISE or len(state.dims) != 1 or has_followed((call.args, call.kwargs)):
         return False
+    arguments = (call.args, call.kwargs)
+    if sizes is not None and is_traced(arguments):
+        arguments = sizes.evaluate(arguments)
+        if arguments is FREE:
+            return False
     floats = [i for i in range(len(call.inputs)) if call.inputs[i] is not None and _is_float(call, i)]
     if floats != [0]:
         return False
@@ -265,7 +236,7 @@ def shifts_channels(call: Call, state: ChannelState) -> bool:
     stride = labels.stride(dim)
     before = _correspondence(call, 0)  # the same replay on the full width, cached for the element maps
     try:
-        after = _replay_on(call, labels.index_select(dim, torch.nonzero(keep).reshape(-1)))
+        after = _replay_on(call, labels.index_select(dim, torch.nonzero(keep).reshape(-1)), arguments)
     except Exception:  # noqa: BLE001 - the code itself would fail on the pruned width
         return True
     if len(before) != len(after):
@@ -278,23 +249,11 @@ def shifts_channels(call: Call, state: ChannelState) -> bool:
     return False
 
 
-def _replay_on(call: Call, labels: torch.Tensor) -> list[torch.Tensor]:
-    args, kwargs = _rebuild((call.args, call.kwargs), {call.input_slots[0]: labels}, ())
+def _replay_on(call: Call, labels: torch.Tensor, arguments=None) -> list[torch.Tensor]:
+    args, kwargs = _rebuild(arguments or (call.args, call.kwargs), {call.input_slots[0]: labels}, ())
     from .trace import _flatten
 
     return [tensor for _, tensor in _flatten(call.target(*args, **kwargs), []) if isinstance(tensor, torch.Tensor)]
-
-
-def _has_followed_size(obj) -> bool:
-    if isinstance(obj, FollowedSize):
-        return True
-    if isinstance(obj, slice):
-        return any(isinstance(bound, FollowedSize) for bound in (obj.start, obj.stop, obj.step))
-    if isinstance(obj, (list, tuple)):
-        return any(_has_followed_size(item) for item in obj)
-    if isinstance(obj, dict):
-        return any(_has_followed_size(item) for item in obj.values())
-    return False
 
 
 def _dim_argument(call, ndim):

@@ -50,7 +50,9 @@ class _Unshareable(Exception):
 
 def _key(obj):
     """A hashable description of an argument that fixes what the replay does with it."""
-    if obj is None or isinstance(obj, (bool, int, float, str, torch.dtype, torch.device, torch.memory_format)):
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return ("int", int(obj))  # a traced size replays as its value
+    if obj is None or isinstance(obj, (bool, float, str, torch.dtype, torch.device, torch.memory_format)):
         return (type(obj).__name__, obj)
     if obj is Ellipsis:
         return ("ellipsis",)

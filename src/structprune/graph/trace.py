@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .sizes import ShapeRead, TracedSize, wrap_numel, wrap_shape
+
 
 @dataclass(eq=False)
 class Call:
@@ -62,41 +64,15 @@ def _flatten(obj, out: list, slot=()):
     return out
 
 
-class FollowedSize(int):
-    """An int that pruning keeps in step with the layer widths: a layer's own size attribute
-    (``conv.in_channels``, updated by its pruning function) or one an adapter rewrites (timm's
-    ``Attention.num_heads``).
+class FollowedSize(TracedSize):
+    """An int attribute an adapter rewrites after pruning (timm's ``Attention.num_heads``).
 
     Swapped in for one trace only, so a reshape, split or slice that spells it out (or a sum, product
     or quotient of such sizes: split offsets, ``out_features // 2``) is known to follow the pruning.
     """
 
-    def _wrap(self, result):
-        return FollowedSize(result) if type(result) is int else result
-
-    def __add__(self, other):
-        return self._wrap(int.__add__(self, other))
-
-    def __radd__(self, other):
-        return self._wrap(int.__radd__(self, other))
-
-    def __sub__(self, other):
-        return self._wrap(int.__sub__(self, other))
-
-    def __rsub__(self, other):
-        return self._wrap(int.__rsub__(self, other))
-
-    def __mul__(self, other):
-        return self._wrap(int.__mul__(self, other))
-
-    def __rmul__(self, other):
-        return self._wrap(int.__rmul__(self, other))
-
-    def __floordiv__(self, other):
-        return self._wrap(int.__floordiv__(self, other))
-
-    def __rfloordiv__(self, other):
-        return self._wrap(int.__rfloordiv__(self, other))
+    def __new__(cls, value: int):
+        return TracedSize.__new__(cls, value, ("followed", int(value)))
 
 
 #: size attributes the pruning functions of declared layers rewrite
@@ -105,8 +81,10 @@ LAYER_SIZE_NAMES = ("in_channels", "out_channels", "in_features", "out_features"
 
 
 @contextlib.contextmanager
-def followed_sizes(attributes: list):
-    """Mark ``(module, names)`` int attributes as :class:`FollowedSize` for the duration of a trace."""
+def followed_sizes(attributes: list, layers: list | None = None):
+    """Mark ``(module, names)`` int attributes as :class:`FollowedSize` for the duration of a trace, and
+    the size attributes of declared ``layers`` (``(module, names)``) as sizes of those layers, which the
+    graph evaluates exactly for any removal. Tuples of ints (a stored view shape) are marked item by item."""
     saved = []
     try:
         for module, names in attributes:
@@ -115,9 +93,18 @@ def followed_sizes(attributes: list):
                 if type(value) is int:
                     saved.append((module, name, value))
                     module.__dict__[name] = FollowedSize(value)
+                elif type(value) is tuple and value and all(type(item) is int for item in value):
+                    saved.append((module, name, value))
+                    module.__dict__[name] = tuple(FollowedSize(item) for item in value)
+        for module, names in layers or ():
+            for name in names:
+                value = module.__dict__.get(name)
+                if type(value) is int:
+                    saved.append((module, name, value))
+                    module.__dict__[name] = TracedSize(value, ("layer", module, name, value))
         yield
     finally:
-        for module, name, value in saved:
+        for module, name, value in reversed(saved):
             module.__dict__[name] = value
 
 
@@ -154,6 +141,8 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tracer = self.tracer
+        if func in _SIZE_READS and args and isinstance(args[0], torch.Tensor):
+            return tracer.read_size(func, args, kwargs, func(*args, **kwargs))
         flat_in = _flatten((args, kwargs), [])
         in_keys = [value_key(t, tracer.keep_alive) for _, t in flat_in]
         in_shapes = [tuple(t.shape) for _, t in flat_in]
@@ -178,6 +167,9 @@ class _Recorder(TorchFunctionMode):
         return result
 
 
+_SIZE_READS = {torch.Tensor.shape.__get__, torch.Tensor.size, torch.Tensor.numel}
+
+
 class Tracer:
     """Runs the model once, recording calls of declared modules and of torch functions."""
 
@@ -187,7 +179,27 @@ class Tracer:
         self.function_by_output: dict = {}
         self.keep_alive: list = []
         self.calls: list[Call] = []
+        self.shape_reads: list[ShapeRead] = []  # renumbered with the values when the graph compacts them
         self._order = 0
+
+    def read_size(self, func, args, kwargs, result):
+        """A size read from a tensor, as TracedSizes naming the tensor's value and dim (see sizes.py)."""
+        tensor = args[0]
+        key = value_key(tensor, self.keep_alive)
+        if func is torch.Tensor.numel:
+            return wrap_numel(result, tuple(tensor.shape), key, self._read) if type(result) is int else result
+        if isinstance(result, torch.Size):
+            return wrap_shape(result, key, self._read)
+        if type(result) is int:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if isinstance(dim, int) and tensor.dim():
+                return TracedSize(result, ("shape", self._read(key, dim % tensor.dim(), result)))
+        return result
+
+    def _read(self, key, dim: int, value: int) -> ShapeRead:
+        read = ShapeRead(key, dim, value)
+        self.shape_reads.append(read)
+        return read
 
     def run(self, model: nn.Module, forward: Callable[[], Any]):
         names = {module: name for name, module in model.named_modules()}

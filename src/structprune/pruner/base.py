@@ -18,6 +18,7 @@ from .fallback import FallbackRecord
 from .heads import HeadPlanner, subset_may_pass
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
 from .schedulers import linear_scheduler
+from .ties import touches, unbalanced_ties
 
 
 
@@ -234,9 +235,7 @@ class BasePruner(HeadPlanner):
         if interactive:
             return self._interactive(self._plan(), optimizer)
         checkpoint = self._checkpoint()
-        optimizer_plans = []
-        for group in self._plan():
-            optimizer_plans.append(self._prune_group(group, optimizer))
+        optimizer_plans = self._step_balanced(optimizer, checkpoint)
         error = self._forward_error() if self.verify else None
         if error is not None:
             # some group broke the model (a size the graph cannot see, e.g. a reshape to an input's
@@ -252,6 +251,33 @@ class BasePruner(HeadPlanner):
 
     def _plan(self) -> Iterator[Group]:
         return self._plan_global() if self.global_pruning else self._plan_local()
+
+    def _step_balanced(self, optimizer, checkpoint) -> list:
+        """Prune every planned group; if the step leaves a size tie unbalanced (two widths a reshape needs
+        equal, pruned by different amounts), redo it without the groups that touch such ties.
+
+        Planning with one ratio removes equal counts from tied widths, so this redo is rare; it costs a
+        second planning pass, not a forward per group.
+        """
+        excluded: set = set()
+        while True:
+            plans, pruned, left = [], [], []
+            for group in self._plan():
+                if excluded and touches(group, excluded):
+                    left.append(group[0].dep.target.name)
+                    continue
+                plans.append(self._prune_group(group, optimizer))
+                pruned.append(group)
+            unbalanced = unbalanced_ties(pruned) - excluded
+            if not unbalanced:
+                break
+            checkpoint.restore()
+            excluded |= unbalanced
+        if left:
+            warnings.warn(
+                "left unpruned because a reshape ties their width to another group's, which this step prunes by "
+                "a different amount: " + ", ".join(left), stacklevel=4)
+        return plans
 
     def _step_verified(self, optimizer, record: FallbackRecord | None = None) -> list:
         record = record if record is not None else FallbackRecord(self.current_step, "")

@@ -346,6 +346,11 @@ ADAPTERS: list[Adapter] = [
 ]
 
 
+from .timm_adapters import TIMM_ADAPTERS  # noqa: E402 - built on the helpers above
+
+ADAPTERS.extend(TIMM_ADAPTERS)
+
+
 def register_adapter(adapter: Adapter) -> None:
     ADAPTERS.append(adapter)
 

@@ -46,6 +46,17 @@ class Adapter:
     #: int attributes ``sync`` rewrites that the forward spells out in a reshape (timm's num_heads): the
     #: graph lets those reshape dims shrink (whole heads go) because the adapter follows them
     follows: tuple = ()
+    #: ``(name, formula)`` pairs: int attributes that are a formula of layer widths (ultralytics C2PSA's
+    #: ``c = cv1.conv.out_channels // 2``). During the trace the formula runs on the layers' traced size
+    #: attributes, so the graph evaluates the attribute exactly for any removal instead of trusting it
+    #: (as ``follows`` does); ``sync`` should apply the same formulas (``sync_derived`` does)
+    derives: tuple = ()
+
+
+def sync_derived(module, derives) -> None:
+    """Rewrite each derived attribute from its formula (an adapter's sync for ``derives``)."""
+    for name, formula in derives:
+        setattr(module, name, int(formula(module)))
 
 
 def _class_named(*names: str) -> Callable[[nn.Module], bool]:
@@ -347,8 +358,9 @@ ADAPTERS: list[Adapter] = [
 
 
 from .timm_adapters import TIMM_ADAPTERS  # noqa: E402 - built on the helpers above
+from .ultralytics_adapters import ULTRALYTICS_ADAPTERS  # noqa: E402
 
-ADAPTERS.extend(TIMM_ADAPTERS)
+ADAPTERS.extend(TIMM_ADAPTERS + ULTRALYTICS_ADAPTERS)
 
 
 def register_adapter(adapter: Adapter) -> None:

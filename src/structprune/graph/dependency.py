@@ -111,7 +111,8 @@ class DependencyGraph(GroupFinder):
         self._adapted_modules = matching_modules(model)
         followed = [(module, adapter.follows) for module, adapter in self._adapted_modules]
         layers = [(module, LAYER_SIZE_NAMES) for module in self.module2name if self._is_declared(module)]
-        with followed_sizes(followed, layers):
+        derived = [(module, adapter.derives) for module, adapter in self._adapted_modules if adapter.derives]
+        with followed_sizes(followed, layers, derived):
             self._trace(model, example_inputs, forward_fn, output_transform)
         self._all_groups_cache = {}
         self._size_dependents = None  # reshapes by the sizes they read; found on the first discovery

@@ -81,10 +81,12 @@ LAYER_SIZE_NAMES = ("in_channels", "out_channels", "in_features", "out_features"
 
 
 @contextlib.contextmanager
-def followed_sizes(attributes: list, layers: list | None = None):
+def followed_sizes(attributes: list, layers: list | None = None, derived: list | None = None):
     """Mark ``(module, names)`` int attributes as :class:`FollowedSize` for the duration of a trace, and
     the size attributes of declared ``layers`` (``(module, names)``) as sizes of those layers, which the
-    graph evaluates exactly for any removal. Tuples of ints (a stored view shape) are marked item by item."""
+    graph evaluates exactly for any removal. Tuples of ints (a stored view shape) are marked item by item.
+    ``derived`` (``(module, ((name, formula), ...))``) attributes are swapped for their formula evaluated
+    on the marked layer sizes, when it gives the attribute's value: an expression of layer widths."""
     saved = []
     try:
         for module, names in attributes:
@@ -102,6 +104,14 @@ def followed_sizes(attributes: list, layers: list | None = None):
                 if type(value) is int:
                     saved.append((module, name, value))
                     module.__dict__[name] = TracedSize(value, ("layer", module, name, value))
+        for module, formulas in derived or ():
+            for name, formula in formulas:
+                value = module.__dict__.get(name)
+                if type(value) is int:
+                    expression = formula(module)
+                    if isinstance(expression, TracedSize) and int(expression) == value:
+                        saved.append((module, name, value))
+                        module.__dict__[name] = expression
         yield
     finally:
         for module, name, value in reversed(saved):

@@ -145,6 +145,8 @@ class Group:
         self.blocked: list[Refusal] = []
         #: {layer: heads removed} when the pruner planned this group as whole attention heads
         self.heads_removed: dict = {}
+        #: widths this removal changes that a reshape ties to a size read from another tensor (graph/size_checks.py)
+        self.size_ties: list = []
 
     def add_dep(self, dep: Dependency, idxs, root_idxs=None):
         tensors = None

@@ -15,6 +15,7 @@ from ..hf.config import restore_configs, snapshot_configs, task_outputs, uses_tr
 from ..layers.registry import LayerRole, layer_types
 from ..utils.sharding import refuse_sharded
 from .experts import ExpertPlanner
+from .fallback import FallbackRecord
 from .heads import HeadPlanner
 from .manual import ManualPruningMixin
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
@@ -148,6 +149,8 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         self._parent_of: dict | None = None  # module -> its parent, built on first use
         self._reset_head_notes()
         self._init_uniform(model, options.uniform_config_widths)
+        #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
+        self.fallback_history: list[FallbackRecord] = []
 
     # -- hooks for sparse-training subclasses ---------------------------------------------------------
     def update_regularizer(self) -> None:
@@ -196,15 +199,16 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         if interactive:
             return self._interactive(self._plan(), optimizer)
         checkpoint = self._checkpoint()
-        optimizer_plans = []
         try:
-            for group in self._plan():
-                optimizer_plans.append(self._prune_group(group, optimizer))
-            if self.verify and self._forward_error() is not None:
+            optimizer_plans = self._step_balanced(optimizer, checkpoint)
+            error = self._forward_error() if self.verify else None
+            if error is not None:
                 # some group broke the model (a size the graph cannot see, e.g. a reshape to an input's
                 # width): redo the step one group at a time, keeping only the groups after which it still runs
                 checkpoint.restore()
-                optimizer_plans = self._step_verified(optimizer)
+                record = FallbackRecord(self.current_step, error)
+                self.fallback_history.append(record)
+                optimizer_plans = self._step_verified(optimizer, record)
         except BaseException:
             # a step that fails leaves the model, its config and the schedule as they were
             checkpoint.restore()

@@ -23,6 +23,7 @@ from .options import PrunerOptions, split_ignored
 from .options import check_ratio as _check_ratio  # noqa: F401  (its older home)
 from .planning import PlanningMixin, _block_candidates, _refusal, _root_key, _signature  # noqa: F401
 from .scheduling import ScheduleMixin
+from .ties import unbalanced_ties
 from .schedulers import linear_scheduler
 from .uniform import UniformWidths
 from .verify import VerifyMixin
@@ -222,12 +223,23 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
 
     def _interactive(self, plan, optimizer) -> Iterator[Group]:
         sizes = self._sizes()
+        pruned, left = [], []
         for group in plan:
+            if group.size_ties and unbalanced_ties(pruned + [group]):
+                # the model must run after every group the caller prunes, so a group whose reshape tie only
+                # another group of the step could balance is not handed out (step() prunes such pairs together)
+                left.append(group[0].dep.target.name)
+                continue
             root = group[0].dep.target
             width = self.DG._safe_channels(root, group[0].side)
             yield group
             if width is not None and self.DG._safe_channels(root, group[0].side) < width:
                 self._count_removed_heads(group)  # the caller pruned it
+                pruned.append(group)
+        if left:
+            warnings.warn(
+                "left unpruned in this interactive step because a reshape ties their width to another group's: "
+                + ", ".join(left) + "; step() without interactive prunes tied groups together", stacklevel=2)
         self._warn_heads_refused()
         self._after_step(sizes)
 

@@ -46,6 +46,17 @@ class Adapter:
     #: int attributes ``sync`` rewrites that the forward spells out in a reshape (timm's num_heads): the
     #: graph lets those reshape dims shrink (whole heads go) because the adapter follows them
     follows: tuple = ()
+    #: ``(name, formula)`` pairs: int attributes that are a formula of layer widths (ultralytics C2PSA's
+    #: ``c = cv1.conv.out_channels // 2``). During the trace the formula runs on the layers' traced size
+    #: attributes, so the graph evaluates the attribute exactly for any removal instead of trusting it
+    #: (as ``follows`` does); ``sync`` should apply the same formulas (``sync_derived`` does)
+    derives: tuple = ()
+
+
+def sync_derived(module, derives) -> None:
+    """Rewrite each derived attribute from its formula (an adapter's sync for ``derives``)."""
+    for name, formula in derives:
+        setattr(module, name, int(formula(module)))
 
 
 def _class_named(*names: str) -> Callable[[nn.Module], bool]:
@@ -174,7 +185,7 @@ def _timm_metaformer_scale(module) -> None:
 
 ADAPTERS: list[Adapter] = [
     Adapter("timm Attention (num_heads, head_dim, attn_dim, scale)", _is_timm_attention, _timm_attention,
-            uses_removed=True, follows=("num_heads",)),
+            uses_removed=True, follows=("num_heads", "head_dim", "attn_dim")),
     Adapter(
         "timm Swin WindowAttention (num_heads, scale)",
         lambda module: _from("timm", module) and _class_named("WindowAttention")(module)
@@ -185,30 +196,33 @@ ADAPTERS: list[Adapter] = [
         "timm LeViT attention (num_heads, key_dim, val_dim, scale, bias cache)",
         lambda module: _from("timm.models.levit", module) and hasattr(module, "attention_biases")
         and hasattr(module, "key_dim"),
-        _timm_levit_attention, follows=("key_dim", "val_dim"),
+        _timm_levit_attention, follows=("key_dim", "val_dim", "key_attn_dim", "val_attn_dim"),
     ),
     Adapter(
         "timm MetaFormer Scale.shape",
         lambda module: _from("timm", module) and _class_named("Scale")(module) and hasattr(module, "scale"),
-        _timm_metaformer_scale,
+        _timm_metaformer_scale, follows=("shape",),
     ),
     Adapter(
         "torchvision RelativePositionalMultiHeadAttention.head_dim",
         lambda module: _class_named("RelativePositionalMultiHeadAttention")(module) and hasattr(module, "merge"),
-        _torchvision_maxvit_attention,
+        _torchvision_maxvit_attention, follows=("head_dim",),
     ),
     Adapter(
         "torchvision VisionTransformer.hidden_dim",
         lambda module: _class_named("VisionTransformer")(module) and hasattr(module, "conv_proj"),
-        _torchvision_vit,
+        _torchvision_vit, follows=("hidden_dim",),
     ),
 ]
 
 
 # Hugging Face families live in structprune.hf (attention, MLA, MLP sizes, the model config)
 from .hf.adapters import HF_ADAPTERS  # noqa: E402 - needs Adapter and the helpers above
+from .timm_adapters import TIMM_ADAPTERS  # noqa: E402 - built on the helpers above
+from .ultralytics_adapters import ULTRALYTICS_ADAPTERS  # noqa: E402
 
 ADAPTERS[:0] = HF_ADAPTERS
+ADAPTERS.extend(TIMM_ADAPTERS + ULTRALYTICS_ADAPTERS)
 
 
 def register_adapter(adapter: Adapter) -> None:
@@ -245,7 +259,8 @@ def _graph_hook(model: nn.Module) -> ModelHook | None:
     if not matches:
         return None
     return ModelHook(lambda removed: sync_attributes(model, matches, removed),
-                     [(module, adapter.follows) for module, adapter in matches if adapter.follows])
+                     [(module, adapter.follows) for module, adapter in matches if adapter.follows],
+                     [(module, adapter.derives) for module, adapter in matches if adapter.derives])
 
 
 register_graph_hook(_graph_hook)

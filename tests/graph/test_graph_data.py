@@ -84,7 +84,7 @@ class Reaches(nn.Module):
 
     def forward(self, x):
         y = (self.conv(x) * self.mask).mean((2, 3))
-        heads = self.proj(y).view(y.shape[0], 2, 4)  # a spelled-out head count
+        heads = self.proj(y).view(y.shape[0], 2, -1)  # a spelled-out head count; the head width follows
         return self.fc(heads.flatten(1))
 
 
@@ -102,7 +102,7 @@ def test_refusals_carry_kind_layer_and_the_message():
     heads = graph.get_pruning_group(model.proj, tp.prune_linear_out_channels, [0, 1, 2, 3]).blocked
     assert [(r.kind, r.layer) for r in heads] == [(RefusalKind.SPELLED_OUT_SIZE, "view")]
     assert heads[0].as_row() == ("SPELLED_OUT_SIZE", "view", str(heads[0]))
-    assert "spells out the size of dims [1]" in heads[0]
+    assert "spells out the size of dim 1 (2: a number" in heads[0] and "that dim holds 1" in heads[0]
     # the same index of every head passes: the reshape's head count is left alone
     assert not graph.get_pruning_group(model.proj, tp.prune_linear_out_channels, [0, 4]).blocked
 

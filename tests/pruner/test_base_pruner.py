@@ -453,7 +453,8 @@ def test_estimate_importance_uses_the_pruner_criterion():
 
 
 class ReadsItsWidth(nn.Module):
-    """Forward reads a width from an attribute no adapter knows: pruning fc1 breaks the view."""
+    """Forward hands a width from an attribute no adapter knows to a function whose size arguments the
+    graph does not read (F.layer_norm's normalized_shape): pruning fc1 breaks the model at run time."""
 
     def __init__(self):
         super().__init__()
@@ -462,15 +463,44 @@ class ReadsItsWidth(nn.Module):
         self.fc2 = nn.Linear(8, 2)
 
     def forward(self, x):
+        return self.fc2(torch.nn.functional.layer_norm(self.fc1(x), (self.hidden_size,)))
+
+
+class ReshapesWithItsWidth(ReadsItsWidth):
+    """The same attribute spelled out in a view: the graph evaluates it and refuses the removal up front."""
+
+    def forward(self, x):
         return self.fc2(self.fc1(x).view(-1, 2, self.hidden_size // 2).flatten(1))
+
+
+def test_a_view_spelling_out_a_stale_width_is_refused_by_the_graph():
+    model = ReshapesWithItsWidth()
+    x = torch.randn(3, 4)
+    pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, ignored_layers=[model.fc2])
+    group = pruner.DG.get_pruning_group(model.fc1, tp.prune_linear_out_channels, [0, 4])  # one per row
+    assert not pruner.DG.check_pruning_group(group)
+    assert any(re.search(r"'view' to \[3, 2, 4\] spells out the size of dim 2 \(4: a number", reason)
+               for reason in group.blocked), group.blocked
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner.step()
+    # refused by the graph up front: nothing left to the fallback; the one warning is the report's pointer
+    assert [str(w.message) for w in caught] == [
+        "step() removed 0 of the 4 channels its schedule asked for: fc1 (0 of 4: a reshape spells out a size). "
+        "pruner.report() lists every group and why it kept channels"]
+    assert pruner.fallback_history == [] and model.fc1.out_features == 8 and model(x).shape == (3, 2)
 
 
 def test_a_step_that_breaks_the_model_names_the_stale_attribute():
     model = ReadsItsWidth()
     x = torch.randn(3, 4)
+    pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, ignored_layers=[model.fc2])
     with pytest.warns(UserWarning, match=r"left unpruned .*fc1 .*attributes still holding a pruned width: hidden_size=8"):
-        tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, ignored_layers=[model.fc2]).step()
+        pruner.step()
     assert model.fc1.out_features == 8 and model(x).shape == (3, 2)  # the group was put back
+    [record] = pruner.fallback_history
+    assert record.step == 1 and "normalized_shape=[8]" in record.error and record.kept == []
+    assert [root for root, _ in record.skipped] == ["fc1"] and record.handled == 1
 
 
 def test_interactive_step_that_breaks_the_model_names_the_stale_attribute():

@@ -46,7 +46,8 @@ def test_graph_pruner_update_reg_step_and_update_regularizer_keep_every_flag():
 
 def test_flags_survive_a_step_that_falls_back_group_by_group():
     class Pinned(nn.Module):
-        """A reshape to a width read from an attribute no adapter follows: the one-shot step breaks it."""
+        """A width read from an attribute no adapter follows, handed to a function whose size arguments
+        the graph does not read (layer_norm's normalized_shape): the one-shot step breaks it."""
 
         def __init__(self):
             super().__init__()
@@ -57,7 +58,7 @@ def test_flags_survive_a_step_that_falls_back_group_by_group():
 
         def forward(self, x):
             y = self.bn(self.conv(x)).mean((2, 3))
-            return self.head(y.reshape(-1, self.width))
+            return self.head(nn.functional.layer_norm(y, (self.width,)))
 
     model = Pinned()
     model.train()
@@ -68,4 +69,5 @@ def test_flags_survive_a_step_that_falls_back_group_by_group():
     with pytest.warns(UserWarning, match="left unpruned"):
         pruner.step()
     assert model.conv.out_channels == 8
+    assert [root for record in pruner.fallback_history for root, _ in record.skipped] == ["conv"]
     assert flags(model) == before

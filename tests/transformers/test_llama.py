@@ -84,7 +84,7 @@ def test_head_dims_pinned_by_rotary_code_are_refused_by_name_while_the_rest_prun
     ids = torch.randint(0, 128, (1, 8))
     # q's channels reach the rotary cos/sin tables; v's reshape spells out head_dim
     with pytest.warns(UserWarning, match=r"prune_head_dims: .*self_attn\.q_proj \(channels reach a constant.*"
-                                         r"self_attn\.v_proj \('reshape'.*spells out.*prune_num_heads=True"):
+                                         r"self_attn\.v_proj \('view'.*spells out.*prune_num_heads=True"):
         tp.pruner.BasePruner(model, {"input_ids": ids}, tp.importance.MagnitudeImportance(), pruning_ratio=0.4,
                              ignored_layers=[model.lm_head]).step()
     attention = model.model.layers[0].self_attn

@@ -73,10 +73,12 @@ class GraphBuilder:
         self._unwrapped_dims = _normalise_unwrapped(unwrapped_parameters)
         self._hooks = hooks_for(model)
         followed = [pair for hook in self._hooks for pair in hook.follows]
-        followed += [(module, LAYER_SIZE_NAMES) for module in self.module2name if self._is_declared(module)]
-        with followed_sizes(followed):
+        layers = [(module, LAYER_SIZE_NAMES) for module in self.module2name if self._is_declared(module)]
+        derived = [pair for hook in self._hooks for pair in hook.derives]
+        with followed_sizes(followed, layers, derived):
             self._trace(model, example_inputs, forward_fn, output_transform)
         self._all_groups_cache = {}
+        self._size_dependents = None  # reshapes by the sizes they read; found on the first discovery
         self._init_alive()
         return self
 
@@ -120,15 +122,18 @@ class GraphBuilder:
         root_keys = {(t.grad_fn, t.output_nr) for t in roots}
         self._output_keys = root_keys if transformed is None else _kept_outputs(tracer, output, root_keys, boundary)
         self._collect(tracer, list(root_keys))
-        self._compact()
+        self._compact(tracer.shape_reads)
 
-    def _compact(self):
+    def _compact(self, shape_reads=()):
         """Swap autograd nodes for plain ids so the traced graph is freed.
 
         Holding it would keep each parameter's gradient accumulator alive with the pre-pruning shape, and
-        the next backward after pruning would fail.
+        the next backward after pruning would fail. Sizes read from tensors name values the same way
+        (None: a value that never reaches an output, whose size nothing prunes).
         """
         ids = {key: index for index, key in enumerate(self.values)}
+        for read in shape_reads:
+            read.key = ids.get(read.key)
         for key, value in self.values.items():
             value.key = ids[key]
         self.values = {ids[key]: value for key, value in self.values.items()}

@@ -108,19 +108,39 @@ def forward_through(correspondence: torch.Tensor, source_shape, state: ChannelSt
     """Source -> target, where ``correspondence[e]`` is the flat source element target element e reads (-1: none)."""
     if correspondence.numel() == 0:
         return None  # an empty slice (Phi-3's q[..., rotary_dim:] when rotary covers the whole head)
-    source_channel = channel_labels(tuple(source_shape), state.dims).reshape(-1)
-    label = torch.where(correspondence >= 0, source_channel[correspondence.clamp(min=0)], -1)
-    dims = varying_dims(label)
-    if label.dim() == len(source_shape) and bool((label >= 0).any()):
-        # a slice one channel wide: nothing varies along it, but the channel still sits on the state's dim
-        dims = tuple(sorted(set(dims) | {d for d in state.dims if label.shape[d] == 1}))
-    table = reduce_to(label, dims)
+    dims, table = _plan(correspondence, ("forward", tuple(source_shape), state.dims), _forward_plan, source_shape,
+                        state.dims)
     member, root_table = dense_tables(state, _channel_count(tuple(source_shape), state.dims))
     hit = (table >= 0) & member[table.clamp(min=0)]
     positions = torch.nonzero(hit).reshape(-1)
     if len(positions) == 0:
         return None
     return ChannelState(dims, positions, root_table[table[positions]])
+
+
+def _plan(correspondence: torch.Tensor, key: tuple, build, *args):
+    """What a correspondence does to channels on given dims, worked out once per correspondence.
+
+    A correspondence has one element per target element (tokens x channels), but what it does to the
+    channels of a state depends only on the state's dims, not on which channels it holds; every group
+    that crosses the op reuses the plan, so a visit costs a lookup over channels, not over elements.
+    The plans live on the correspondence tensor, so they go when it does.
+    """
+    plans = correspondence.__dict__.setdefault("_structprune_plans", {})
+    if key not in plans:
+        plans[key] = build(correspondence, *args)
+    return plans[key]
+
+
+def _forward_plan(correspondence, source_shape, state_dims):
+    """(target dims, table): the flat source channel each target channel position reads (-1: none)."""
+    source_channel = channel_labels(tuple(source_shape), state_dims).reshape(-1)
+    label = torch.where(correspondence >= 0, source_channel[correspondence.clamp(min=0)], -1)
+    dims = varying_dims(label)
+    if label.dim() == len(source_shape) and bool((label >= 0).any()):
+        # a slice one channel wide: nothing varies along it, but the channel still sits on the state's dim
+        dims = tuple(sorted(set(dims) | {d for d in state_dims if label.shape[d] == 1}))
+    return dims, reduce_to(label, dims)
 
 
 def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelState,
@@ -132,42 +152,93 @@ def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelS
     """
     if correspondence.numel() == 0:
         return None  # nothing reads the source through an empty tensor
-    target_shape = tuple(correspondence.shape)
-    shape = tuple(source_shape)
-    numel = 1
-    for size in shape:
-        numel *= size
-    flat = correspondence.reshape(-1)
-    valid = flat >= 0
-    readers = flat[valid]
-    target_channel = channel_labels(target_shape, state.dims).reshape(-1)[valid]
-    member, root_table = dense_tables(state, _channel_count(target_shape, state.dims))
-    removed = member[target_channel]
-    read = torch.zeros(numel, dtype=torch.long).index_add_(0, readers, torch.ones_like(readers))
-    gone = torch.zeros(numel, dtype=torch.long).index_add_(0, readers, removed.long())
-    low = torch.full((numel,), numel + 1, dtype=torch.long).scatter_reduce_(0, readers, target_channel, "amin")
-    high = torch.full((numel,), -1, dtype=torch.long).scatter_reduce_(0, readers, target_channel, "amax")
-    is_read = (read > 0).view(shape)
-    determined = is_read.clone()
-    for sibling in siblings or ():
-        others = sibling.reshape(-1)
-        determined.view(-1)[others[others >= 0]] = True
-    element_gone = (is_read & (gone == read).view(shape))
-    dims = set(varying_dims(low.view(shape), is_read)) | set(varying_dims(high.view(shape), is_read))
-    dims |= set(varying_dims(element_gone.long(), determined))
-    dims = tuple(sorted(dims))
+    key = ("backward", tuple(source_shape), state.dims, tuple(id(sibling) for sibling in siblings or ()))
+    plan = _plan(correspondence, key, _backward_plan, source_shape, state.dims, siblings)
+    classes, class_of_pair, channel_of_pair, static_dims, n_classes = plan
+    member, root_table = dense_tables(state, _channel_count(tuple(correspondence.shape), state.dims))
+    # a class (the set of target channels reading an element) goes when every channel in it goes
+    kept_pair = ~member[channel_of_pair]
+    class_gone = torch.ones(n_classes, dtype=torch.bool)
+    class_gone[class_of_pair[kept_pair]] = False
+    big = torch.iinfo(torch.long).max
+    class_root = torch.full((n_classes,), big, dtype=torch.long).scatter_reduce_(
+        0, class_of_pair, root_table[channel_of_pair], "amin")
+    is_read = classes >= 0
+    determined = classes != UNREAD
+    element_gone = is_read & class_gone[classes.clamp(min=0)]
+    dims = tuple(sorted(set(static_dims) | set(varying_dims(element_gone.long(), determined))))
+    if not dims:
+        return None
     # a source position goes when something reads its slice and every determined element of it goes
     all_gone = torch.where(determined, element_gone, True)
-    removed_source = reduce_to(all_gone, dims, "all") & reduce_to(is_read, dims, "any") if dims else None
-    if removed_source is None:
-        return None
+    removed_source = reduce_to(all_gone, dims, "all") & reduce_to(is_read, dims, "any")
     positions = torch.nonzero(removed_source).reshape(-1)
     if len(positions) == 0:
         return None
-    big = torch.iinfo(torch.long).max
-    roots = torch.full((numel,), big, dtype=torch.long).scatter_reduce_(
-        0, readers[removed], root_table[target_channel[removed]], "amin")
-    return ChannelState(dims, positions, reduce_to(roots.view(shape), dims, "amin")[positions])
+    roots = torch.where(element_gone, class_root[classes.clamp(min=0)], big)
+    return ChannelState(dims, positions, reduce_to(roots, dims, "amin")[positions])
+
+
+#: class of a source element nobody reads; READ_BY_SIBLING: read only by another output of the same op
+UNREAD, READ_BY_SIBLING = -1, -2
+
+
+def _backward_plan(correspondence, source_shape, state_dims, siblings):
+    """The element-level facts of a backward map that do not depend on which channels are removed.
+
+    Each source element belongs to a class: the exact set of target channels (over ``state_dims``)
+    that read it, or UNREAD / READ_BY_SIBLING. Every per-element quantity of the map is a function of
+    the class, so dims along which the class never changes are collapsed to one position (all, any and
+    amin over copies of one value give that value): a token dim costs nothing per visit. Returns
+    (class grid, class of each (class, channel) pair, channel of each pair, dims that vary regardless of
+    the removal, class count).
+    """
+    shape = tuple(source_shape)
+    numel = _channel_count(shape, tuple(range(len(shape))))
+    flat = correspondence.reshape(-1)
+    valid = flat >= 0
+    readers = flat[valid]
+    channels = channel_labels(tuple(correspondence.shape), state_dims).reshape(-1)[valid]
+    n_channels = _channel_count(tuple(correspondence.shape), state_dims)
+    low = torch.full((numel,), n_channels + 1, dtype=torch.long).scatter_reduce_(0, readers, channels, "amin")
+    high = torch.full((numel,), -1, dtype=torch.long).scatter_reduce_(0, readers, channels, "amax")
+    classes = torch.full((numel,), UNREAD, dtype=torch.long)
+    for sibling in siblings or ():
+        others = sibling.reshape(-1)
+        classes[others[others >= 0]] = READ_BY_SIBLING
+    read = high >= 0
+    if bool((low[read] == high[read]).all()):
+        # each element read through one channel (reshapes, permutes, broadcasts): the channel is the class
+        classes[read] = low[read]
+        present = torch.unique(low[read])
+        class_of_pair, channel_of_pair, n_classes = present, present, n_channels
+    else:
+        pairs = torch.unique(readers * n_channels + channels)  # distinct (source element, target channel), sorted
+        elements, pair_channels = pairs // n_channels, pairs % n_channels
+        counts = torch.zeros(numel, dtype=torch.long).index_add_(0, elements, torch.ones_like(elements))
+        rank = torch.arange(len(pairs)) - (torch.cumsum(counts, 0) - counts)[elements]
+        rows = torch.full((numel, int(counts.max())), -1, dtype=torch.long)
+        rows[elements, rank] = pair_channels
+        read_elements = torch.nonzero(counts).reshape(-1)
+        unique_rows, inverse = torch.unique(rows[read_elements], dim=0, return_inverse=True)
+        classes[read_elements] = inverse
+        filled = unique_rows >= 0
+        class_of_pair = torch.arange(len(unique_rows))[:, None].expand_as(unique_rows)[filled]
+        channel_of_pair, n_classes = unique_rows[filled], len(unique_rows)
+    classes = classes.view(shape)
+    for dim in range(len(shape)):
+        if shape[dim] > 1 and bool((classes == classes.narrow(dim, 0, 1)).all()):
+            classes = classes.narrow(dim, 0, 1)
+    classes = classes.contiguous()
+    # the lowest and highest channel reading an element are functions of its class too
+    is_read = classes >= 0
+    class_low = torch.full((n_classes,), n_channels + 1, dtype=torch.long).scatter_reduce_(
+        0, class_of_pair, channel_of_pair, "amin")
+    class_high = torch.full((n_classes,), -1, dtype=torch.long).scatter_reduce_(
+        0, class_of_pair, channel_of_pair, "amax")
+    low, high = class_low[classes.clamp(min=0)], class_high[classes.clamp(min=0)]
+    static_dims = set(varying_dims(low, is_read)) | set(varying_dims(high, is_read))
+    return classes, class_of_pair, channel_of_pair, tuple(sorted(static_dims)), n_classes
 
 
 def through_letters(state: ChannelState, source_letters, source_shape, target_letters, target_shape):

@@ -12,6 +12,7 @@ from .channels import ChannelState, squeeze_state, through_letters
 from .group import Dependency, Group, Node
 from .refusal import Blocked, Refusal, RefusalKind
 from .side import Side
+from .size_checks import size_refusals
 from .trace import Call
 
 OUT, IN = Side.OUT, Side.IN
@@ -96,10 +97,12 @@ class GroupFinder:
                         push(next_key, next_state)
             except Blocked as reason:
                 blocked.append(reason.refusal)
+        sizes, refusals, ties = size_refusals(self, states, deps)
+        blocked.extend(refusals)
         for (value_key, dims), state in states.items():
             value = self.values[value_key]
             for call, operand in value.consumers:
-                if operand == 0 and not self._feeds_shape_only(call) and ops.shifts_channels(call, state):
+                if operand == 0 and not self._feeds_shape_only(call) and ops.shifts_channels(call, state, sizes):
                     blocked.append(Refusal(
                         RefusalKind.SPELLED_OUT_PIECES, call.name,
                         f"'{call.name}' spells out the size of its pieces (sizes, bounds or indices along dim "
@@ -109,23 +112,16 @@ class GroupFinder:
             # checked once states are merged: two inputs of a cat may each cover half of a head
             if len(dims) < 2:
                 continue
-            sizes = [value.shape[d] for d in dims]
+            grid = [value.shape[d] for d in dims]
             if not ops.keeps_product(state, value.shape):
                 blocked.append(Refusal(
                     RefusalKind.REGROUP, value.producer[0].name if value.producer is not None else None,
-                    f"channels regrouped into dims {sizes} (by a reshape, view or split) would keep a different "
+                    f"channels regrouped into dims {grid} (by a reshape, view or split) would keep a different "
                     f"selection in each group; remove whole groups or the same index in every group"
                 ))
-            elif value.producer is not None:
-                fixed = ops.fixed_reshape_dims(value.producer[0], state, value.shape)
-                if fixed:
-                    blocked.append(Refusal(
-                        RefusalKind.SPELLED_OUT_SIZE, value.producer[0].name,
-                        f"'{value.producer[0].name}' to {list(value.shape)} spells out the size of dims {fixed}, "
-                        f"which this removal would shrink; only the dim written as -1 (or the innermost) may change"
-                    ))
         group = Group(self)
         group.blocked = sorted(set(blocked + self._outputs_passed))
+        group.size_ties = ties
         root_fn = trigger
         for target, target_side in order:
             state = deps[(target, target_side)]

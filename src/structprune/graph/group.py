@@ -163,6 +163,8 @@ class Group:
         self.heads_removed: dict = {}
         #: built for an explicit request (``get_pruning_group``): prune() honours a model-output refusal
         self.explicit: bool = False
+        #: widths this removal changes that a reshape ties to a size read from another tensor (graph/size_checks.py)
+        self.size_ties: list = []
 
     def add_dep(self, dep: Dependency, idxs, root_idxs=None):
         tensors = None

@@ -3,8 +3,8 @@
 Code that keeps model attributes in step with pruning (``structprune.adapters`` for transformers, timm
 and torchvision families) registers a factory with :func:`register_graph_hook`. Each graph build asks
 every factory about its model once; the :class:`ModelHook` it returns names the size attributes it
-rewrites (the trace marks them as followed) and is called after every applied group with the output
-channels each layer just lost.
+rewrites (the trace marks them as followed, or as formulas of layer widths) and is called after every
+applied group with the output channels each layer just lost.
 """
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ class ModelHook:
     #: ``(module, attribute names)``: int attributes the hook rewrites that a forward may spell out in a
     #: reshape; during the trace they are marked as following the pruning
     follows: list = field(default_factory=list)
+    #: ``(module, ((name, formula), ...))``: int attributes that are a formula of layer widths (ultralytics
+    #: C2PSA's ``c = cv1.conv.out_channels // 2``); the trace swaps in the formula evaluated on the layers'
+    #: traced sizes, so the graph evaluates the attribute exactly for any removal
+    derives: list = field(default_factory=list)
 
 
 HookFactory = Callable[[nn.Module], "ModelHook | None"]

@@ -15,13 +15,14 @@ from functools import lru_cache
 from typing import Callable
 
 import torch
-from torch.utils import _pytree as pytree
 
 from .channels import ChannelState, backward_through, forward_through, through_letters
 from .refusal import Blocked, RefusalKind
-from .signatures import argument, shape_argument
+from .replays import shared_replay
+from .signatures import argument
+from .sizes import FREE, has_followed, is_traced
 from ..utils.nested import flatten_as_list
-from .trace import OPAQUE, Call, FollowedSize, rebuild
+from .trace import OPAQUE, Call, rebuild
 
 IndexMap = Callable[[Call, int, ChannelState], "list[tuple[int, ChannelState]]"]
 
@@ -162,38 +163,6 @@ def _movement(call, operand, state):
     return _movement_unchecked(call, operand, state)
 
 
-RESHAPES = {"view", "reshape"}
-
-
-def fixed_reshape_dims(call: Call, state: ChannelState, shape) -> list[int]:
-    """Dims of a view/reshape output that the code spells out but the removal would shrink.
-
-    Code writes the size that follows the data as -1 (``view(b, t, -1, head_dim)``) or computes the
-    innermost size at run time (a channel shuffle's ``channels // groups``); any other spelled-out size
-    is taken as fixed (``self.num_heads``), so shrinking it would regroup channels silently.
-    """
-    if call.name not in RESHAPES:
-        return []
-    requested = shape_argument(call)
-    if len(requested) != len(shape) or not all(isinstance(a, int) for a in requested):
-        return []
-    sizes = [shape[d] for d in state.dims]
-    kept = torch.ones(sizes, dtype=torch.bool).reshape(-1)
-    kept[state.idxs] = False
-    kept = kept.view(sizes)
-    shrinking = []
-    for axis, dim in enumerate(state.dims):
-        others = tuple(d for d in range(len(sizes)) if d != axis)
-        if int((kept.any(dim=others) if others else kept).sum()) < sizes[axis]:
-            shrinking.append(dim)
-    # -1 follows the data; a FollowedSize attribute is rewritten by an adapter after pruning; without a
-    # -1 the innermost size is taken as computed at run time
-    free = [d for d in state.dims if requested[d] == -1 or isinstance(requested[d], FollowedSize)]
-    if not any(requested[d] == -1 for d in state.dims):
-        free.append(max(state.dims))
-    return [d for d in shrinking if d not in free]
-
-
 def keeps_product(state: ChannelState, shape) -> bool:
     """After removal, channels spread over several dims must still form a full grid (a valid shape)."""
     if len(state.dims) < 2:
@@ -286,17 +255,23 @@ def _fast_concat_or_split(call, operand, state):
 PIECEWISE = SPLITS | {"__getitem__", "select", "index_select", "unbind"}
 
 
-def shifts_channels(call: Call, state: ChannelState) -> bool:
+def shifts_channels(call: Call, state: ChannelState, sizes=None) -> bool:
     """Whether re-running a split/slice on the pruned input hands an output other channels.
 
     The op runs again after pruning with the sizes, bounds and indices the code wrote: ``split(4)`` of
     7 channels gives the first piece a channel of the second, ``x[:, 3]`` picks another channel. Replay
     it on the kept labels and compare with the full output minus the removed channels (removing slices
-    along one dim keeps row-major order, so the flattened outputs must be equal). Sizes that follow the
-    pruning (adapter-followed attributes) are not literal: such calls are left to the element maps.
+    along one dim keeps row-major order, so the flattened outputs must be equal). Sizes read from the data
+    or from layers are replayed as they will be after the removal (``sizes``: a size_checks.RemovalSizes);
+    adapter-followed attributes are not literal: such calls are left to the element maps.
     """
-    if call.name not in PIECEWISE or len(state.dims) != 1 or _has_followed_size(call):
+    if call.name not in PIECEWISE or len(state.dims) != 1 or has_followed((call.args, call.kwargs)):
         return False
+    arguments = (call.args, call.kwargs)
+    if sizes is not None and is_traced(arguments):
+        arguments = sizes.evaluate(arguments)
+        if arguments is FREE:
+            return False
     floats = [i for i in range(len(call.inputs)) if call.inputs[i] is not None and _is_float(call, i)]
     if floats != [0]:
         return False
@@ -312,7 +287,7 @@ def shifts_channels(call: Call, state: ChannelState) -> bool:
     stride = labels.stride(dim)
     before = _correspondence(call, 0)  # the same replay on the full width, cached for the element maps
     try:
-        after = _replay_on(call, labels.index_select(dim, torch.nonzero(keep).reshape(-1)))
+        after = _replay_on(call, labels.index_select(dim, torch.nonzero(keep).reshape(-1)), arguments)
     except Exception:  # noqa: BLE001 - the code itself would fail on the pruned width
         return True
     if len(before) != len(after):
@@ -325,18 +300,9 @@ def shifts_channels(call: Call, state: ChannelState) -> bool:
     return False
 
 
-def _replay_on(call: Call, labels: torch.Tensor) -> list[torch.Tensor]:
-    args, kwargs = rebuild((call.args, call.kwargs), {call.input_slots[0]: labels})
+def _replay_on(call: Call, labels: torch.Tensor, arguments=None) -> list[torch.Tensor]:
+    args, kwargs = rebuild(arguments or (call.args, call.kwargs), {call.input_slots[0]: labels})
     return flatten_as_list(call.target(*args, **kwargs))
-
-
-def _has_followed_size(call: Call) -> bool:
-    """Whether an argument is a size that follows the pruning, alone or as a slice bound."""
-    for leaf in pytree.tree_leaves((call.args, call.kwargs)):
-        bounds = (leaf.start, leaf.stop, leaf.step) if isinstance(leaf, slice) else (leaf,)
-        if any(isinstance(bound, FollowedSize) for bound in bounds):
-            return True
-    return False
 
 
 def _dim_argument(call, ndim):
@@ -352,16 +318,19 @@ def _is_float(call, index) -> bool:
 def _correspondence(call: Call, source: int) -> list[torch.Tensor]:
     """Per output: which flat element of input ``source`` each output element reads (-1: another input)."""
     cache = call.cache.setdefault("correspondence", {})
-    if source in cache:
-        return cache[source]
+    if source not in cache:
+        cache[source] = shared_replay(call, source, lambda: _replay_labels(call, source))
+    return cache[source]
+
+
+def _replay_labels(call: Call, source: int) -> list[torch.Tensor]:
     args, kwargs = _substitute(call, source)
     try:
         result = call.target(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - any failure means we cannot map this op
         raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name, f"cannot map channels through '{call.name}': {error}") from error
     outputs = flatten_as_list(result)
-    cache[source] = [tensor.reshape(tuple(shape)) for tensor, shape in zip(outputs, call.out_shapes)]
-    return cache[source]
+    return [tensor.reshape(tuple(shape)) for tensor, shape in zip(outputs, call.out_shapes)]
 
 
 def _substitute(call, source):
@@ -443,6 +412,7 @@ def _check_head_grid(state, letters, shape, kv_heads, groups, name=None):
         )
 
 
+@lru_cache(maxsize=64)
 def _repeat_heads(shape, groups):
     numel = 1
     for size in shape:

@@ -42,9 +42,10 @@ def argument(call: Call, name: str, default: Any = None) -> Any:
 
 def shape_argument(call: Call) -> list:
     """The shape a ``view``/``reshape`` asks for, written as varargs (``x.view(b, -1)``), as one sequence
-    (``x.reshape((b, -1))``) or by keyword (``torch.reshape(x, shape=...)``)."""
-    if "shape" in call.kwargs:
-        return list(call.kwargs["shape"])
+    (``x.reshape((b, -1))``) or by keyword (``torch.reshape(x, shape=...)``, ``x.view(size=...)``)."""
+    for name in ("shape", "size"):
+        if name in call.kwargs:
+            return list(call.kwargs[name])
     requested = [a for a in call.args[1:] if a is not None]
     if len(requested) == 1 and isinstance(requested[0], (tuple, list)):
         return list(requested[0])

@@ -19,6 +19,8 @@ from torch.utils import _pytree as pytree
 from ..layers.registry import LAYER_SIZE_NAMES  # noqa: F401  (its older home)
 from ..utils.nested import container_contents, flatten_as_list
 
+from .sizes import ShapeRead, TracedSize, follows_pruning, wrap_numel, wrap_shape
+
 
 @dataclass(eq=False)
 class Call:
@@ -104,46 +106,24 @@ def rebuild(frozen, replaced: dict):
     return pytree.tree_unflatten([replaced.get(slot, leaf) for slot, leaf in enumerate(leaves)], spec)
 
 
-class FollowedSize(int):
-    """An int that pruning keeps in step with the layer widths: a layer's own size attribute
-    (``conv.in_channels``, updated by its pruning function) or one an adapter rewrites (timm's
-    ``Attention.num_heads``).
+class FollowedSize(TracedSize):
+    """An int attribute an adapter rewrites after pruning (timm's ``Attention.num_heads``).
 
     Swapped in for one trace only, so a reshape, split or slice that spells it out (or a sum, product
     or quotient of such sizes: split offsets, ``out_features // 2``) is known to follow the pruning.
     """
 
-    def _wrap(self, result):
-        return FollowedSize(result) if type(result) is int else result
-
-    def __add__(self, other):
-        return self._wrap(int.__add__(self, other))
-
-    def __radd__(self, other):
-        return self._wrap(int.__radd__(self, other))
-
-    def __sub__(self, other):
-        return self._wrap(int.__sub__(self, other))
-
-    def __rsub__(self, other):
-        return self._wrap(int.__rsub__(self, other))
-
-    def __mul__(self, other):
-        return self._wrap(int.__mul__(self, other))
-
-    def __rmul__(self, other):
-        return self._wrap(int.__rmul__(self, other))
-
-    def __floordiv__(self, other):
-        return self._wrap(int.__floordiv__(self, other))
-
-    def __rfloordiv__(self, other):
-        return self._wrap(int.__rfloordiv__(self, other))
+    def __new__(cls, value: int):
+        return TracedSize.__new__(cls, value, ("followed", int(value)))
 
 
 @contextlib.contextmanager
-def followed_sizes(attributes: list):
-    """Mark ``(module, names)`` int attributes as :class:`FollowedSize` for the duration of a trace."""
+def followed_sizes(attributes: list, layers: list | None = None, derived: list | None = None):
+    """Mark ``(module, names)`` int attributes as :class:`FollowedSize` for the duration of a trace, and
+    the size attributes of declared ``layers`` (``(module, names)``) as sizes of those layers, which the
+    graph evaluates exactly for any removal. Tuples of ints (a stored view shape) are marked item by item.
+    ``derived`` (``(module, ((name, formula), ...))``) attributes are swapped for their formula evaluated
+    on the marked layer sizes, when it gives the attribute's value: an expression of layer widths."""
     saved = []
     try:
         for module, names in attributes:
@@ -159,9 +139,26 @@ def followed_sizes(attributes: list):
                 if type(value) is int:
                     saved.append((owner, name, value))
                     owner.__dict__[name] = FollowedSize(value)
+                elif type(value) is tuple and value and all(type(item) is int for item in value):
+                    saved.append((owner, name, value))
+                    owner.__dict__[name] = tuple(FollowedSize(item) for item in value)
+        for module, names in layers or ():
+            for name in names:
+                value = module.__dict__.get(name)
+                if type(value) is int:
+                    saved.append((module, name, value))
+                    module.__dict__[name] = TracedSize(value, ("layer", module, name, value))
+        for module, formulas in derived or ():
+            for name, formula in formulas:
+                value = module.__dict__.get(name)
+                if type(value) is int:
+                    expression = formula(module)
+                    if isinstance(expression, TracedSize) and int(expression) == value:
+                        saved.append((module, name, value))
+                        module.__dict__[name] = expression
         yield
     finally:
-        for owner, name, value in saved:
+        for owner, name, value in reversed(saved):
             owner.__dict__[name] = value
 
 
@@ -208,7 +205,7 @@ def _note_followed_factory(tracer, func, args, kwargs, result) -> None:
         size = args[0] if args else ()
     if not isinstance(size, (tuple, list)) or len(size) != result.dim():
         return
-    dims = frozenset(dim for dim, item in enumerate(size) if isinstance(item, FollowedSize))
+    dims = frozenset(dim for dim, item in enumerate(size) if follows_pruning(item))
     if dims:
         tracer.keep_alive.append(result)
         tracer.followed_factories[id(result)] = dims
@@ -222,6 +219,8 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tracer = self.tracer
+        if func in _SIZE_READS and args and isinstance(args[0], torch.Tensor):
+            return tracer.read_size(func, args, kwargs, func(*args, **kwargs))
         leaves, spec = flatten_args((args, kwargs))
         flat_in = [(slot, leaf) for slot, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         in_keys = [value_key(t, tracer.keep_alive) for _, t in flat_in]
@@ -249,6 +248,9 @@ class _Recorder(TorchFunctionMode):
         return result
 
 
+_SIZE_READS = {torch.Tensor.shape.__get__, torch.Tensor.size, torch.Tensor.numel}
+
+
 class Tracer:
     """Runs the model once, recording calls of declared modules and of torch functions."""
 
@@ -259,7 +261,27 @@ class Tracer:
         self.keep_alive: list = []
         self.followed_factories: dict = {}  # id(tensor) -> dims sized by followed attributes
         self.calls: list[Call] = []
+        self.shape_reads: list[ShapeRead] = []  # renumbered with the values when the graph compacts them
         self._order = 0
+
+    def read_size(self, func, args, kwargs, result):
+        """A size read from a tensor, as TracedSizes naming the tensor's value and dim (see sizes.py)."""
+        tensor = args[0]
+        key = value_key(tensor, self.keep_alive)
+        if func is torch.Tensor.numel:
+            return wrap_numel(result, tuple(tensor.shape), key, self._read) if type(result) is int else result
+        if isinstance(result, torch.Size):
+            return wrap_shape(result, key, self._read)
+        if type(result) is int:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if isinstance(dim, int) and tensor.dim():
+                return TracedSize(result, ("shape", self._read(key, dim % tensor.dim(), result)))
+        return result
+
+    def _read(self, key, dim: int, value: int) -> ShapeRead:
+        read = ShapeRead(key, dim, value)
+        self.shape_reads.append(read)
+        return read
 
     def run(self, model: nn.Module, forward: Callable[[], Any]):
         names = {module: name for name, module in model.named_modules()}

@@ -47,6 +47,15 @@ def _check_grouped(layer, idxs, side: str, symmetric: bool) -> None:
         )
 
 
+def _per_output_extras(layer, count: int) -> list:
+    """Axes of a conv subclass's own extra per-output-channel parameters, shaped [out, 1, ...]: timm's
+    ScaledStdConv2d (NFNet) scales its standardized weight by a ``gain`` its forward reads inside the
+    layer, so it must lose the same rows as the weight."""
+    return [Axis(name, 0) for name, param in layer.named_parameters(recurse=False)
+            if name not in ("weight", "bias") and param.dim() >= 1 and param.shape[0] == count
+            and all(size == 1 for size in param.shape[1:])]
+
+
 class ConvPruner(BasePruningFunc):
     out_tensor_dim = 1
     in_tensor_dim = 1
@@ -70,7 +79,7 @@ class ConvPruner(BasePruningFunc):
         return _is_depthwise(layer)
 
     def out_axes(self, layer):
-        return [Axis("weight", 0), Axis("bias", 0)]
+        return [Axis("weight", 0), Axis("bias", 0)] + _per_output_extras(layer, layer.out_channels)
 
     def in_axes(self, layer):
         if self.is_coupled(layer):

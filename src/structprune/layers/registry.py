@@ -27,14 +27,18 @@ class SizeAttribute:
     #: read in forward by attention and MLP code (transformers, timm, torchvision, custom): named when a
     #: pruned model stops running and it still holds a pruned width
     read_in_forward: bool = False
+    #: counts a layer's input channels (the other layer attributes count its output channels): the graph
+    #: evaluates a traced ``conv.in_channels`` against the removal on the layer's input side
+    counts_inputs: bool = False
 
 
 def _attributes(*rows: tuple) -> tuple[SizeAttribute, ...]:
-    return tuple(SizeAttribute(name, "L" in flags, "R" in flags, "F" in flags) for name, flags in rows)
+    return tuple(SizeAttribute(name, "L" in flags, "R" in flags, "F" in flags, "I" in flags) for name, flags in rows)
 
 
 #: Every size attribute the library reads or writes. L: rewritten by layer pruning functions;
-#: R: recorded in saved plans; F: read in forward by family code. Order is the order of diagnoses.
+#: R: recorded in saved plans; F: read in forward by family code; I: counts a layer's input channels.
+#: Order is the order of diagnoses.
 SIZE_ATTRIBUTES: tuple[SizeAttribute, ...] = _attributes(
     ("num_heads", "RF"), ("num_attention_heads", "F"), ("num_key_value_heads", "F"), ("n_head", "F"),
     ("n_heads", "F"), ("head_dim", "RF"), ("attention_head_size", "F"), ("all_head_size", "F"),
@@ -42,13 +46,15 @@ SIZE_ATTRIBUTES: tuple[SizeAttribute, ...] = _attributes(
     ("inner_dim", "F"), ("intermediate_size", "F"), ("split_size", "F"), ("kdim", "RF"), ("vdim", "RF"),
     ("width", "F"), ("channels", "F"), ("num_channels", "LRF"), ("in_dim", "F"), ("out_dim", "F"),
     ("features", "F"), ("num_features", "LRF"),
-    ("in_channels", "LR"), ("out_channels", "LR"), ("in_features", "LR"), ("out_features", "LR"),
-    ("embedding_dim", "LR"), ("input_size", "LR"), ("groups", "R"), ("normalized_shape", "R"),
+    ("in_channels", "LRI"), ("out_channels", "LR"), ("in_features", "LRI"), ("out_features", "LR"),
+    ("embedding_dim", "LR"), ("input_size", "LRI"), ("groups", "R"), ("normalized_shape", "R"),
     ("num_parameters", "R"),
 )
 
 #: size attributes the pruning functions of declared layers rewrite
 LAYER_SIZE_NAMES: tuple[str, ...] = tuple(a.name for a in SIZE_ATTRIBUTES if a.layer)
+#: layer size attributes that count a layer's input channels (the rest count its output channels)
+INPUT_SIZE_NAMES: frozenset[str] = frozenset(a.name for a in SIZE_ATTRIBUTES if a.layer and a.counts_inputs)
 #: size attributes recorded for every module that has them in a saved plan (and restored on load); only
 #: plain instance attributes holding an int or a sequence of ints are recorded
 RECORDED_SIZE_NAMES: tuple[str, ...] = tuple(a.name for a in SIZE_ATTRIBUTES if a.recorded)

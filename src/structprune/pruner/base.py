@@ -15,6 +15,7 @@ from ..hf.config import restore_configs, snapshot_configs, task_outputs, uses_tr
 from ..layers.registry import LayerRole, layer_types
 from ..utils.sharding import refuse_sharded
 from .experts import ExpertPlanner
+from .fallback import FallbackRecord
 from .heads import HeadPlanner
 from .manual import ManualPruningMixin
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
@@ -22,6 +23,7 @@ from .options import PrunerOptions, split_ignored
 from .options import check_ratio as _check_ratio  # noqa: F401  (its older home)
 from .planning import PlanningMixin, _block_candidates, _refusal, _root_key, _signature  # noqa: F401
 from .scheduling import ScheduleMixin
+from .ties import unbalanced_ties
 from .schedulers import linear_scheduler
 from .uniform import UniformWidths
 from .report import ReportMixin
@@ -149,6 +151,8 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         self._parent_of: dict | None = None  # module -> its parent, built on first use
         self._reset_head_notes()
         self._init_uniform(model, options.uniform_config_widths)
+        #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
+        self.fallback_history: list[FallbackRecord] = []
         self._init_report()
 
     # -- hooks for sparse-training subclasses ---------------------------------------------------------
@@ -198,16 +202,17 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         if interactive:
             return self._interactive(self._plan(), optimizer)
         checkpoint = self._checkpoint()
-        record = self._begin_step_record()
-        optimizer_plans = []
+        step_record = self._begin_step_record()
         try:
-            for group in self._plan():
-                optimizer_plans.append(self._prune_group(group, optimizer))
-            if self.verify and self._forward_error() is not None:
+            optimizer_plans = self._step_balanced(optimizer, checkpoint)
+            error = self._forward_error() if self.verify else None
+            if error is not None:
                 # some group broke the model (a size the graph cannot see, e.g. a reshape to an input's
                 # width): redo the step one group at a time, keeping only the groups after which it still runs
                 checkpoint.restore()
-                optimizer_plans = self._step_verified(optimizer)
+                record = FallbackRecord(self.current_step, error)
+                self.fallback_history.append(record)
+                optimizer_plans = self._step_verified(optimizer, record)
         except BaseException:
             # a step that fails leaves the model, its config and the schedule as they were
             checkpoint.restore()
@@ -217,20 +222,31 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
             apply_optimizer_plan(plan)
         self._warn_heads_refused()
         self._warn_held_back()
-        self._end_step_record(record)
+        self._end_step_record(step_record)
         return None
 
     def _interactive(self, plan, optimizer) -> Iterator[Group]:
         sizes = self._sizes()
-        record = self._begin_step_record()
+        step_record = self._begin_step_record()
+        pruned, left = [], []
         for group in plan:
+            if group.size_ties and unbalanced_ties(pruned + [group]):
+                # the model must run after every group the caller prunes, so a group whose reshape tie only
+                # another group of the step could balance is not handed out (step() prunes such pairs together)
+                left.append(group[0].dep.target.name)
+                continue
             root = group[0].dep.target
             width = self.DG._safe_channels(root, group[0].side)
             yield group
             if width is not None and self.DG._safe_channels(root, group[0].side) < width:
                 self._count_removed_heads(group)  # the caller pruned it
+                pruned.append(group)
+        if left:
+            warnings.warn(
+                "left unpruned in this interactive step because a reshape ties their width to another group's: "
+                + ", ".join(left) + "; step() without interactive prunes tied groups together", stacklevel=2)
         self._warn_heads_refused()
-        self._end_step_record(record, warn=False)  # the caller chose what to prune
+        self._end_step_record(step_record, warn=False)  # the caller chose what to prune
         self._after_step(sizes)
 
     def _prune_group(self, group: Group, optimizer=None) -> list:

@@ -123,10 +123,17 @@ class PlanningMixin:
         planned = {_root_key(group): self._local_n_prune(group) for group in groups}
         limits = self._uniform_limits(planned)
         for group in groups:
+            n_prune = planned[_root_key(group)]
+            fresh = self._as_now(group)
+            if fresh is not group:
+                # an earlier group of this step already took some of this root's channels
+                n_prune -= len(group[0].idxs) - len(fresh[0].idxs)
+                group = fresh
             root = group[0].dep.target.module
             current = len(group[0].idxs)
             channel_groups = self._channel_groups(group)
-            n_prune = planned[_root_key(group)]
+            if current % channel_groups:
+                continue
             key = self._field_key(group)
             if key in limits and limits[key] < n_prune:
                 self._note_held_back(group, key, n_prune, limits[key])
@@ -143,6 +150,19 @@ class PlanningMixin:
             self._note_refusal(group[0].dep.target, self._refusal)
             if not self.prune_num_heads and self._is_head_group(group):
                 self._heads_narrow_refused.append((self.DG._name(root), self._refusal))
+
+    def _as_now(self, group: Group) -> Group:
+        """The group over its root's channels as they are now, not as when the step's groups were listed.
+
+        A root reached several channels per root channel from another group's root (a depthwise conv
+        after a ghost module's concat, EdgeNeXt's XCA projection) keeps a group of its own, and the other
+        group, pruned first, narrows it; planning on the listed width would pick channels that are gone.
+        """
+        root = group[0].dep.target.module
+        node = self.DG.module2node[root]
+        if self.DG._safe_channels(node, Side.OUT) == len(group[0].idxs):
+            return group
+        return self.DG._cached_group(node)
 
     def _accepts(self, candidate: Group, idxs: torch.Tensor) -> bool:
         """Prunable, and exactly the planned root channels: a product (q * k) can pull in more of the
@@ -225,6 +245,16 @@ class PlanningMixin:
             n = current - self._rounded_keep(current - wanted, current, blocks)
             if n <= 0:
                 continue
+            fresh = self._as_now(group)
+            if fresh is not group:
+                # an earlier group of this step already took some of this root's channels
+                n -= current - len(fresh[0].idxs)
+                if n <= 0:
+                    continue
+                group, imp = fresh, self._importance(fresh)
+                if imp is None or torch.isnan(imp).any():
+                    continue
+                imp = imp.detach().cpu()
             chosen = self._choose(group, imp, n, blocks)
             if chosen is not None:
                 yield chosen

@@ -1,4 +1,5 @@
-"""After a step: run the model, and when a group broke it, redo the step one group at a time."""
+"""A step's safety nets: balance the size ties it touched, run the model, and when a group broke it, redo
+the step one group at a time (recorded in ``pruner.fallback_history``)."""
 from __future__ import annotations
 
 import warnings
@@ -7,12 +8,44 @@ from ..graph.snapshot import Checkpoint
 from ..hf.config import restore_configs, snapshot_configs
 from ..utils.nested import call_model, evaluating
 from .diagnose import explain, layer_widths, size_attributes, stale_attributes
+from .fallback import FallbackRecord
+from .ties import touches, unbalanced_ties
 
 
 class VerifyMixin:
     """Mixin of BasePruner: the forward check after a step and the group-by-group retry."""
 
-    def _step_verified(self, optimizer) -> list:
+    def _step_balanced(self, optimizer, checkpoint: Checkpoint) -> list:
+        """Prune every planned group; if the step leaves a size tie unbalanced (two widths a reshape needs
+        equal, pruned by different amounts), redo it without the groups that touch such ties.
+
+        Planning with one ratio removes equal counts from tied widths, so this redo is rare; it costs a
+        second planning pass, not a forward per group.
+        """
+        excluded: set = set()
+        while True:
+            plans, pruned, left = [], [], []
+            for group in self._plan():
+                if excluded and touches(group, excluded):
+                    left.append(group[0].dep.target.name)
+                    continue
+                plans.append(self._prune_group(group, optimizer))
+                pruned.append(group)
+            unbalanced = unbalanced_ties(pruned) - excluded
+            if not unbalanced:
+                break
+            checkpoint.restore()
+            excluded |= unbalanced
+        for name in left:
+            self._step_refusals[name] = "a reshape ties its width to another group's, pruned by a different amount"
+        if left:
+            warnings.warn(
+                "left unpruned because a reshape ties their width to another group's, which this step prunes by "
+                "a different amount: " + ", ".join(left), stacklevel=4)
+        return plans
+
+    def _step_verified(self, optimizer, record: FallbackRecord | None = None) -> list:
+        record = record if record is not None else FallbackRecord(self.current_step, "")
         plans, skipped = [], []
         for group in self._plan():
             checkpoint = self._checkpoint()
@@ -21,10 +54,12 @@ class VerifyMixin:
             error = self._forward_error()
             if error is None:
                 plans.append(plan)
+                record.kept.append(group[0].dep.target.name)
             else:
                 hint = self._stale_hint(sizes)
                 checkpoint.restore()
                 skipped.append(f"{group[0].dep.target.name} ({error}{hint})")
+                record.skipped.append((group[0].dep.target.name, error))
         self._step_fallback = list(skipped)
         if skipped:
             warnings.warn(

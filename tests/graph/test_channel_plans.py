@@ -1,0 +1,138 @@
+"""The cached channel plans of forward_through / backward_through against an element-by-element reference.
+
+The plans collapse dims along which nothing about the map changes (tokens, batch) and are reused for
+every state on the same dims; the reference below works on every element, as the maps did before
+(issue 14), and both must give the same channel states on random ops, dims and removals.
+"""
+import random
+
+import pytest
+import torch
+
+from structprune.graph.channels import (ChannelState, backward_through, channel_labels, dense_tables,
+                                        forward_through, reduce_to, varying_dims)
+
+
+def _count(shape, dims):
+    count = 1
+    for dim in dims:
+        count *= shape[dim]
+    return count
+
+
+def reference_forward(correspondence, source_shape, state):
+    source_channel = channel_labels(tuple(source_shape), state.dims).reshape(-1)
+    label = torch.where(correspondence >= 0, source_channel[correspondence.clamp(min=0)], -1)
+    dims = varying_dims(label)
+    if label.dim() == len(source_shape) and bool((label >= 0).any()):
+        dims = tuple(sorted(set(dims) | {d for d in state.dims if label.shape[d] == 1}))
+    table = reduce_to(label, dims)
+    member, root_table = dense_tables(state, _count(tuple(source_shape), state.dims))
+    hit = (table >= 0) & member[table.clamp(min=0)]
+    positions = torch.nonzero(hit).reshape(-1)
+    if len(positions) == 0:
+        return None
+    return ChannelState(dims, positions, root_table[table[positions]])
+
+
+def reference_backward(correspondence, source_shape, state, siblings=None):
+    target_shape = tuple(correspondence.shape)
+    shape = tuple(source_shape)
+    numel = _count(shape, range(len(shape)))
+    flat = correspondence.reshape(-1)
+    valid = flat >= 0
+    readers = flat[valid]
+    target_channel = channel_labels(target_shape, state.dims).reshape(-1)[valid]
+    member, root_table = dense_tables(state, _count(target_shape, state.dims))
+    removed = member[target_channel]
+    read = torch.zeros(numel, dtype=torch.long).index_add_(0, readers, torch.ones_like(readers))
+    gone = torch.zeros(numel, dtype=torch.long).index_add_(0, readers, removed.long())
+    low = torch.full((numel,), numel + 1, dtype=torch.long).scatter_reduce_(0, readers, target_channel, "amin")
+    high = torch.full((numel,), -1, dtype=torch.long).scatter_reduce_(0, readers, target_channel, "amax")
+    is_read = (read > 0).view(shape)
+    determined = is_read.clone()
+    for sibling in siblings or ():
+        others = sibling.reshape(-1)
+        determined.view(-1)[others[others >= 0]] = True
+    element_gone = is_read & (gone == read).view(shape)
+    dims = set(varying_dims(low.view(shape), is_read)) | set(varying_dims(high.view(shape), is_read))
+    dims |= set(varying_dims(element_gone.long(), determined))
+    dims = tuple(sorted(dims))
+    all_gone = torch.where(determined, element_gone, True)
+    if not dims:
+        return None
+    removed_source = reduce_to(all_gone, dims, "all") & reduce_to(is_read, dims, "any")
+    positions = torch.nonzero(removed_source).reshape(-1)
+    if len(positions) == 0:
+        return None
+    big = torch.iinfo(torch.long).max
+    roots = torch.full((numel,), big, dtype=torch.long).scatter_reduce_(
+        0, readers[removed], root_table[target_channel[removed]], "amin")
+    return ChannelState(dims, positions, reduce_to(roots.view(shape), dims, "amin")[positions])
+
+
+def _ops(shape):
+    """(name, function on a label tensor of ``shape``, outputs) for movement ops valid on ``shape``."""
+    b, n, c = shape
+    return [
+        ("reshape heads", lambda t: [t.reshape(b, n, 2, c // 2)]),
+        ("reshape fused qkv", lambda t: [t.reshape(b, n, 3, c // 6, 2).permute(2, 0, 3, 1, 4)]),
+        ("unbind qkv", lambda t: list(t.reshape(b, n, 3, c // 3).unbind(2))),
+        ("split", lambda t: list(t.split([c // 3, c - c // 3], dim=2))),
+        ("transpose", lambda t: [t.transpose(1, 2)]),
+        ("expand", lambda t: [t[:, :, None].expand(b, n, 2, c)]),
+        ("repeat", lambda t: [t.repeat(1, 1, 2)]),
+        ("repeat_interleave", lambda t: [t.repeat_interleave(2, dim=2)]),
+        ("duplicate gather", lambda t: [t[:, :, torch.tensor([0, 1, 1, 2, 5, 5, 5, 0])]]),
+        ("slice", lambda t: [t[:, :, 2:]]),
+        ("flip", lambda t: [t.flip(2)]),
+        ("token mix", lambda t: [t.flatten(1).view(b, c, n)]),
+        ("first token", lambda t: [t[:, 0]]),
+    ]
+
+
+def _random_state(rng, shape, dims):
+    total = _count(shape, dims)
+    size = rng.randint(1, total)
+    idxs = torch.tensor(sorted(rng.sample(range(total), size)))
+    roots = torch.tensor([rng.randint(0, 40) for _ in range(size)])
+    return ChannelState(dims, idxs, roots)
+
+
+def _same(a, b):
+    if a is None or b is None:
+        return a is None and b is None
+    return a.dims == b.dims and torch.equal(a.idxs, b.idxs) and torch.equal(a.roots, b.roots)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plans_match_the_element_reference(seed):
+    rng = random.Random(seed)
+    shape = (rng.choice([1, 2]), rng.choice([1, 3, 4]), 12)
+    numel = _count(shape, range(3))
+    labels = torch.arange(numel).view(shape)
+    compared = 0
+    for _, op in _ops(shape):
+        outputs = [out.contiguous() for out in op(labels)]
+        for index, out in enumerate(outputs):
+            siblings = [other for k, other in enumerate(outputs) if k != index]
+            for _ in range(4):
+                dims = tuple(sorted(rng.sample(range(len(shape)), rng.randint(1, 2))))
+                state = _random_state(rng, shape, dims)
+                assert _same(forward_through(out, shape, state), reference_forward(out, shape, state))
+                out_dims = tuple(sorted(rng.sample(range(out.dim()), rng.randint(1, min(2, out.dim())))))
+                back = _random_state(rng, tuple(out.shape), out_dims)
+                for sibs in (siblings, None):
+                    assert _same(backward_through(out, shape, back, sibs), reference_backward(out, shape, back, sibs))
+                    compared += 1
+    assert compared > 50
+
+
+def test_a_plan_is_reused_for_other_channels_on_the_same_dims():
+    labels = torch.arange(2 * 5 * 6).view(2, 5, 6)
+    out = labels.reshape(2, 5, 3, 2).contiguous()
+    first = backward_through(out, (2, 5, 6), ChannelState((2, 3), torch.tensor([0, 1]), torch.tensor([0, 1])))
+    second = backward_through(out, (2, 5, 6), ChannelState((2, 3), torch.tensor([4, 5]), torch.tensor([7, 8])))
+    assert first.dims == second.dims == (2,)
+    assert first.idxs.tolist() == [0, 1] and second.idxs.tolist() == [4, 5] and second.roots.tolist() == [7, 8]
+    assert len(out.__dict__["_structprune_plans"]) == 1  # one plan per (dims, shapes), not per removal

@@ -113,7 +113,7 @@ class GrowingRegPruner(BasePruner):
             plan = list(self._plan_global() if self.global_pruning else self._plan_local())
         finally:
             self.current_step = saved
-        return {self._group_key(group): torch.tensor(group[0].idxs, dtype=torch.long) for group in plan}
+        return {self._group_key(group): torch.tensor(group[0].idxs, dtype=torch.long) for group in _as_applied(plan)}
 
     def _choose(self, group, imp, n_prune, channel_groups):
         if self.schedule == "greg1" and self._selected is not None:
@@ -235,3 +235,22 @@ class GrowingRegPruner(BasePruner):
         root = group[0].dep
         return f"{root.target.name}:{root.handler.__name__}"
 
+
+def _as_applied(plan: list) -> list:
+    """The planned groups a step would still take once the earlier ones are applied.
+
+    Planning runs here without pruning in between, so a head group whose layer an earlier head group
+    already narrowed is planned on the full width: BERT's value heads have a group of their own, and the
+    query/key heads' group removes them too. step() re-plans the value group on the narrowed layer, where
+    its head target is met and it takes nothing; penalising its own choice of heads as well would drive
+    half of the kept heads' values to zero.
+    """
+    narrowed, kept = set(), []
+    for group in plan:
+        heads = hasattr(group, "heads_removed")
+        if heads and (group[0].dep.target.module, group[0].side) in narrowed:
+            continue
+        kept.append(group)
+        if heads:
+            narrowed.update((item.dep.target.module, item.side) for item in group)
+    return kept

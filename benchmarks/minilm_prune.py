@@ -22,10 +22,11 @@ AdamW's step) with delta_reg from ``tp.pruner.delta_reg_for`` (--target-shrink).
 --lr, loss ``1 - cosine`` to the unpruned model's embedding plus the squared difference of the in-batch
 cosine-similarity matrices (``structprune.demo.minilm.distillation_loss``).
 
-Run (the default is the README's table; each (ratio, scope, method) run costs about --reg-steps +
---distill-steps training steps of --batch-size sentences):
-    PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/minilm_prune.py
-Quick look:  ... benchmarks/minilm_prune.py --ratios 0.5 --scopes ffn_heads --reg-steps 40 --distill-steps 20
+Run (the defaults are the README's settings; every (ratio, scope, method) run costs --reg-steps +
+--distill-steps training steps of --batch-size sentences plus building a pruner, about a minute on 2
+shared CPU cores, so the README's table, at 50% only, takes about 15 minutes):
+    PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/minilm_prune.py --ratios 0.5 --cache /tmp/minilm.pt
+All three ratios (about 45 minutes):  ... benchmarks/minilm_prune.py
 """
 from __future__ import annotations
 
@@ -214,10 +215,10 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35, 0.5])
     parser.add_argument("--scopes", nargs="+", default=list(SCOPES), choices=SCOPES)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--reg-steps", type=int, default=100, help="growing-regularization steps")
-    parser.add_argument("--distill-steps", type=int, default=50, help="distillation steps after pruning")
+    parser.add_argument("--reg-steps", type=int, default=32, help="growing-regularization steps")
+    parser.add_argument("--distill-steps", type=int, default=16, help="distillation steps after pruning")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=48, help="tokens per sentence (longer ones are cut)")
+    parser.add_argument("--max-length", type=int, default=32, help="tokens per sentence (longer ones are cut)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--target-shrink", type=float, default=1e-3,
                         help="norm left to the most penalised channels by the end (tp.pruner.delta_reg_for)")
@@ -227,11 +228,11 @@ def main() -> None:
                         help="fraction of --reg-steps over which GReg-1/GReg-2 grow; then the reg holds")
     parser.add_argument("--greg1-importance", choices=("taylor", "l2"), default="taylor")
     parser.add_argument("--seed-updates", type=int, default=5, help="update_reg() calls of the seed schedule")
-    parser.add_argument("--calibration", type=int, default=8, help="batches of gradients for Taylor")
-    parser.add_argument("--held-out", type=int, default=500)
-    parser.add_argument("--train-sentences", type=int, default=4000)
+    parser.add_argument("--calibration", type=int, default=4, help="batches of gradients for Taylor")
+    parser.add_argument("--held-out", type=int, default=200)
+    parser.add_argument("--train-sentences", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", help="file keeping the unpruned model's embeddings between runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,7 +1,11 @@
 """Real pretrained weights (all-MiniLM-L6-v2) on real text (standard-library docstrings): a few steps of
 GReg-1 with the decoupled penalty under AdamW, then pruning half the MLP neurons and half the heads, keeps the
 sentence embeddings far closer to the original than one-shot pruning at the same ratio, and the removal
-itself costs nothing (the chosen channels are exactly zero when they go)."""
+itself costs nothing (the chosen channels are exactly zero when they go).
+
+GReg-1 picks what to remove by Taylor importance on the distillation loss, as benchmarks/minilm_prune.py
+does: with L2 magnitude it lands 0.14-0.16 above one-shot L2 depending on the dropout seed. Whether it
+beats prune-then-distill at an equal number of steps is the benchmark's question (README), not this test's."""
 import copy
 
 import pytest
@@ -14,6 +18,7 @@ from structprune.demo.sentences import split_sentences, stdlib_sentences
 
 RATIO = 0.5
 STEPS = 8
+CALIBRATION = 2
 LR = 3e-4
 
 
@@ -35,22 +40,37 @@ def _options(model):
                 ignored_layers=[model.projection, model.encoder.embeddings.word_embeddings])
 
 
+def _calibrate(model, tokenizer, train, train_targets, generator):
+    """Gradients of the distillation loss for TaylorImportance (dropout on, as in training)."""
+    for _ in range(CALIBRATION):
+        batch = shuffled_batch(tokenizer, train, 16, generator, max_length=32)
+        distillation_loss(model(**batch.inputs()), train_targets[batch.index]).backward()
+
+
 def test_greg1_decoupled_on_real_weights_beats_one_shot_and_prunes_losslessly(setup):
     tokenizer, teacher, train, train_targets, batches, targets, example = setup
     assert teacher.encoder.config.num_hidden_layers == 6 and teacher.encoder.config.hidden_size == 384
+    torch.manual_seed(0)  # dropout
 
     one_shot = copy.deepcopy(teacher)
     tp.pruner.BasePruner(one_shot, example, tp.importance.MagnitudeImportance(p=2), **_options(one_shot)).step()
     one_shot_quality = agreement(embed(one_shot, batches), targets)
 
+    taylor = copy.deepcopy(teacher).train()
+    pruner = tp.pruner.BasePruner(taylor, example, tp.importance.TaylorImportance(), **_options(taylor))
+    _calibrate(taylor, tokenizer, train, train_targets, torch.Generator().manual_seed(0))
+    pruner.step()
+    taylor_quality = agreement(embed(taylor, batches), targets)
+
     model = copy.deepcopy(teacher).train()
     # the chosen channels reach lr * gamma = 1 (exactly zero) at the last step
-    pruner = tp.pruner.GrowingRegPruner(model, example, tp.importance.MagnitudeImportance(p=2), reg=0.0,
+    pruner = tp.pruner.GrowingRegPruner(model, example, tp.importance.TaylorImportance(), reg=0.0,
                                         delta_reg=1.0 / (LR * STEPS), schedule="greg1", reg_ceiling=1.0 / LR,
                                         **_options(model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
-    pruner.update_reg()
+    _calibrate(model, tokenizer, train, train_targets, generator)  # the same batches as the one-shot Taylor
+    pruner.update_reg()  # GReg-1 chooses now, once
     for _ in range(STEPS):
         optimizer.zero_grad()
         batch = shuffled_batch(tokenizer, train, 16, generator, max_length=32)
@@ -70,3 +90,5 @@ def test_greg1_decoupled_on_real_weights_beats_one_shot_and_prunes_losslessly(se
     quality = agreement(pruned, targets)
     assert quality["cosine"] > one_shot_quality["cosine"] + 0.15, (quality, one_shot_quality)
     assert quality["nn"] > one_shot_quality["nn"], (quality, one_shot_quality)
+    # the same criterion and calibration without the regularized steps (0.67 on this data)
+    assert quality["cosine"] > taylor_quality["cosine"] + 0.05, (quality, taylor_quality)

@@ -225,3 +225,49 @@ def test_greg1_zeroes_exactly_the_heads_and_neurons_it_chose_and_removing_them_i
     pruner.step()
     assert layers[0].attention.self.num_attention_heads == 2 and layers[0].intermediate.dense.out_features == 16
     torch.testing.assert_close(model(ids).last_hidden_state, before)
+
+
+class _RootScores:
+    """Each root's group scores its channels by its own table: the value root disagrees with the query root."""
+
+    def __init__(self, tables: dict):
+        self.tables = tables
+
+    def __call__(self, group):
+        width = len(group[0].idxs)
+        table = self.tables.get(group[0].dep.target.module)
+        if table is None or len(table) != width:  # other roots, or a layer narrowed since
+            return torch.arange(width, dtype=torch.float32)
+        return table.clone()
+
+
+def test_greg1_penalises_value_heads_only_through_the_query_heads_group():
+    """BERT's value heads also form a head group of their own. Planned without pruning in between, it would
+    pick its own lowest heads; step() re-plans it after the q/k heads group has narrowed value, so it takes
+    nothing, and penalising its choice as well would zero the values of heads that stay."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=4, max_position_embeddings=16)
+    model = BertModel(config, add_pooling_layer=False).eval()
+    attention = model.encoder.layer[0].attention.self
+    low_first = torch.arange(16, dtype=torch.float32)
+    importance = _RootScores({attention.query: low_first, attention.value: low_first.flip(0)})
+    ids = torch.randint(0, 50, (2, 5))
+    pruner = tp.pruner.GrowingRegPruner(
+        model, {"input_ids": ids}, importance, reg=0.0, delta_reg=1.0, schedule="greg1", reg_ceiling=1.0,
+        pruning_ratio=0.5, prune_num_heads=True, head_pruning_ratio=0.5, num_heads={attention.query: 4},
+        ignored_layers=[model.embeddings.word_embeddings])
+    pruner.update_reg()
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    pruner.regularize(model, bias=True, decoupled=True, lr=1.0)
+    heads_zeroed = torch.arange(16) < 8  # heads 0 and 1, the query root's choice
+    assert torch.equal(attention.query.weight.norm(dim=1) == 0, heads_zeroed)
+    assert torch.equal(attention.value.weight.norm(dim=1) == 0, heads_zeroed)
+    before = model(ids).last_hidden_state
+    pruner.step()
+    assert attention.num_attention_heads == 2 and attention.value.out_features == 8
+    assert bool((attention.value.weight.norm(dim=1) > 0).all())
+    torch.testing.assert_close(model(ids).last_hidden_state, before)

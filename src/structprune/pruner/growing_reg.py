@@ -6,6 +6,7 @@ from torch import nn
 
 from ..utils.sharding import refuse_sharded
 from .base import BasePruner, is_loss
+from .norm_scale import capture_inputs, measure_scales, norms_in, rescale
 from .regularizer import EVERY_DECLARED_LAYER, RegularizerEngine
 
 
@@ -21,7 +22,7 @@ class GrowingRegPruner(BasePruner):
 
     def __init__(self, model: nn.Module, example_inputs, importance, reg: float = 1e-5, delta_reg: float = 1e-5,
                  *args, reg_types=EVERY_DECLARED_LAYER, schedule: str = "seed", reg_ceiling: float = 1.0,
-                 magnitude_ratio: float = 1e4, **kwargs):
+                 magnitude_ratio: float = 1e4, rescale_norms: bool = True, **kwargs):
         """``schedule`` picks how reg grows on each ``update_reg()``:
 
         - ``"seed"``: every channel grows by ``delta_reg * standardized importance`` (the documented rule).
@@ -39,6 +40,10 @@ class GrowingRegPruner(BasePruner):
         ``bias`` (``regularizer.DEFAULT_REG_TYPES`` is the seed's Conv, Linear and BatchNorm).
         ``delta_reg``: :func:`structprune.pruner.delta_reg_for` derives it from the learning rate and the
         number of iterations.
+
+        ``rescale_norms``: when ``step()`` narrows a LayerNorm/RMSNorm, its weight is multiplied by the change
+        of its input's deviation measured on the example inputs, so that removing channels regularized to
+        zero does not rescale every kept output (see :mod:`.norm_scale`; not in ``step(interactive=True)``).
         """
         super().__init__(model, example_inputs, importance, *args, **kwargs)
         if reg < 0 or delta_reg < 0:
@@ -50,6 +55,7 @@ class GrowingRegPruner(BasePruner):
         self.schedule = schedule
         self.reg_ceiling = reg_ceiling
         self.magnitude_ratio = magnitude_ratio
+        self.rescale_norms = rescale_norms
         self._engine = RegularizerEngine(reg_types)
         self.update_regularizer()
 
@@ -107,7 +113,7 @@ class GrowingRegPruner(BasePruner):
             plan = list(self._plan_global() if self.global_pruning else self._plan_local())
         finally:
             self.current_step = saved
-        return {self._group_key(group): torch.tensor(group[0].idxs, dtype=torch.long) for group in plan}
+        return {self._group_key(group): torch.tensor(group[0].idxs, dtype=torch.long) for group in _as_applied(plan)}
 
     def _choose(self, group, imp, n_prune, channel_groups):
         if self.schedule == "greg1" and self._selected is not None:
@@ -116,6 +122,20 @@ class GrowingRegPruner(BasePruner):
                 root = group[0]
                 return self.DG.get_group_by_side(root.dep.target.module, root.side, chosen.tolist())
         return super()._choose(group, imp, n_prune, channel_groups)
+
+    def _prune_group(self, group, optimizer=None) -> list:
+        if not self.rescale_norms:
+            return super()._prune_group(group, optimizer)
+        if getattr(self, "_norm_inputs_step", None) != self.current_step:
+            # the first group of a step: the norms' inputs before anything is pruned (halfway through a step
+            # the model need not run); a step redone group by group restores the model and keeps them
+            self._norm_inputs = capture_inputs(self.model, self.example_inputs, self.forward_fn)
+            self._norm_inputs_step = self.current_step
+        norms = norms_in(self.model, group)
+        scales = measure_scales(norms, self._norm_inputs) if norms else []
+        plan = super()._prune_group(group, optimizer)
+        rescale(norms, scales)
+        return plan
 
     def ready_to_prune(self) -> bool:
         """True when growing regularization has done its work and step() will cost little."""
@@ -214,3 +234,23 @@ class GrowingRegPruner(BasePruner):
     def _group_key(group) -> str:
         root = group[0].dep
         return f"{root.target.name}:{root.handler.__name__}"
+
+
+def _as_applied(plan: list) -> list:
+    """The planned groups a step would still take once the earlier ones are applied.
+
+    Planning runs here without pruning in between, so a head group whose layer an earlier head group
+    already narrowed is planned on the full width: BERT's value heads have a group of their own, and the
+    query/key heads' group removes them too. step() re-plans the value group on the narrowed layer, where
+    its head target is met and it takes nothing; penalising its own choice of heads as well would drive
+    half of the kept heads' values to zero.
+    """
+    narrowed, kept = set(), []
+    for group in plan:
+        heads = hasattr(group, "heads_removed")
+        if heads and (group[0].dep.target.module, group[0].side) in narrowed:
+            continue
+        kept.append(group)
+        if heads:
+            narrowed.update((item.dep.target.module, item.side) for item in group)
+    return kept

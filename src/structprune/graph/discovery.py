@@ -48,13 +48,17 @@ class GroupFinder:
                 for sibling, sibling_side in self._weight_siblings(target, target_side):
                     if (sibling, sibling_side) not in deps:
                         add_dep(sibling, sibling_side, state)
-                        try:
-                            for value_key, entry in self._layer_entry(sibling, sibling_side, state):
-                                push(value_key, entry)
-                        except Blocked as reason:
-                            blocked.append(reason.refusal)
+                        enter(sibling, sibling_side, state)
             else:
                 deps[key] = _merge(deps[key], state)[0]
+
+        def enter(target: Node, target_side: Side, state: ChannelState):
+            """Queue the values a layer's channels reach from ``target_side``."""
+            try:
+                for value_key, entry in self._layer_entry(target, target_side, state):
+                    push(value_key, entry)
+            except Blocked as reason:
+                blocked.append(reason.refusal)
 
         def push(value_key, state: ChannelState):
             if value_key is None:
@@ -73,11 +77,7 @@ class GroupFinder:
 
         root_state = ChannelState((0,), idxs.clone(), idxs.clone())
         add_dep(node, side, root_state)
-        try:
-            for value_key, state in self._layer_entry(node, side, root_state):
-                push(value_key, state)
-        except Blocked as reason:
-            blocked.append(reason.refusal)
+        enter(node, side, root_state)
         steps = 0
         limit = 64 * (len(self.values) + 1) * 8
         while queue:

@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..layers.registry import LayerRole, layer_types
+
 from .schedulers import linear_scheduler
 
 
@@ -128,8 +130,11 @@ def split_ignored(ignored) -> tuple[list, list]:
         if isinstance(item, nn.Parameter):
             params.append(item)
         elif isinstance(item, nn.Module):
-            # a container means everything in it, as in torch_pruning (``ignored_layers=[model.pooler]``)
-            layers.extend(module for module in item.modules() if not any(module is seen for seen in layers))
+            # a container means the layers in it, as in torch_pruning (``ignored_layers=[model.pooler]``): they
+            # root no group; its norms still follow the layers that feed them (LeViT's NormLinear head)
+            roots = layer_types(LayerRole.ROOT)
+            layers.extend(module for module in item.modules()
+                          if (module is item or isinstance(module, roots)) and not any(module is seen for seen in layers))
         elif isinstance(item, type):
             layers.append(item)
         else:

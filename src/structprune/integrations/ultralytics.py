@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, register_adapter
+from ..utils.nested import evaluating
 
 INSTALL_HINT = "pip install 'structprune[yolo]'"
 
@@ -330,7 +331,7 @@ def prune(yolo_or_model, ratio: float = 0.5, importance=None, *, imgsz: int = 64
     macs_before, params_before = count_ops_and_params(model, inputs)
     pruner = build_pruner(model, None, importance, example_inputs=inputs, ignored_layers=ignored_layers,
                           pruning_ratio=ratio, round_to=round_to, global_pruning=global_pruning, **pruner_kwargs)
-    with torch.no_grad(), _evaluating(model):
+    with evaluating(model):
         reference = [tuple(t.shape) for t in head_outputs(model, inputs)]
     checkpoint = pruner._checkpoint()
     pruner.step()
@@ -348,17 +349,6 @@ def prune(yolo_or_model, ratio: float = 0.5, importance=None, *, imgsz: int = 64
     summary = PruneSummary(int(params_before), int(params_after), int(macs_before), int(macs_after), size, kept,
                            pruner)
     return (yolo if yolo is not None else model), summary
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
 
 
 @contextlib.contextmanager
@@ -381,7 +371,7 @@ def _training_without_side_effects(model: nn.Module) -> Iterator[nn.Module]:
 def _check_pruned(model: nn.Module, inputs: torch.Tensor, reference: list) -> str | None:
     """None if the pruned model predicts in eval mode with the same shapes and runs in training mode."""
     try:
-        with torch.no_grad(), _evaluating(model):
+        with evaluating(model):
             shapes = [tuple(t.shape) for t in head_outputs(model, inputs)]
     except Exception as error:  # noqa: BLE001 - any failure means the pruned model is broken
         return f"the pruned model fails in eval mode ({type(error).__name__}: {error})"

@@ -94,11 +94,9 @@ class ReportMixin:
         self._step_records: list[StepRecord] = []
         self._step_refusals: dict = {}
         self._step_fallback: list = []
-        groups = self.DG.get_all_groups(ignored_layers=self.ignored_layers, root_module_types=self.root_module_types,
-                                        include_blocked=True)
         # whole heads are tried on head groups whatever refuses their channels one by one
         if not any(all(subset_may_pass(reason) for reason in group.blocked)
-                   or (self.prune_num_heads and self._is_head_group(group)) for group in groups):
+                   or (self.prune_num_heads and self._is_head_group(group)) for group in self._root_groups(heads=True)):
             warnings.warn(
                 f"{type(self).__name__}: the graph found no prunable group in {type(self.model).__name__} (every "
                 f"root layer is ignored, or its channels reach outputs, constants or buffers); step() will remove "
@@ -106,13 +104,13 @@ class ReportMixin:
                 stacklevel=3,
             )
 
-    def _root_groups(self) -> list:
-        """Every group the pruner may root at, refused ones included, minus attention head groups (heads
-        have their own planning and warnings)."""
+    def _root_groups(self, heads: bool = False) -> list:
+        """Every group the pruner may root at, refused ones included; attention head groups only with
+        ``heads`` (heads have their own planning and warnings)."""
         return [group for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                                           root_module_types=self.root_module_types,
                                                           include_blocked=True)
-                if not self._is_head_group(group)]
+                if heads or not self._is_head_group(group)]
 
     def _begin_step_record(self) -> list:
         self._step_refusals = {}

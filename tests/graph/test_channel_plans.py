@@ -105,14 +105,26 @@ def _same(a, b):
     return a.dims == b.dims and torch.equal(a.idxs, b.idxs) and torch.equal(a.roots, b.roots)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_plans_match_the_element_reference(seed):
-    rng = random.Random(seed)
-    shape = (rng.choice([1, 2]), rng.choice([1, 3, 4]), 12)
-    numel = _count(shape, range(3))
+def _spatial_ops(shape):
+    """Movement ops of windowed attention on a (b, h, w, c) map: Swin's rolls, window partitions and
+    patch merging, which the renumbering path (no element-level plan) must map exactly as the reference."""
+    b, h, w, c = shape
+    return [
+        ("roll", lambda t: [t.roll((1, 1), (1, 2))]),
+        ("window partition", lambda t: [t.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, c)]),
+        ("patch merging", lambda t: [t.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)]),
+        ("token narrow", lambda t: [t.narrow(1, 1, h - 1)]),
+        ("channel chunks", lambda t: list(t.chunk(3, dim=3))),
+        ("strided channels", lambda t: [t[..., ::2]]),
+        ("pad", lambda t: [torch.nn.functional.pad(t, (0, 0, 1, 1), value=-1)]),
+    ]
+
+
+def _compare(rng, shape, op_list):
+    numel = _count(shape, range(len(shape)))
     labels = torch.arange(numel).view(shape)
     compared = 0
-    for _, op in _ops(shape):
+    for _, op in op_list:
         outputs = [out.contiguous() for out in op(labels)]
         for index, out in enumerate(outputs):
             siblings = [other for k, other in enumerate(outputs) if k != index]
@@ -125,7 +137,49 @@ def test_plans_match_the_element_reference(seed):
                 for sibs in (siblings, None):
                     assert _same(backward_through(out, shape, back, sibs), reference_backward(out, shape, back, sibs))
                     compared += 1
-    assert compared > 50
+    return compared
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_plans_match_the_element_reference(seed):
+    rng = random.Random(seed)
+    shape = (rng.choice([1, 2]), rng.choice([1, 3, 4]), 12)
+    assert _compare(rng, shape, _ops(shape)) > 50
+    spatial = (rng.choice([1, 2]), 4, 4, rng.choice([6, 12]))
+    assert _compare(rng, spatial, _spatial_ops(spatial)) > 30
+
+
+def test_an_empty_input_of_a_concat_maps_like_the_reference():
+    """A cache with no past tokens is cat'ed with the new keys: the empty input reads nothing."""
+    past, new = torch.arange(0).view(1, 0, 4), torch.arange(8).view(1, 2, 4)
+    out = torch.cat([torch.full_like(past, -1), new], dim=1)
+    state = ChannelState((2,), torch.tensor([1, 3]), torch.tensor([4, 5]))
+    assert backward_through(out, (1, 0, 4), state) is None
+    assert _same(backward_through(out, (1, 2, 4), state), reference_backward(out, (1, 2, 4), state))
+    assert backward_through(out, (1, 2, 4), state).idxs.tolist() == [1, 3]
+
+
+def _renumbered(correspondence):
+    return [plan for key, plan in correspondence.__dict__.get("_structprune_plans", {}).items()
+            if key[0].startswith("affine")]
+
+
+@pytest.mark.parametrize("name", ["roll", "window partition", "token narrow", "channel chunks"])
+def test_window_ops_are_renumbered_without_an_element_plan(name):
+    """The renumbering path answers for Swin's movement ops (the speed of issue 14 rests on it), and its
+    answer is the reference's, forward and back, siblings included."""
+    shape = (1, 4, 4, 12)
+    labels = torch.arange(_count(shape, range(4))).view(shape)
+    op = dict(_spatial_ops(shape))[name]
+    outputs = [out.contiguous() for out in op(labels)]
+    out = outputs[0]
+    channel = ChannelState((3,), torch.tensor([1, 2, 7]), torch.tensor([5, 6, 7]))
+    assert _same(forward_through(out, shape, channel), reference_forward(out, shape, channel))
+    back = ChannelState((out.dim() - 1,), torch.tensor([0, 3]), torch.tensor([1, 2]))
+    assert _same(backward_through(out, shape, back, outputs[1:]), reference_backward(out, shape, back, outputs[1:]))
+    plans = _renumbered(out)
+    assert len(plans) == 2 and all(plan is not None for plan in plans)
+    assert not [key for key in out.__dict__["_structprune_plans"] if key[0] in ("forward", "backward")]
 
 
 def test_a_plan_is_reused_for_other_channels_on_the_same_dims():
@@ -136,3 +190,23 @@ def test_a_plan_is_reused_for_other_channels_on_the_same_dims():
     assert first.dims == second.dims == (2,)
     assert first.idxs.tolist() == [0, 1] and second.idxs.tolist() == [4, 5] and second.roots.tolist() == [7, 8]
     assert len(out.__dict__["_structprune_plans"]) == 1  # one plan per (dims, shapes), not per removal
+
+
+def test_renumbering_stays_quiet_under_deterministic_algorithms():
+    """Ultralytics' trainer turns on torch.use_deterministic_algorithms(warn_only=True) for the whole
+    process; the maps must not warn then (the pruners' warnings are the user's signal)."""
+    import warnings
+
+    shape = (1, 4, 4, 12)
+    labels = torch.arange(_count(shape, range(4))).view(shape)
+    outputs = [out.contiguous() for out in labels.chunk(3, dim=3)]
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            back = ChannelState((3,), torch.tensor([0, 3]), torch.tensor([1, 2]))
+            mapped = backward_through(outputs[1], shape, back, [outputs[0], outputs[2]])
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    assert mapped.dims == (3,) and mapped.idxs.tolist() == [4, 7]

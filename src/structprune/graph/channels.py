@@ -8,6 +8,7 @@ on their own.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,14 @@ def forward_through(correspondence: torch.Tensor, source_shape, state: ChannelSt
     """Source -> target, where ``correspondence[e]`` is the flat source element target element e reads (-1: none)."""
     if correspondence.numel() == 0:
         return None  # an empty slice (Phi-3's q[..., rotary_dim:] when rotary covers the whole head)
+    renumbered = _plan(correspondence, ("affine", tuple(source_shape), state.dims), _affine_plan, source_shape,
+                       state.dims, True)
+    if renumbered is not None:
+        return _renumbered(renumbered, state)
+    return _forward_general(correspondence, source_shape, state)
+
+
+def _forward_general(correspondence: torch.Tensor, source_shape, state: ChannelState) -> ChannelState | None:
     dims, table = _plan(correspondence, ("forward", tuple(source_shape), state.dims), _forward_plan, source_shape,
                         state.dims)
     member, root_table = dense_tables(state, _channel_count(tuple(source_shape), state.dims))
@@ -116,6 +125,150 @@ def forward_through(correspondence: torch.Tensor, source_shape, state: ChannelSt
     if len(positions) == 0:
         return None
     return ChannelState(dims, positions, root_table[table[positions]])
+
+
+def _affine_plan(correspondence, source_shape, dims: tuple[int, ...], forward: bool, siblings=None):
+    """(dims, table) when the channels on ``dims`` reach the other side as a plain renumbering, else None.
+
+    Window partitions, rolls, permutes, head splits and merges, slices and unbinds move elements without
+    mixing channels: the channel an element carries is then an affine function of its coordinates on the
+    other side (mixed radix: each dim a digit, plus an offset for a slice), and a state passes by renaming
+    its dims and renumbering its flat positions, with no element-level plan (a pass over every element of
+    a large feature map per op). ``dims`` are the source's going forward and the target's going backward;
+    ``table`` maps a flat channel over ``dims`` to its flat position over the returned dims (-1: the
+    channel does not reach that side). None for anything else (a padding, channels mixed or repeated):
+    the general plan decides those, and tests check that both agree wherever this one answers.
+    """
+    target_shape, source_shape = tuple(correspondence.shape), tuple(source_shape)
+    known = source_shape if forward else target_shape
+    if math.prod(source_shape) == 0:
+        return None  # an empty input (a cache with no past tokens): the general plan says what it reads
+    if any(known[d] < 2 for d in dims):
+        return None  # a one-wide dim stays on the state for what it carries; left to the general plan
+    total = _channel_count(known, dims)
+    flat = correspondence.reshape(-1)
+    if forward:
+        if not bool((flat >= 0).all()):
+            return None
+        label = channel_labels(source_shape, dims).reshape(-1).index_select(0, flat).view(target_shape)
+        found = _mixed_radix(label, total)
+        if found is None:
+            return None
+        steps, offset, count = found
+        out_dims = set(steps)
+        if len(target_shape) == len(source_shape):
+            # as the general plan: a one-wide dim of the state's stays on it (it is the channel's slice)
+            out_dims |= {d for d in dims if target_shape[d] == 1}
+        out_dims = tuple(sorted(out_dims))
+        table = torch.full((total,), -1, dtype=torch.long)
+        table[offset:offset + count] = _ravel_digits(torch.arange(count), steps, target_shape, target_shape, {},
+                                                     out_dims)
+        return out_dims, table
+    return _affine_backward(flat, source_shape, target_shape, dims, total, siblings)
+
+
+def _affine_backward(flat, source_shape, target_shape, dims, total, siblings):
+    # boolean masks and advanced indexing cost several times index_copy_/index_select on feature-map sized tensors
+    readers, read_label = _valid(flat), channel_labels(target_shape, dims).reshape(-1)
+    if len(readers) != len(flat):
+        read_label = read_label[flat >= 0]
+    label = torch.full((math.prod(source_shape),), UNREAD, dtype=torch.long)
+    label.index_copy_(0, readers, read_label)
+    if not bool(torch.equal(label.index_select(0, readers), read_label)):
+        return None  # an element read through two channels (a broadcast along the channel dim)
+    if siblings:
+        others = torch.cat([_valid(sibling.reshape(-1)) for sibling in siblings])
+        if bool((label.index_select(0, others) >= 0).any()):
+            return None  # an element read by this output and a sibling: left to the general plan
+        label.index_copy_(0, others, torch.full_like(others, READ_BY_SIBLING))
+    label = label.view(source_shape)
+    own = label >= 0
+    slab = None
+    if not bool(own.all()):
+        slab = _slab(own)
+        if slab is None:
+            return None
+        axis, low, high = slab
+        outside = torch.cat([label.narrow(axis, 0, low), label.narrow(axis, high, source_shape[axis] - high)], axis)
+        rest = int(outside.reshape(-1)[0])
+        if not bool((outside == rest).all()) or (rest == READ_BY_SIBLING) != bool(siblings):
+            return None  # unread and sibling-read mixed outside the slab
+        label = label.narrow(axis, low, high - low)
+    found = _mixed_radix(label, total)
+    if found is None or found[1] != 0 or found[2] != total:
+        return None
+    steps, offsets = found[0], {}
+    out_dims = set(steps)
+    if slab is not None:
+        axis, low, high = slab
+        offsets[axis] = low
+        if siblings and axis not in steps:
+            if high - low != 1:
+                return None  # one channel at several positions of the slab: the general plan says which
+            out_dims.add(axis)
+    table = _ravel_digits(torch.arange(total), steps, tuple(label.shape), source_shape, offsets,
+                          tuple(sorted(out_dims)))
+    return tuple(sorted(out_dims)), table
+
+
+def _valid(flat: torch.Tensor) -> torch.Tensor:
+    return flat if bool((flat >= 0).all()) else flat[flat >= 0]
+
+
+def _slab(mask: torch.Tensor):
+    """(axis, low, high) when ``mask`` holds exactly the positions low..high-1 along one axis, else None."""
+    axes = [d for d in range(mask.dim()) if mask.shape[d] > 1 and not bool((mask == mask.narrow(d, 0, 1)).all())]
+    if len(axes) != 1:
+        return None
+    axis = axes[0]
+    line = mask
+    for d in reversed(range(mask.dim())):
+        if d != axis:
+            line = line.select(d, 0)
+    where = torch.nonzero(line).reshape(-1)
+    if len(where) == 0 or int(where[-1]) - int(where[0]) + 1 != len(where):
+        return None
+    return axis, int(where[0]), int(where[-1]) + 1
+
+
+def _mixed_radix(label: torch.Tensor, total: int):
+    """({dim: step}, offset, count) when ``label`` is ``offset + sum(coord[d] * step[d])`` over its grid and
+    the digits cover ``count`` consecutive channels once, inside 0..total-1; else None."""
+    shape = tuple(label.shape)
+    flat = label.reshape(-1)
+    if flat.numel() == 0:
+        return None  # an empty tensor (a cache with no past tokens) carries no channel
+    offset = int(flat[0])
+    if offset < 0:
+        return None
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    steps = {d: int(flat[strides[d]]) - offset for d in range(len(shape)) if shape[d] > 1}
+    steps = {d: step for d, step in steps.items() if step != 0}
+    count = 1
+    for step, d in sorted((step, d) for d, step in steps.items()):
+        if step != count:
+            return None
+        count *= shape[d]
+    if not steps or offset + count > total:
+        return None
+    predicted = torch.full((), offset, dtype=torch.long)
+    for d, step in steps.items():
+        view = [1] * len(shape)
+        view[d] = shape[d]
+        predicted = predicted + (torch.arange(shape[d]) * step).view(view)
+    if not bool((label == predicted).all()):
+        return None
+    return steps, offset, count
+
+
+def _ravel_digits(channel, steps, digit_shape, shape, offsets, dims=None):
+    """Flat position over ``dims`` of ``shape`` (default: the digit dims) of each channel, given its
+    digits over ``digit_shape`` (a slab of ``shape`` starting at ``offsets``)."""
+    position = torch.zeros_like(channel)
+    for d in dims if dims is not None else sorted(steps):
+        digit = (channel // steps[d]) % digit_shape[d] if d in steps else torch.zeros_like(channel)
+        position = position * shape[d] + digit + offsets.get(d, 0)
+    return position
 
 
 def _plan(correspondence: torch.Tensor, key: tuple, build, *args):
@@ -143,6 +296,17 @@ def _forward_plan(correspondence, source_shape, state_dims):
     return dims, reduce_to(label, dims)
 
 
+def _renumbered(plan, state: ChannelState) -> ChannelState | None:
+    dims, table = plan
+    positions = table[state.idxs]
+    reached = positions >= 0
+    if not bool(reached.any()):
+        return None
+    if bool(reached.all()):
+        return ChannelState(dims, positions, state.roots)
+    return ChannelState(dims, positions[reached], state.roots[reached])
+
+
 def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelState,
                      siblings: list[torch.Tensor] | None = None) -> ChannelState | None:
     """Target -> source: a source element is removed when every target element reading it is removed.
@@ -150,8 +314,18 @@ def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelS
     Source elements nobody reads are free to go; those read only by ``siblings`` (other outputs of the
     same op, e.g. the q and k of an unbind) stay, so the state keeps the dim that tells them apart.
     """
-    if correspondence.numel() == 0:
-        return None  # nothing reads the source through an empty tensor
+    if correspondence.numel() == 0 or math.prod(source_shape) == 0:
+        return None  # nothing reads the source through an empty tensor, and an empty source has nothing to lose
+    sibling_ids = tuple(id(sibling) for sibling in siblings or ())
+    renumbered = _plan(correspondence, ("affine-back", tuple(source_shape), state.dims, sibling_ids), _affine_plan,
+                       source_shape, state.dims, False, siblings)
+    if renumbered is not None:
+        return _renumbered(renumbered, state)
+    return _backward_general(correspondence, source_shape, state, siblings)
+
+
+def _backward_general(correspondence: torch.Tensor, source_shape, state: ChannelState,
+                      siblings: list[torch.Tensor] | None = None) -> ChannelState | None:
     key = ("backward", tuple(source_shape), state.dims, tuple(id(sibling) for sibling in siblings or ()))
     plan = _plan(correspondence, key, _backward_plan, source_shape, state.dims, siblings)
     classes, class_of_pair, channel_of_pair, static_dims, n_classes = plan

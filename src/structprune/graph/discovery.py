@@ -1,6 +1,7 @@
 """Group discovery: walk channel states from a root through values, ops and layers of the trace."""
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import torch
@@ -99,6 +100,7 @@ class GroupFinder:
                 blocked.append(reason.refusal)
         sizes, refusals, ties = size_refusals(self, states, deps)
         blocked.extend(refusals)
+        block_hint = 1
         for (value_key, dims), state in states.items():
             value = self.values[value_key]
             for call, operand in value.consumers:
@@ -113,6 +115,7 @@ class GroupFinder:
             if len(dims) < 2:
                 continue
             grid = [value.shape[d] for d in dims]
+            block_hint = math.lcm(block_hint, math.prod(grid[:-1]))
             if not ops.keeps_product(state, value.shape):
                 blocked.append(Refusal(
                     RefusalKind.REGROUP, value.producer[0].name if value.producer is not None else None,
@@ -122,6 +125,7 @@ class GroupFinder:
         group = Group(self)
         group.blocked = sorted(set(blocked + self._outputs_passed))
         group.size_ties = ties
+        group.block_hint = block_hint
         root_fn = trigger
         for target, target_side in order:
             state = deps[(target, target_side)]

@@ -165,6 +165,9 @@ class Group:
         self.explicit: bool = False
         #: widths this removal changes that a reshape ties to a size read from another tensor (graph/size_checks.py)
         self.size_ties: list = []
+        #: blocks a removal must be symmetric over for every reshape the group passes (q/k/v x heads): the
+        #: planner tries this before coarser guesses, each of which costs a discovery
+        self.block_hint: int = 1
 
     def add_dep(self, dep: Dependency, idxs, root_idxs=None):
         tensors = None

@@ -33,6 +33,7 @@ class GraphRenumbering:
         group.blocked = original.blocked
         group.explicit = original.explicit
         group.size_ties = original.size_ties
+        group.block_hint = original.block_hint
         root_map = self._position_maps.get((original[0].dep.target.module, original[0].side))
         for k, item in enumerate(original):
             position_map = self._position_maps.get((item.dep.target.module, item.side))

@@ -179,7 +179,7 @@ class PlanningMixin:
         heads = self._whole_head_blocks(group)
         if heads is not None:
             return self._choose_whole_heads(group, imp, n_prune, heads)
-        for blocks in _block_candidates(channel_groups, len(imp), n_prune):
+        for blocks in _block_candidates(channel_groups, len(imp), n_prune, group.block_hint):
             idxs = self._select(group, imp.detach().cpu(), n_prune - n_prune % blocks, blocks)
             if len(idxs) == 0:
                 return None
@@ -262,15 +262,18 @@ class PlanningMixin:
                 self._note_refusal(group[0].dep.target, self._refusal)
 
 
-def _block_candidates(channel_groups: int, total: int, n_prune: int, limit: int = 24):
-    """The declared grouping first, then ever coarser symmetric groupings the graph may require: a
-    channel shuffle or a fused q/k/v reshape only accepts the same local channels in every block."""
-    yield channel_groups
+def _block_candidates(channel_groups: int, total: int, n_prune: int, hint: int = 1, limit: int = 24):
+    """The graph's hint first (the blocks of every reshape the group passes), then the declared grouping,
+    then ever coarser symmetric groupings the graph may require: a channel shuffle or a fused q/k/v
+    reshape only accepts the same local channels in every block. Each candidate costs a discovery."""
+    hinted = math.lcm(hint, channel_groups)
+    first = hinted if hinted > channel_groups and total % hinted == 0 and hinted <= n_prune else channel_groups
+    yield first
     tried = 1
-    for blocks in range(channel_groups + 1, total + 1):
+    for blocks in range(channel_groups, total + 1):
         if tried >= limit or blocks > n_prune:
             return
-        if total % blocks == 0 and blocks % channel_groups == 0:
+        if blocks != first and total % blocks == 0 and blocks % channel_groups == 0:
             tried += 1
             yield blocks
 

@@ -204,6 +204,12 @@ def test_pooler_output_sum_prunes_as_the_torch_pruning_bert_example(bert_classif
         g.prune()
     for m in model.modules():
         if isinstance(m, transformers.models.bert.modeling_bert.BertSelfAttention):
+            # every head narrows alike (16 -> 8 channels), as torch_pruning's prune_head_dims does; the
+            # adapter already rewrote the attributes BERT's view and scaling read
+            assert m.query.out_features == m.key.out_features == m.value.out_features == 32
+            assert pruner.num_heads[m.query] == 4
+            assert (m.num_attention_heads, m.attention_head_size, m.all_head_size) == (4, 8, 32)
+            assert m.scaling == pytest.approx(8 ** -0.5)
             m.num_attention_heads = pruner.num_heads[m.query]
             m.attention_head_size = m.query.out_features // m.num_attention_heads
             m.all_head_size = m.query.out_features
@@ -211,6 +217,39 @@ def test_pooler_output_sum_prunes_as_the_torch_pruning_bert_example(bert_classif
     assert model.config.hidden_size == model.embeddings.word_embeddings.embedding_dim < 64
     out = model(**inputs)
     assert out.pooler_output.shape == (1, 64)  # the ignored pooler keeps its width
+
+
+def test_bert_head_dims_narrow_with_the_hidden_size_and_round_trip(bert_classifier, tmp_path):
+    """BertConfig derives the head size as hidden_size / heads: heads narrow as far as the hidden size goes
+    (4 heads of 8 = hidden 32), so save_pretrained -> from_pretrained rebuilds the same model."""
+    transformers, config = bert_classifier
+    model = transformers.BertForSequenceClassification(config).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (1, 8))}
+    tp.pruner.BasePruner(model, inputs, tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
+                         ignored_layers=[model.classifier]).step()
+    attention = model.bert.encoder.layer[1].attention.self
+    assert (attention.num_attention_heads, attention.attention_head_size, attention.query.out_features) == (4, 8, 32)
+    assert (model.config.hidden_size, model.config.num_attention_heads) == (32, 4)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert torch.allclose(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-5)
+
+
+def test_bert_heads_keep_their_size_when_the_hidden_size_cannot_shrink(bert_classifier, tmp_path):
+    """BertModel returns the hidden states, so the hidden width stays; narrower heads would leave a model
+    BertConfig cannot describe, and the pruner says it held them back."""
+    transformers, config = bert_classifier
+    model = transformers.BertModel(config).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (1, 8))}
+    pruner = tp.pruner.BasePruner(model, inputs, tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5)
+    with pytest.warns(UserWarning, match=r"uniform_config_widths: .*attention\.self\.query \(head size = hidden_size"):
+        pruner.step()
+    attention = model.encoder.layer[0].attention.self
+    assert (attention.num_attention_heads, attention.attention_head_size, attention.query.out_features) == (4, 16, 64)
+    assert model.encoder.layer[0].intermediate.dense.out_features == 64
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.BertModel.from_pretrained(tmp_path).eval()
+    assert torch.allclose(reloaded(**inputs).last_hidden_state, model(**inputs).last_hidden_state, atol=1e-5)
 
 
 def test_num_heads_follows_whole_head_pruning(bert_classifier):

@@ -202,7 +202,7 @@ def _specific(module) -> bool:
 
 ATTENTION_ADAPTERS = [
     Adapter("Hugging Face BERT attention (num_attention_heads, attention_head_size, all_head_size, scaling)",
-            is_bert_attention, bert_attention, uses_removed=True, follows=("num_attention_heads",)),
+            is_bert_attention, bert_attention, uses_removed=True, follows=("num_attention_heads", "attention_head_size")),
     Adapter("Hugging Face ViT attention (num_attention_heads, head_dim, scaling)", is_vit_attention,
             vit_attention, uses_removed=True),
     Adapter("Hugging Face GPT-2 attention (num_heads, head_dim, split_size, embed_dim, scaling)",

@@ -285,6 +285,33 @@ def layer_fields(model) -> dict:
 
 
 # -- writing them ---------------------------------------------------------------------------------------
+#: config fields that state a head size of their own (otherwise the family derives it as hidden / heads)
+HEAD_SIZE_FIELDS = ("head_dim", "attention_head_size", "d_kv", "key_value_proj_dim", "kv_channels", "head_size")
+
+
+def head_size_ties(model) -> dict:
+    """{query layer: (config id, hidden field, stage)} for attention whose config states no head size.
+
+    BertConfig builds every head as ``hidden_size // num_attention_heads`` wide: narrower heads are
+    describable only while heads x head size still equals the hidden size, so the planner narrows them
+    no further than the hidden width goes.
+    """
+    ties = {}
+    for module, name, config in walk(model):
+        if config is None or _attention_roles(module) is None:
+            continue
+        if any(_has_field(config, field) for field in HEAD_SIZE_FIELDS):
+            continue
+        query = _child(module, QUERY_NAMES) or _child(module, FUSED_NAMES)
+        prefix = _prefix(name)
+        hidden = _field(config, "hidden", prefix)
+        if query is None or hidden is None:
+            continue
+        per_stage = isinstance(getattr(config, hidden, None), (list, tuple))
+        ties[query] = (id(config), hidden, _stage(name + ".") if per_stage else None)
+    return ties
+
+
 def _field(config, role: str, prefix: str) -> str | None:
     candidates = ()
     if prefix and role in PREFIXED_FIELDS:

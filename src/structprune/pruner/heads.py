@@ -30,9 +30,11 @@ class HeadPlanner:
         self._heads_narrow_refused: list[tuple[str, Refusal]] = []
 
     def _is_head_group(self, group: Group) -> bool:
-        """Channels that attention splits into heads: blocked at full width (a head count or head_dim is
-        spelled out) and rooted under a module with heads. o_proj's group is the hidden width, not this."""
-        return bool(group.blocked) and self._head_dim(group[0].dep.target.module, len(group[0].idxs)) is not None
+        """Channels that attention splits into heads: rooted under a module with heads, and either blocked
+        at full width (a head count or head_dim is spelled out) or split into blocks by a reshape (BERT's
+        view to (-1, attention_head_size), which its adapter rewrites). o_proj's group is the hidden
+        width, which no reshape splits, not this."""
+        return _splits_into_heads(group) and self._head_dim(group[0].dep.target.module, len(group[0].idxs)) is not None
 
     def _warn_heads_refused(self) -> None:
         """Name the attention layers that prune_num_heads could not touch and nothing else narrowed."""
@@ -151,14 +153,14 @@ class HeadPlanner:
         return candidate
 
     def _head_candidates(self) -> Iterator[tuple]:
-        """(group, root, width, head_dim) of every group blocked for channels whose root has heads.
+        """(group, root, width, head_dim) of every group split into heads (or blocked) whose root has heads.
 
         Lazy on purpose: groups are discovered after the heads before them were pruned (removing q's
         heads removes v's too, and v's own group must see that).
         """
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types, include_blocked=True):
-            if not group.blocked:
+            if not _splits_into_heads(group):
                 continue
             root = group[0].dep.target.module
             total = len(group[0].idxs)
@@ -180,6 +182,10 @@ class HeadPlanner:
         if self._parent_of is None:
             self._parent_of = {child: module for module in self.model.modules() for child in module.children()}
         return self._parent_of
+
+
+def _splits_into_heads(group: Group) -> bool:
+    return bool(group.blocked) or group.block_hint > 1
 
 
 def _head_removals(scores: torch.Tensor, head_dim: int, keep_fraction: float) -> Iterator[torch.Tensor]:

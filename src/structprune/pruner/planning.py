@@ -138,6 +138,9 @@ class PlanningMixin:
             if key in limits and limits[key] < n_prune:
                 self._note_held_back(group, key, n_prune, limits[key])
                 n_prune = current - self._rounded_keep(current - limits[key], current, channel_groups)
+            capped = self._head_size_cap(group, n_prune, limits)
+            if capped < n_prune:
+                n_prune = current - self._rounded_keep(current - capped, current, channel_groups)
             if n_prune <= 0:
                 continue
             imp = self._importance(group)
@@ -242,6 +245,7 @@ class PlanningMixin:
             field = self._field_key(group)
             if field in shared:
                 wanted = min(shared[field], limit)
+            wanted = self._head_size_cap(group, wanted, shared)
             n = current - self._rounded_keep(current - wanted, current, blocks)
             if n <= 0:
                 continue

@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..hf.config import layer_fields, uses_transformers
+from ..hf.config import head_size_ties, layer_fields, uses_transformers
 
 
 class UniformWidths:
@@ -27,6 +27,8 @@ class UniformWidths:
         self._field_of = layer_fields(model) if self.uniform_config_widths and uses_transformers(model) else {}
         self._config_heads = {module for module in model.modules()
                               if isinstance(module, nn.MultiheadAttention)} if self._field_of else set()
+        self._head_ties = head_size_ties(model) if self._field_of else {}
+        self._field_widths: dict = {}
 
     def _field_key(self, group):
         """The config field the root's width is counted in (None: no field, or the option is off)."""
@@ -46,7 +48,21 @@ class UniformWidths:
             root = (group[0].dep.target.module, group[0].side)
             count = planned.get(root, 0)
             limits[key] = min(limits.get(key, count), count)
+            self._field_widths[key] = len(group[0].idxs)
         return limits
+
+    def _head_size_cap(self, group, n_prune: int, losses: dict) -> int:
+        """Channels a head group may lose when its config derives the head size from the hidden size
+        (BertConfig): the attention width may shrink to the hidden width this step leaves, not below."""
+        tie = self._head_ties.get(group[0].dep.target.module)
+        if tie is None or n_prune <= 0 or tie not in self._field_widths:
+            return n_prune
+        hidden_after = self._field_widths[tie] - losses.get(tie, 0)
+        allowed = max(0, len(group[0].idxs) - hidden_after)
+        if allowed < n_prune:
+            self._held_back.append(f"{self.DG._name(group[0].dep.target.module)} (head size = {tie[1]} / heads: "
+                                   f"{n_prune} -> {allowed})")
+        return min(n_prune, allowed)
 
     def _uniform_global(self, counts: dict) -> dict:
         """{field: channels each of its groups loses} in global pruning: the mean of what the global ranking
@@ -60,6 +76,7 @@ class UniformWidths:
             if key is not None and not self._is_head_group(group):
                 root = (group[0].dep.target.module, group[0].side)
                 members.setdefault(key, []).append(counts.get(root))
+                self._field_widths[key] = len(group[0].idxs)
         return {key: 0 if None in values else sum(values) // len(values) for key, values in members.items()}
 
     def _whole_head_blocks(self, group) -> int | None:

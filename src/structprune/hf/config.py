@@ -290,7 +290,8 @@ HEAD_SIZE_FIELDS = ("head_dim", "attention_head_size", "d_kv", "key_value_proj_d
 
 
 def head_size_ties(model) -> dict:
-    """{query layer: (config id, hidden field, stage)} for attention whose config states no head size.
+    """{query layer: ((config id, hidden field, stage), blocks)} for attention whose config states no head
+    size; ``blocks`` is how many hidden widths the layer holds (3 for a fused q/k/v projection).
 
     BertConfig builds every head as ``hidden_size // num_attention_heads`` wide: narrower heads are
     describable only while heads x head size still equals the hidden size, so the planner narrows them
@@ -307,8 +308,10 @@ def head_size_ties(model) -> dict:
         hidden = _field(config, "hidden", prefix)
         if query is None or hidden is None:
             continue
-        per_stage = isinstance(getattr(config, hidden, None), (list, tuple))
-        ties[query] = (id(config), hidden, _stage(name + ".") if per_stage else None)
+        width = getattr(config, hidden, None)
+        if not isinstance(width, int) or width <= 0 or _linear_out(query) % width:
+            continue  # per-stage widths (Swin) or an attention narrower than the hidden size by design
+        ties[query] = ((id(config), hidden, None), _linear_out(query) // width)
     return ties
 
 

@@ -182,12 +182,16 @@ class PlanningMixin:
         heads = self._whole_head_blocks(group)
         if heads is not None:
             return self._choose_whole_heads(group, imp, n_prune, heads)
-        for blocks in _block_candidates(channel_groups, len(imp), n_prune, group.block_hint):
+        # blocks that worked for a group of the same layers and width (the next block of the same stage)
+        learned = self.__dict__.setdefault("_learned_blocks", {})
+        shape = (_signature(group), len(imp), channel_groups, group.block_hint)
+        for blocks in _block_candidates(channel_groups, len(imp), n_prune, group.block_hint, learned.get(shape)):
             idxs = self._select(group, imp.detach().cpu(), n_prune - n_prune % blocks, blocks)
             if len(idxs) == 0:
                 return None
             candidate = self.DG.get_group_by_side(root.dep.target.module, root.side, idxs.tolist())
             if self._accepts(candidate, idxs):
+                learned[shape] = blocks
                 return candidate
             self._refusal = _refusal(candidate, idxs)
         return None
@@ -266,20 +270,28 @@ class PlanningMixin:
                 self._note_refusal(group[0].dep.target, self._refusal)
 
 
-def _block_candidates(channel_groups: int, total: int, n_prune: int, hint: int = 1, limit: int = 24):
-    """The graph's hint first (the blocks of every reshape the group passes), then the declared grouping,
-    then ever coarser symmetric groupings the graph may require: a channel shuffle or a fused q/k/v
-    reshape only accepts the same local channels in every block. Each candidate costs a discovery."""
+def _block_candidates(channel_groups: int, total: int, n_prune: int, hint: int = 1, learned: int | None = None,
+                      limit: int = 24):
+    """Block counts to try, each costing a discovery: what worked for the same layers before, the graph's
+    hint (the blocks of every reshape the group passes), its multiples (a fused q/k/v chunked inside each
+    head needs three per head), then the declared grouping and ever coarser symmetric groupings: a
+    channel shuffle or a fused q/k/v reshape only accepts the same local channels in every block."""
+    def fits(blocks):
+        return blocks <= n_prune and total % blocks == 0 and blocks % channel_groups == 0
+
     hinted = math.lcm(hint, channel_groups)
-    first = hinted if hinted > channel_groups and total % hinted == 0 and hinted <= n_prune else channel_groups
-    yield first
-    tried = 1
-    for blocks in range(channel_groups, total + 1):
-        if tried >= limit or blocks > n_prune:
+    order = [learned] if learned is not None and fits(learned) else []
+    if hinted > channel_groups:
+        order += [blocks for blocks in range(hinted, total + 1, hinted) if fits(blocks)]
+    order += [channel_groups] + [blocks for blocks in range(channel_groups + 1, total + 1) if fits(blocks)]
+    seen = set()
+    for blocks in order:
+        if blocks in seen:
+            continue
+        if len(seen) >= limit:
             return
-        if blocks != first and total % blocks == 0 and blocks % channel_groups == 0:
-            tried += 1
-            yield blocks
+        seen.add(blocks)
+        yield blocks
 
 
 def _refusal(candidate: Group, idxs: torch.Tensor) -> Refusal:

@@ -54,11 +54,11 @@ class UniformWidths:
     def _head_size_cap(self, group, n_prune: int, losses: dict) -> int:
         """Channels a head group may lose when its config derives the head size from the hidden size
         (BertConfig): the attention width may shrink to the hidden width this step leaves, not below."""
-        tie = self._head_ties.get(group[0].dep.target.module)
+        tie, blocks = self._head_ties.get(group[0].dep.target.module, (None, 1))
         if tie is None or n_prune <= 0 or tie not in self._field_widths:
             return n_prune
         hidden_after = self._field_widths[tie] - losses.get(tie, 0)
-        allowed = max(0, len(group[0].idxs) - hidden_after)
+        allowed = max(0, len(group[0].idxs) - blocks * hidden_after)
         if allowed < n_prune:
             self._held_back.append(f"{self.DG._name(group[0].dep.target.module)} (head size = {tie[1]} / heads: "
                                    f"{n_prune} -> {allowed})")

@@ -112,9 +112,7 @@ FAMILIES = [
     Family("Gemma3", _cfg("Gemma3TextConfig", **LLAMA_LIKE, head_dim=16), "Gemma3ForCausalLM",
            "AutoModelForCausalLM", generates=True, ignore=("lm_head",)),
     Family("BLOOM", _cfg("BloomConfig", vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4),
-           "BloomForCausalLM", "AutoModelForCausalLM", generates=True, ignore=("lm_head",),
-           config_limit="ALiBi slopes are a function of the head count, so whole heads stay (the graph refuses "
-                        "the per-head constant); BloomConfig ties the attention width to hidden_size"),
+           "BloomForCausalLM", "AutoModelForCausalLM", generates=True, ignore=("lm_head",)),
     Family("DeepseekV3", _cfg("DeepseekV3Config", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                               moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,

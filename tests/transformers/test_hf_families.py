@@ -240,3 +240,19 @@ def test_gemma_embeddings_keep_their_scale_and_the_tied_head_reads_the_same_weig
     expected = (normalized * (1 + norm_weight[kept])) @ weight[:, kept].T
     with torch.no_grad():
         torch.testing.assert_close(model.lm_head(model.model.norm(hidden)), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bloom_heads_narrow_because_alibi_pins_their_number(tmp_path):
+    """ALiBi slopes are a function of the head count: whole heads stay, every head loses the channels the
+    hidden size loses (BloomConfig derives head_dim as hidden_size / n_head), and the config says so."""
+    family = BY_NAME["BLOOM"]
+    model, inputs = build(family)
+    prune(model, inputs, family)
+    attention = model.transformer.h[1].self_attention
+    assert (attention.num_heads, attention.head_dim, attention.split_size) == (4, 8, 32)
+    assert attention.inv_norm_factor == pytest.approx(8 ** -0.5)
+    assert attention.query_key_value.out_features == 96 and attention.dense.in_features == 32
+    assert (model.config.hidden_size, model.config.n_head) == (32, 4)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=1e-5)

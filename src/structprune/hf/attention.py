@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..adapters import Adapter, _from, _linear_in, _linear_out, _removed_of, head_layout
@@ -196,8 +197,37 @@ def gpt2_attention(module, removed=None) -> None:
         module.scaling = scaling
 
 
+def is_bloom_attention(module) -> bool:
+    return (_from("transformers", module) and type(module).__name__ == "BloomAttention"
+            and _child(module, ("query_key_value",)) is not None and hasattr(module, "num_heads")
+            and hasattr(module, "head_dim"))
+
+
+def bloom_attention(module, removed=None) -> None:
+    """BLOOM: fused ``query_key_value`` laid out per head as [heads, 3 (q, k, v), head_dim], viewed with
+    both ``num_heads`` and ``head_dim``. ALiBi slopes are a function of the head count, so heads keep
+    their number and narrow instead; the removed channels say which of the two changed."""
+    fused = module.query_key_value
+    heads, dim, width = module.num_heads, module.head_dim, _linear_out(fused)
+    lost = _removed_of(removed, fused)
+    if width != 3 * heads * dim and lost is not None and len(lost):
+        kept = torch.ones(3 * heads * dim, dtype=torch.bool)
+        kept[torch.as_tensor(lost, dtype=torch.long)] = False
+        grid = kept.view(heads, 3, dim)
+        new_heads, new_dim = int(grid.any(2).any(1).sum()), int(grid.any(1).any(0).sum())
+        if 3 * new_heads * new_dim == width:
+            heads, dim = new_heads, new_dim
+    old_width = module.num_heads * module.head_dim
+    for name in ("hidden_size", "split_size"):
+        if module.__dict__.get(name) == old_width:
+            setattr(module, name, heads * dim)
+    module.num_heads, module.head_dim = heads, dim
+    module.inv_norm_factor = 1.0 / math.sqrt(dim)
+
+
 def _specific(module) -> bool:
-    return is_bert_attention(module) or is_vit_attention(module) or is_gpt2_attention(module)
+    return (is_bert_attention(module) or is_vit_attention(module) or is_gpt2_attention(module)
+            or is_bloom_attention(module))
 
 
 ATTENTION_ADAPTERS = [
@@ -205,6 +235,8 @@ ATTENTION_ADAPTERS = [
             is_bert_attention, bert_attention, uses_removed=True, follows=("num_attention_heads", "attention_head_size")),
     Adapter("Hugging Face ViT attention (num_attention_heads, head_dim, scaling)", is_vit_attention,
             vit_attention, uses_removed=True),
+    Adapter("Hugging Face BLOOM attention (num_heads, head_dim, hidden_size, split_size, inv_norm_factor)", is_bloom_attention,
+            bloom_attention, uses_removed=True, follows=("num_heads", "head_dim")),
     Adapter("Hugging Face GPT-2 attention (num_heads, head_dim, split_size, embed_dim, scaling)",
             is_gpt2_attention, gpt2_attention, uses_removed=True, follows=("split_size",)),
 ]

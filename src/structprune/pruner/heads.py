@@ -67,7 +67,7 @@ class HeadPlanner:
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types, include_blocked=True):
             hard = [reason for reason in group.blocked if not subset_may_pass(reason)]
-            if hard and self._is_head_group(group):
+            if hard and self._is_head_group(group) and not self._per_head_table_only(group):
                 self._heads_narrow_refused.append((self.DG._name(group[0].dep.target.module), hard[0]))
 
     def _plan_whole_heads(self) -> Iterator[Group]:

@@ -26,14 +26,25 @@ class PlanningMixin:
         subset, and trying subsets costs a discovery each, so groups that reach them are not tried.
         """
         groups = []
+        self._one_try = set()
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types, include_blocked=True):
-            if group.blocked and not all(subset_may_pass(reason) for reason in group.blocked):
-                continue
             if not self.prune_head_dims and self._is_head_group(group):
                 continue  # heads keep their width; only prune_num_heads may touch them
+            if group.blocked and not all(subset_may_pass(reason) for reason in group.blocked):
+                if not (self.prune_head_dims and self._per_head_table_only(group)):
+                    continue
+                # BLOOM's ALiBi slopes: a table per head, reached only when whole heads go; narrower
+                # heads may pass, and one symmetric candidate tells
+                self._one_try.add(_root_key(group))
             groups.append(group)
         return groups
+
+    def _per_head_table_only(self, group: Group) -> bool:
+        """Refused at full width only for a constant or buffer, in a group a reshape splits into heads."""
+        hard = {reason.kind for reason in group.blocked if not subset_may_pass(reason)}
+        return (group.block_hint > 1 and hard <= {RefusalKind.CONSTANT_OR_INPUT, RefusalKind.BUFFER}
+                and self._is_head_group(group))
 
     def estimate_importance(self, group: Group) -> torch.Tensor | None:
         if self.importance is None:
@@ -185,7 +196,9 @@ class PlanningMixin:
         # blocks that worked for a group of the same layers and width (the next block of the same stage)
         learned = self.__dict__.setdefault("_learned_blocks", {})
         shape = (_signature(group), len(imp), channel_groups, group.block_hint)
-        for blocks in _block_candidates(channel_groups, len(imp), n_prune, group.block_hint, learned.get(shape)):
+        candidates = _block_candidates(channel_groups, len(imp), n_prune, group.block_hint, learned.get(shape),
+                                       limit=1 if _root_key(group) in getattr(self, "_one_try", ()) else 24)
+        for blocks in candidates:
             idxs = self._select(group, imp.detach().cpu(), n_prune - n_prune % blocks, blocks)
             if len(idxs) == 0:
                 return None
@@ -296,7 +309,9 @@ def _block_candidates(channel_groups: int, total: int, n_prune: int, hint: int =
 
 def _refusal(candidate: Group, idxs: torch.Tensor) -> Refusal:
     if candidate.blocked:
-        return candidate.blocked[0]
+        # a reason no other selection avoids (a rotary table) says more than a reshape's spelled-out size
+        hard = [reason for reason in candidate.blocked if not subset_may_pass(reason)]
+        return (hard or candidate.blocked)[0]
     root = candidate[0].dep.target.name
     if len(candidate[0].idxs) != len(idxs):
         return Refusal(RefusalKind.WIDENED, root,

@@ -126,3 +126,25 @@ def test_lossless_removal_oracle_on_a_llama_block():
     assert (attention.q_proj.out_features, attention.k_proj.out_features, attention.o_proj.in_features) == (32, 16, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_heads_go_as_whole_key_value_groups_in_every_layer():
+    """Key/value heads are planned before the query heads they serve: every layer ends with the same head
+    counts (8 q / 2 kv -> 4 / 1), so the config's single fields describe the model."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer is named as having kept its heads
+        tp.pruner.BasePruner(model, {"input_ids": ids}, tp.importance.MagnitudeImportance(), pruning_ratio=0.0,
+                             prune_num_heads=True, head_pruning_ratio=0.5, ignored_layers=[model.lm_head]).step()
+    widths = {(layer.self_attn.q_proj.out_features, layer.self_attn.k_proj.out_features,
+               layer.self_attn.v_proj.out_features) for layer in model.model.layers}
+    assert widths == {(64, 16, 16)}
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 1)

@@ -334,3 +334,4 @@ def test_other_layouts_of_fused_experts_prune_and_reload(family, tmp_path):
     assert out.shape == (1, 8, 128)
     assert_config_rebuilds(model)
     torch.testing.assert_close(logits(reload(model, tmp_path), input_ids=ids), out)
+

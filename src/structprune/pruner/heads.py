@@ -155,18 +155,33 @@ class HeadPlanner:
     def _head_candidates(self) -> Iterator[tuple]:
         """(group, root, width, head_dim) of every group split into heads (or blocked) whose root has heads.
 
-        Lazy on purpose: groups are discovered after the heads before them were pruned (removing q's
-        heads removes v's too, and v's own group must see that).
+        Key/value roots first: a key/value head takes the query heads it serves along, so planned first
+        every layer loses whole key/value groups alike; planned after the query heads, a layer whose
+        weakest query heads sit in different groups keeps every key/value head (and config fields hold one
+        head count for all layers). Lazy on purpose: groups are discovered after the heads before them
+        were pruned (removing q's heads removes v's too, and v's own group must see that).
         """
-        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
-                                            root_module_types=self.root_module_types, include_blocked=True):
-            if not _splits_into_heads(group):
+        for key_value_pass in (True, False):
+            for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                                root_module_types=self.root_module_types, include_blocked=True):
+                if not _splits_into_heads(group):
+                    continue
+                root = group[0].dep.target.module
+                total = len(group[0].idxs)
+                head_dim = self._head_dim(root, total)
+                if head_dim is not None and self._serves_wider_heads(group, total) == key_value_pass:
+                    yield group, root, total, head_dim
+
+    def _serves_wider_heads(self, group: Group, total: int) -> bool:
+        """Whether removing the root's heads removes heads of a wider head projection (GQA's k/v -> q)."""
+        for item in list(group)[1:]:
+            module = item.dep.target.module
+            if isinstance(module, torch.nn.Parameter) or item.side is not Side.OUT:
                 continue
-            root = group[0].dep.target.module
-            total = len(group[0].idxs)
-            head_dim = self._head_dim(root, total)
-            if head_dim is not None:
-                yield group, root, total, head_dim
+            width = self.DG.get_out_channels(module)
+            if width and width > total and self._head_dim(module, width) is not None:
+                return True
+        return False
 
     def _head_dim(self, root, total: int) -> int | None:
         if root in self.num_heads and total % self.num_heads[root] == 0:

@@ -97,6 +97,24 @@ def test_moe_family_loses_hidden_and_expert_width_then_generates_and_reloads(fam
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_moe_family_with_whole_heads_passes_the_four_checks(family, tmp_path):
+    """Issue 12's setup (ratio 0.5, prune_num_heads with head_pruning_ratio 0.5): outputs keep their shape,
+    a quarter of the parameters go, generate() runs and save_pretrained -> from_pretrained gives the same
+    logits (every layer keeps the same head counts, so the config describes them)."""
+    model = build(family)
+    ids = torch.randint(0, 128, (1, 8))
+    before = count(model)
+    tp.pruner.BasePruner(model, {"input_ids": ids}, magnitude(), pruning_ratio=0.5, prune_num_heads=True,
+                         head_pruning_ratio=0.5, ignored_layers=ignored(model)).step()
+    assert count(model) <= 0.75 * before
+    out = logits(model, input_ids=ids)
+    assert out.shape == (1, 8, 128)
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 11)
+    assert_config_rebuilds(model)
+    torch.testing.assert_close(logits(reload(model, tmp_path), input_ids=ids), out)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_prune_num_experts_removes_experts_with_their_router_rows_and_reloads(family, tmp_path):
     model = build(family)
     ids = torch.randint(0, 128, (1, 8))

@@ -256,3 +256,22 @@ def test_bloom_heads_narrow_because_alibi_pins_their_number(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_syncs_the_config_once_after_its_groups():
+    """Inside deferred_late_sync (what step() wraps its groups in) the config waits; it is synced once when
+    the block ends, so a 32-layer model does not walk every layer after each of its 65 groups."""
+    from structprune.adapters import deferred_late_sync
+
+    model = llama()
+    ids = torch.randint(0, 128, (1, 8))
+    graph = tp.DependencyGraph().build_dependency(model, {"input_ids": ids})
+    with deferred_late_sync(model):
+        for layer in model.model.layers:
+            graph.get_pruning_group(layer.mlp.up_proj, tp.prune_linear_out_channels, list(range(32))).prune()
+        assert model.config.intermediate_size == 128  # not yet
+    assert model.config.intermediate_size == 96
+    assert config_mismatches(model) == []
+    graph.get_pruning_group(model.model.layers[0].mlp.up_proj, tp.prune_linear_out_channels, list(range(16))).prune()
+    graph.get_pruning_group(model.model.layers[1].mlp.up_proj, tp.prune_linear_out_channels, list(range(16))).prune()
+    assert model.config.intermediate_size == 80  # outside the block: synced after each group again

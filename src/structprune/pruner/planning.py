@@ -193,19 +193,22 @@ class PlanningMixin:
         heads = self._whole_head_blocks(group)
         if heads is not None:
             return self._choose_whole_heads(group, imp, n_prune, heads)
-        # blocks that worked for a group of the same layers and width (the next block of the same stage)
+        # blocks that worked for a group of the same layers and width (the next block of the same stage),
+        # and the refusal of one whose every candidate failed
         learned = self.__dict__.setdefault("_learned_blocks", {})
         shape = (_signature(group), len(imp), channel_groups, group.block_hint)
         one_try = _root_key(group) in getattr(self, "_one_try", ())
         known = learned.get(shape)
-        if one_try and isinstance(known, tuple):
-            # a head group refused at full width for a table: the same layers refused narrowing too
-            first, refusal = known
+        refused = learned.get(shape + (n_prune,))
+        if refused is not None:
+            # every candidate of a group of the same layers and width was refused (a size the forward spells
+            # out, a table): trying them again for each block costs a discovery per candidate and decides nothing
+            first, refusal = refused
             self._refusal = Refusal(refusal.kind, root.dep.target.name,
                                     f"{refusal.detail} (as for {first}, which has the same layers)")
             return None
-        candidates = _block_candidates(channel_groups, len(imp), n_prune, group.block_hint,
-                                       known if isinstance(known, int) else None, limit=1 if one_try else 24)
+        candidates = _block_candidates(channel_groups, len(imp), n_prune, group.block_hint, known,
+                                       limit=1 if one_try else 24)
         for blocks in candidates:
             idxs = self._select(group, imp.detach().cpu(), n_prune - n_prune % blocks, blocks)
             if len(idxs) == 0:
@@ -215,8 +218,8 @@ class PlanningMixin:
                 learned[shape] = blocks
                 return candidate
             self._refusal = _refusal(candidate, idxs)
-            if one_try and not subset_may_pass(self._refusal):
-                learned[shape] = (root.dep.target.name, self._refusal)
+        if self._refusal.kind is not RefusalKind.NO_CANDIDATE:
+            learned[shape + (n_prune,)] = (root.dep.target.name, self._refusal)
         return None
 
     def _plan_global(self) -> Iterator[Group]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+from ..adapters import deferred_late_sync
 from ..graph.snapshot import Checkpoint
 from ..hf.config import restore_configs, snapshot_configs
 from ..utils.nested import call_model, evaluating
@@ -25,12 +26,13 @@ class VerifyMixin:
         excluded: set = set()
         while True:
             plans, pruned, left = [], [], []
-            for group in self._plan():
-                if excluded and touches(group, excluded):
-                    left.append(group[0].dep.target.name)
-                    continue
-                plans.append(self._prune_group(group, optimizer))
-                pruned.append(group)
+            with deferred_late_sync(self.model):  # the config is synced once, before the forward check
+                for group in self._plan():
+                    if excluded and touches(group, excluded):
+                        left.append(group[0].dep.target.name)
+                        continue
+                    plans.append(self._prune_group(group, optimizer))
+                    pruned.append(group)
             unbalanced = unbalanced_ties(pruned) - excluded
             if not unbalanced:
                 break

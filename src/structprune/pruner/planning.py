@@ -1,6 +1,7 @@
 """Planning a step: which groups, how many channels each keeps, and which channels go."""
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterator
 
@@ -102,6 +103,7 @@ class PlanningMixin:
         per-parameter statistics (Hessian, OBDC) are tied to the unpruned shapes.
         """
         self._scores = {}
+        self._refused_shapes: dict = {}  # (layers, width, blocks, count) -> refusal, for this step
         heads = list(self._head_candidates()) if self.prune_num_heads else []
         for group in [entry[0] for entry in heads] + list(self._expert_groups()) + self._groups():
             key = _root_key(group)
@@ -147,7 +149,7 @@ class PlanningMixin:
                 continue
             key = self._field_key(group)
             if key in limits and limits[key] < n_prune:
-                self._note_held_back(group, key, n_prune, limits[key])
+                self._note_held_back(group, key[1], n_prune, limits[key])
                 n_prune = current - self._rounded_keep(current - limits[key], current, channel_groups)
             capped = self._head_size_cap(group, n_prune, limits)
             if capped < n_prune:
@@ -194,12 +196,12 @@ class PlanningMixin:
         if heads is not None:
             return self._choose_whole_heads(group, imp, n_prune, heads)
         # blocks that worked for a group of the same layers and width (the next block of the same stage),
-        # and the refusal of one whose every candidate failed
+        # and, within this step, the refusal of one whose every candidate failed
         learned = self.__dict__.setdefault("_learned_blocks", {})
         shape = (_signature(group), len(imp), channel_groups, group.block_hint)
         one_try = _root_key(group) in getattr(self, "_one_try", ())
         known = learned.get(shape)
-        refused = learned.get(shape + (n_prune,))
+        refused = self._refused_shapes.get(shape + (n_prune,))
         if refused is not None:
             # every candidate of a group of the same layers and width was refused (a size the forward spells
             # out, a table): trying them again for each block costs a discovery per candidate and decides nothing
@@ -219,7 +221,7 @@ class PlanningMixin:
                 return candidate
             self._refusal = _refusal(candidate, idxs)
         if self._refusal.kind is not RefusalKind.NO_CANDIDATE:
-            learned[shape + (n_prune,)] = (root.dep.target.name, self._refusal)
+            self._refused_shapes[shape + (n_prune,)] = (root.dep.target.name, self._refusal)
         return None
 
     def _plan_global(self) -> Iterator[Group]:
@@ -306,13 +308,15 @@ def _block_candidates(channel_groups: int, total: int, n_prune: int, hint: int =
         return blocks <= n_prune and total % blocks == 0 and blocks % channel_groups == 0
 
     hinted = math.lcm(hint, channel_groups)
-    order = [learned] if learned is not None and fits(learned) else []
-    if hinted > channel_groups:
-        order += [blocks for blocks in range(hinted, total + 1, hinted) if fits(blocks)]
-    order += [channel_groups] + [blocks for blocks in range(channel_groups + 1, total + 1) if fits(blocks)]
+    last = min(total, n_prune)
+    order = itertools.chain(
+        [learned] if learned is not None else [],
+        range(hinted, last + 1, hinted) if hinted > channel_groups else [],
+        range(channel_groups, last + 1),
+    )
     seen = set()
     for blocks in order:
-        if blocks in seen:
+        if blocks in seen or not fits(blocks):
             continue
         if len(seen) >= limit:
             return

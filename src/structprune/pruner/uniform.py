@@ -59,9 +59,7 @@ class UniformWidths:
             return n_prune
         hidden_after = self._field_widths[tie] - losses.get(tie, 0)
         allowed = max(0, len(group[0].idxs) - blocks * hidden_after)
-        if allowed < n_prune:
-            self._held_back.append(f"{self.DG._name(group[0].dep.target.module)} (head size = {tie[1]} / heads: "
-                                   f"{n_prune} -> {allowed})")
+        self._note_held_back(group, f"head size = {tie[1]} / heads", n_prune, allowed)
         return min(n_prune, allowed)
 
     def _uniform_global(self, counts: dict) -> dict:
@@ -101,9 +99,9 @@ class UniformWidths:
         candidate = self.DG.get_group_by_side(group[0].dep.target.module, group[0].side, idxs.tolist())
         return candidate if self._accepts(candidate, idxs) else None
 
-    def _note_held_back(self, group, key, wanted: int, allowed: int) -> None:
+    def _note_held_back(self, group, field: str, wanted: int, allowed: int) -> None:
         if wanted > allowed:
-            self._held_back.append(f"{self.DG._name(group[0].dep.target.module)} ({key[1]}: {wanted} -> {allowed})")
+            self._held_back.append(f"{self.DG._name(group[0].dep.target.module)} ({field}: {wanted} -> {allowed})")
 
     def _warn_held_back(self) -> None:
         held = getattr(self, "_held_back", [])

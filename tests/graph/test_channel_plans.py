@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from structprune.graph import blocks
 from structprune.graph.channels import (ChannelState, backward_through, channel_labels, dense_tables,
                                         forward_through, reduce_to, varying_dims)
 
@@ -140,8 +141,17 @@ def _compare(rng, shape, op_list):
     return compared
 
 
+@pytest.fixture(params=["full", "parts"])
+def plan_size(request, monkeypatch):
+    """Every comparison runs twice: at full size, and with every correspondence split into its independent
+    parts (blocks.py, which otherwise waits for maps large enough to be worth it)."""
+    if request.param == "parts":
+        monkeypatch.setattr(blocks, "_WORTH", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(8))
-def test_plans_match_the_element_reference(seed):
+def test_plans_match_the_element_reference(seed, plan_size):
     rng = random.Random(seed)
     shape = (rng.choice([1, 2]), rng.choice([1, 3, 4]), 12)
     assert _compare(rng, shape, _ops(shape)) > 50
@@ -189,7 +199,8 @@ def test_a_plan_is_reused_for_other_channels_on_the_same_dims():
     second = backward_through(out, (2, 5, 6), ChannelState((2, 3), torch.tensor([4, 5]), torch.tensor([7, 8])))
     assert first.dims == second.dims == (2,)
     assert first.idxs.tolist() == [0, 1] and second.idxs.tolist() == [4, 5] and second.roots.tolist() == [7, 8]
-    assert len(out.__dict__["_structprune_plans"]) == 1  # one plan per (dims, shapes), not per removal
+    plans = [key for key in out.__dict__["_structprune_plans"] if key[0] != "parts"]
+    assert len(plans) == 1  # one plan per (dims, shapes), not per removal
 
 
 def test_renumbering_stays_quiet_under_deterministic_algorithms():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .blocks import parts_of, reduced
 from .refusal import Blocked  # noqa: F401  (raised by the index maps; imported from here by older code)
 
 
@@ -109,11 +110,35 @@ def forward_through(correspondence: torch.Tensor, source_shape, state: ChannelSt
     """Source -> target, where ``correspondence[e]`` is the flat source element target element e reads (-1: none)."""
     if correspondence.numel() == 0:
         return None  # an empty slice (Phi-3's q[..., rotary_dim:] when rotary covers the whole head)
+    small = _reduced_forward(correspondence, source_shape, state)
+    if small is not None:
+        corr, shape, dims, sources = small
+        mapped = forward_through(corr, shape, ChannelState(tuple(sources.index(d) for d in state.dims),
+                                                            state.idxs, state.roots))
+        return None if mapped is None else ChannelState(tuple(dims[d] for d in mapped.dims), mapped.idxs,
+                                                        mapped.roots)
     renumbered = _plan(correspondence, ("affine", tuple(source_shape), state.dims), _affine_plan, source_shape,
                        state.dims, True)
     if renumbered is not None:
         return _renumbered(renumbered, state)
     return _forward_general(correspondence, source_shape, state)
+
+
+def _reduced_forward(correspondence, source_shape, state):
+    """The problem on the parts of the op that move the state's dims (blocks.py), when that is smaller."""
+    if any(source_shape[d] < 2 for d in state.dims):
+        return None  # a one-wide dim stays on the state by position: left to the full-size plans
+    if len(correspondence.shape) == len(source_shape) and any(correspondence.shape[d] == 1 for d in state.dims):
+        return None
+    parts = parts_of(correspondence, source_shape)
+    return None if parts is None else reduced(parts, source_dims=state.dims)
+
+
+def _reduced_backward(correspondence, source_shape, state):
+    if any(correspondence.shape[d] < 2 for d in state.dims):
+        return None
+    parts = parts_of(correspondence, source_shape)
+    return None if parts is None else reduced(parts, target_dims=state.dims)
 
 
 def _forward_general(correspondence: torch.Tensor, source_shape, state: ChannelState) -> ChannelState | None:
@@ -316,6 +341,13 @@ def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelS
     """
     if correspondence.numel() == 0 or math.prod(source_shape) == 0:
         return None  # nothing reads the source through an empty tensor, and an empty source has nothing to lose
+    small = None if siblings else _reduced_backward(correspondence, source_shape, state)
+    if small is not None:
+        corr, shape, dims, sources = small
+        mapped = backward_through(corr, shape, ChannelState(tuple(dims.index(d) for d in state.dims),
+                                                             state.idxs, state.roots))
+        return None if mapped is None else ChannelState(tuple(sources[d] for d in mapped.dims), mapped.idxs,
+                                                        mapped.roots)
     sibling_ids = tuple(id(sibling) for sibling in siblings or ())
     renumbered = _plan(correspondence, ("affine-back", tuple(source_shape), state.dims, sibling_ids), _affine_plan,
                        source_shape, state.dims, False, siblings)

@@ -1,0 +1,150 @@
+"""Movement ops that move channels and tokens independently, planned on the channels alone.
+
+A window partition, a roll, a head split or a permute of a (tokens x channels) map sends element
+(token, channel) to (token', channel') with token' depending only on the token and channel' only on the
+channel. Its correspondence (one source index per target element) is then a sum of independent parts:
+``T[a, b] = F(a) + G(b) - base`` over groups of target dims, each part moving its own source dims.
+What the op does to channels on some dims depends only on the parts that touch those dims, so the
+channel plans can be worked out on a correspondence the size of those parts (a few hundred channels)
+instead of on every element of the feature map (millions for a video model). This module finds the
+parts once per correspondence and builds the reduced problem; channels.py solves it with its usual
+plans and renames the dims back. Anything not separable this way (patch merging mixes spatial parity
+into channels; a padding reads nothing at some positions) is left to the full-size plans.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: correspondences smaller than this are planned at full size: splitting them would cost more than it saves
+_WORTH = 4096
+
+
+class Parts:
+    """Independent parts of one correspondence: ``(target dims, source dims, values over the target dims)``."""
+
+    __slots__ = ("base", "parts", "target_shape", "source_shape", "reduced")
+
+    def __init__(self, base, parts, target_shape, source_shape):
+        self.base, self.parts = base, parts
+        self.target_shape, self.source_shape = target_shape, source_shape
+        self.reduced: dict = {}
+
+
+def parts_of(correspondence: torch.Tensor, source_shape) -> Parts | None:
+    """The independent parts of a correspondence, found once (cached on the tensor), or None."""
+    plans = correspondence.__dict__.setdefault("_structprune_plans", {})
+    key = ("parts", tuple(source_shape))
+    if key not in plans:
+        plans[key] = _find_parts(correspondence, tuple(source_shape))
+    return plans[key]
+
+
+def _find_parts(correspondence, source_shape):
+    target_shape = tuple(correspondence.shape)
+    if correspondence.numel() < _WORTH or math.prod(source_shape) == 0:
+        return None
+    base = int(correspondence.reshape(-1)[0])
+    if base < 0:
+        return None  # a position that reads nothing (padding, another input): the full plans say what it means
+    base_digits = _digits(torch.tensor([base]), source_shape)[0]
+    parts = []  # [target dims, source dims]
+    for dim, size in enumerate(target_shape):
+        if size > 1:
+            parts.append([{dim}, set()])
+    while True:
+        for part in parts:
+            values = _values(correspondence, part[0])
+            if bool((values < 0).any()):
+                return None
+            part[1] |= _moved(values.reshape(-1), source_shape, base_digits)
+        merged = _merge(parts)
+        if len(merged) == len(parts):
+            break
+        parts = merged
+    if len(parts) < 2:
+        return None
+    values = [(tuple(sorted(dims)), tuple(sorted(sources)), _values(correspondence, dims)) for dims, sources in parts]
+    expected = torch.full((), base, dtype=torch.long)
+    for dims, _, grid in values:
+        expected = expected + (grid - base).view([target_shape[d] if d in dims else 1 for d in range(len(target_shape))])
+    if tuple(expected.shape) != target_shape or not bool(torch.equal(expected, correspondence)):
+        return None
+    return Parts(base, values, target_shape, source_shape)
+
+
+def _values(correspondence, dims):
+    """The correspondence along ``dims`` with every other target dim at 0 (a view over ``dims``, in order)."""
+    index = tuple(slice(None) if d in dims else 0 for d in range(correspondence.dim()))
+    return correspondence[index]
+
+
+def _digits(flat: torch.Tensor, shape) -> torch.Tensor:
+    digits = []
+    for size in reversed(shape):
+        digits.append(flat % size)
+        flat = flat // size
+    return torch.stack(list(reversed(digits)), dim=1)
+
+
+def _moved(flat, source_shape, base_digits) -> set[int]:
+    """Source dims whose digit differs from the base's somewhere in ``flat``."""
+    digits = _digits(flat, source_shape)
+    return {d for d in range(len(source_shape)) if bool((digits[:, d] != base_digits[d]).any())}
+
+
+def _merge(parts):
+    """Parts that move a common source dim are one part."""
+    merged: list = []
+    for dims, sources in parts:
+        dims, sources = set(dims), set(sources)
+        keep = []
+        for other in merged:
+            if other[1] & sources:
+                dims |= other[0]
+                sources |= other[1]
+            else:
+                keep.append(other)
+        merged = keep + [[dims, sources]]
+    return merged
+
+
+def reduced(parts: Parts, target_dims=None, source_dims=None):
+    """The problem restricted to the parts touching a state: (correspondence, source shape, target dims,
+    source dims), dims ascending; the reduced correspondence's dims are the listed target dims, its source's
+    the listed source dims. None when the state touches every part or a source dim no part moves."""
+    if target_dims is not None:
+        chosen = [i for i, (dims, _, _) in enumerate(parts.parts) if set(dims) & set(target_dims)]
+    else:
+        chosen = [i for i, (_, sources, _) in enumerate(parts.parts) if set(sources) & set(source_dims)]
+        if not set(source_dims) <= {d for i in chosen for d in parts.parts[i][1]}:
+            return None
+    if len(chosen) == len(parts.parts):
+        return None
+    key = tuple(chosen)
+    if key not in parts.reduced:
+        parts.reduced[key] = _build_reduced(parts, chosen)
+    return parts.reduced[key]
+
+
+def _build_reduced(parts: Parts, chosen):
+    dims = tuple(sorted(d for i in chosen for d in parts.parts[i][0]))
+    sources = tuple(sorted(d for i in chosen for d in parts.parts[i][1]))
+    if not sources:
+        return None
+    shape = [parts.target_shape[d] for d in dims]
+    values = torch.full((), parts.base, dtype=torch.long)
+    for i in chosen:
+        own, _, grid = parts.parts[i]
+        values = values + (grid - parts.base).view([shape[k] if d in own else 1 for k, d in enumerate(dims)])
+    values = torch.broadcast_to(values, shape).reshape(-1)
+    digits = _digits(values, parts.source_shape)[:, list(sources)]
+    sizes = [parts.source_shape[d] for d in sources]
+    flat = torch.zeros(len(values), dtype=torch.long)
+    for column, size in enumerate(sizes):
+        flat = flat * size + digits[:, column]
+    small = flat.view(shape)
+    # the reduced problem is planned at full size: looking for parts in it again finds none worth having
+    small.__dict__["_structprune_plans"] = {("parts", tuple(sizes)): None}
+    return small, tuple(sizes), dims, sources

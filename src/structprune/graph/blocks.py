@@ -148,3 +148,17 @@ def _build_reduced(parts: Parts, chosen):
     # the reduced problem is planned at full size: looking for parts in it again finds none worth having
     small.__dict__["_structprune_plans"] = {("parts", tuple(sizes)): None}
     return small, tuple(sizes), dims, sources
+
+
+def passes_through(correspondence: torch.Tensor, source_shape, dim: int) -> bool:
+    """Whether the op hands every position of source ``dim`` to one target dim, unchanged and in order,
+    and moves nothing else with it: then cutting that dim shorter cannot change which piece gets what."""
+    parts = parts_of(correspondence, source_shape)
+    if parts is None:
+        return False
+    stride = math.prod(parts.source_shape[dim + 1:])
+    for dims, sources, grid in parts.parts:
+        if dim in sources:
+            return (sources == (dim,) and len(dims) == 1 and len(grid) == parts.source_shape[dim]
+                    and bool(torch.equal(grid - parts.base, torch.arange(len(grid)) * stride)))
+    return False

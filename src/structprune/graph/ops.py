@@ -18,7 +18,8 @@ import torch
 
 from .channels import ChannelState, backward_through, forward_through, through_letters
 from .refusal import Blocked, RefusalKind
-from .replays import shared_replay
+from .blocks import passes_through
+from .replays import Unshareable, replay_key, shared_replay
 from .signatures import argument
 from .sizes import FREE, has_followed, is_traced
 from ..utils.nested import flatten_as_list
@@ -276,6 +277,9 @@ def shifts_channels(call: Call, state: ChannelState, sizes=None) -> bool:
     if floats != [0]:
         return False
     shape, dim = tuple(call.in_shapes[0]), state.dims[0]
+    if _same_arguments(arguments, (call.args, call.kwargs)) and all(
+            passes_through(full, shape, dim) for full in _correspondence(call, 0)):
+        return False  # the pieces are cut along other dims: the removal cannot move a channel between them
     keep = torch.ones(shape[dim], dtype=torch.bool)
     keep[state.idxs] = False
     if bool(keep.all()):
@@ -298,6 +302,15 @@ def shifts_channels(call: Call, state: ChannelState, sizes=None) -> bool:
         if not torch.equal(pruned.reshape(-1), expected):
             return True
     return False
+
+
+def _same_arguments(evaluated, original) -> bool:
+    if evaluated is original:
+        return True
+    try:
+        return replay_key(evaluated) == replay_key(original)
+    except Unshareable:
+        return False
 
 
 def _replay_on(call: Call, labels: torch.Tensor, arguments=None) -> list[torch.Tensor]:

@@ -39,16 +39,16 @@ def shared_replay(call, source: int, replay: Callable[[], list]) -> Replay:
 def _signature(call, source: int):
     try:
         return (call.target, source, tuple(map(tuple, call.in_shapes)), tuple(map(tuple, call.out_shapes)),
-                tuple(call.input_slots), tuple(call.input_dtypes), _key(call.args), _key(call.kwargs))
-    except _Unshareable:
+                tuple(call.input_slots), tuple(call.input_dtypes), replay_key(call.args), replay_key(call.kwargs))
+    except Unshareable:
         return None
 
 
-class _Unshareable(Exception):
+class Unshareable(Exception):
     pass
 
 
-def _key(obj):
+def replay_key(obj):
     """A hashable description of an argument that fixes what the replay does with it."""
     if isinstance(obj, int) and not isinstance(obj, bool):
         return ("int", int(obj))  # a traced size replays as its value
@@ -57,13 +57,13 @@ def _key(obj):
     if obj is Ellipsis:
         return ("ellipsis",)
     if isinstance(obj, slice):
-        return ("slice", _key(obj.start), _key(obj.stop), _key(obj.step))
+        return ("slice", replay_key(obj.start), replay_key(obj.stop), replay_key(obj.step))
     if isinstance(obj, torch.Tensor):
         if obj.numel() > _CONTENT_LIMIT or obj.is_floating_point() or obj.is_complex():
-            raise _Unshareable
+            raise Unshareable
         return ("tensor", obj.dtype, tuple(obj.shape), tuple(obj.reshape(-1).tolist()))
     if isinstance(obj, (list, tuple)):
-        return (type(obj).__name__, tuple(_key(item) for item in obj))
+        return (type(obj).__name__, tuple(replay_key(item) for item in obj))
     if isinstance(obj, dict):
-        return ("dict", tuple((key, _key(value)) for key, value in obj.items()))
-    raise _Unshareable  # anything else might change the replay in ways a key cannot see
+        return ("dict", tuple((key, replay_key(value)) for key, value in obj.items()))
+    raise Unshareable  # anything else might change the replay in ways a key cannot see

@@ -9,6 +9,7 @@ from torch import nn
 from ..layers.declarations import DEFAULT_PRUNERS, ParameterPruner, find_pruner
 from ..layers.registry import LAYER_SIZE_NAMES
 from ..utils.nested import call_model, eval_mode, flatten_as_list
+from ..utils.gc_pause import gc_paused
 from ..utils.sharding import refuse_sharded
 from .group import Node
 from .hooks import hooks_for
@@ -75,7 +76,7 @@ class GraphBuilder:
         followed = [pair for hook in self._hooks for pair in hook.follows]
         layers = [(module, LAYER_SIZE_NAMES) for module in self.module2name if self._is_declared(module)]
         derived = [pair for hook in self._hooks for pair in hook.derives]
-        with followed_sizes(followed, layers, derived):
+        with followed_sizes(followed, layers, derived), gc_paused():
             self._trace(model, example_inputs, forward_fn, output_transform)
         self._all_groups_cache = {}
         self._size_dependents = None  # reshapes by the sizes they read; found on the first discovery

@@ -13,6 +13,7 @@ from ..graph.refusal import Refusal
 from ..graph.side import Side
 from ..hf.config import restore_configs, snapshot_configs, task_outputs, uses_transformers
 from ..layers.registry import LayerRole, layer_types
+from ..utils.gc_pause import gc_paused
 from ..utils.sharding import refuse_sharded
 from .experts import ExpertPlanner
 from .fallback import FallbackRecord
@@ -130,30 +131,31 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         self.out_channel_groups = dict(options.out_channel_groups or {})
         self.num_heads = dict(options.num_heads or {})
 
-        self.DG = DependencyGraph().build_dependency(
-            model, example_inputs, forward_fn=self.forward_fn, output_transform=self.output_transform,
-            unwrapped_parameters=options.unwrapped_parameters, customized_pruners=options.customized_pruners,
-            ignored_layers=self.ignored_layers, ignored_params=ignored_params,
-        )
-        self._init_scopes(options.pruning_ratio_dict, options.head_pruning_ratio_dict)
-        self.layer_init_out_ch = {}
-        self.layer_init_in_ch = {}
-        for module, node in self.DG.module2node.items():
-            if isinstance(module, nn.Parameter):
-                continue
-            self.layer_init_out_ch[module] = self.DG._safe_channels(node, Side.OUT)
-            self.layer_init_in_ch[module] = self.DG._safe_channels(node, Side.IN)
-        self.init_num_heads = dict(self.num_heads)
-        #: this step's up-front importance of every candidate group, by root (see _prescore)
-        self._scores: dict = {}
-        #: why _choose's last candidate was refused (the most symmetric one tried)
-        self._refusal: Refusal | None = None
-        self._parent_of: dict | None = None  # module -> its parent, built on first use
-        self._reset_head_notes()
-        self._init_uniform(model, options.uniform_config_widths)
-        #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
-        self.fallback_history: list[FallbackRecord] = []
-        self._init_report()
+        with gc_paused():  # tracing and discovery allocate in bursts (utils/gc_pause.py)
+            self.DG = DependencyGraph().build_dependency(
+                model, example_inputs, forward_fn=self.forward_fn, output_transform=self.output_transform,
+                unwrapped_parameters=options.unwrapped_parameters, customized_pruners=options.customized_pruners,
+                ignored_layers=self.ignored_layers, ignored_params=ignored_params,
+            )
+            self._init_scopes(options.pruning_ratio_dict, options.head_pruning_ratio_dict)
+            self.layer_init_out_ch = {}
+            self.layer_init_in_ch = {}
+            for module, node in self.DG.module2node.items():
+                if isinstance(module, nn.Parameter):
+                    continue
+                self.layer_init_out_ch[module] = self.DG._safe_channels(node, Side.OUT)
+                self.layer_init_in_ch[module] = self.DG._safe_channels(node, Side.IN)
+            self.init_num_heads = dict(self.num_heads)
+            #: this step's up-front importance of every candidate group, by root (see _prescore)
+            self._scores: dict = {}
+            #: why _choose's last candidate was refused (the most symmetric one tried)
+            self._refusal: Refusal | None = None
+            self._parent_of: dict | None = None  # module -> its parent, built on first use
+            self._reset_head_notes()
+            self._init_uniform(model, options.uniform_config_widths)
+            #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
+            self.fallback_history: list[FallbackRecord] = []
+            self._init_report()
 
     # -- hooks for sparse-training subclasses ---------------------------------------------------------
     def update_regularizer(self) -> None:
@@ -201,28 +203,29 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
             return iter(()) if interactive else None
         if interactive:
             return self._interactive(self._plan(), optimizer)
-        checkpoint = self._checkpoint()
-        step_record = self._begin_step_record()
-        try:
-            optimizer_plans = self._step_balanced(optimizer, checkpoint)
-            error = self._forward_error() if self.verify else None
-            if error is not None:
-                # some group broke the model (a size the graph cannot see, e.g. a reshape to an input's
-                # width): redo the step one group at a time, keeping only the groups after which it still runs
+        with gc_paused():
+            checkpoint = self._checkpoint()
+            step_record = self._begin_step_record()
+            try:
+                optimizer_plans = self._step_balanced(optimizer, checkpoint)
+                error = self._forward_error() if self.verify else None
+                if error is not None:
+                    # some group broke the model (a size the graph cannot see, e.g. a reshape to an input's
+                    # width): redo the step one group at a time, keeping only the groups after which it still runs
+                    checkpoint.restore()
+                    record = FallbackRecord(self.current_step, error)
+                    self.fallback_history.append(record)
+                    optimizer_plans = self._step_verified(optimizer, record)
+            except BaseException:
+                # a step that fails leaves the model, its config and the schedule as they were
                 checkpoint.restore()
-                record = FallbackRecord(self.current_step, error)
-                self.fallback_history.append(record)
-                optimizer_plans = self._step_verified(optimizer, record)
-        except BaseException:
-            # a step that fails leaves the model, its config and the schedule as they were
-            checkpoint.restore()
-            self.current_step -= 1
-            raise
-        for plan in optimizer_plans:
-            apply_optimizer_plan(plan)
-        self._warn_heads_refused()
-        self._warn_held_back()
-        self._end_step_record(step_record)
+                self.current_step -= 1
+                raise
+            for plan in optimizer_plans:
+                apply_optimizer_plan(plan)
+            self._warn_heads_refused()
+            self._warn_held_back()
+            self._end_step_record(step_record)
         return None
 
     def _interactive(self, plan, optimizer) -> Iterator[Group]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 from ..adapters import deferred_late_sync
 from ..graph.snapshot import Checkpoint
 from ..hf.config import restore_configs, snapshot_configs
@@ -103,7 +105,8 @@ class VerifyMixin:
 
     def _forward_error(self) -> str | None:
         try:
-            with evaluating(self.model) as model:
+            # a check of shapes, not a training pass: no autograd graph to record and free
+            with evaluating(self.model) as model, torch.no_grad():
                 if self.forward_fn is not None:
                     self.forward_fn(model, self.example_inputs)
                 else:

@@ -79,6 +79,8 @@ def _ops(shape):
         ("reshape heads", lambda t: [t.reshape(b, n, 2, c // 2)]),
         ("reshape fused qkv", lambda t: [t.reshape(b, n, 3, c // 6, 2).permute(2, 0, 3, 1, 4)]),
         ("unbind qkv", lambda t: list(t.reshape(b, n, 3, c // 3).unbind(2))),
+        ("unbind heads", lambda t: list(t.reshape(b, n, 3, 2, c // 6).transpose(1, 3).unbind(2))),
+
         ("split", lambda t: list(t.split([c // 3, c - c // 3], dim=2))),
         ("transpose", lambda t: [t.transpose(1, 2)]),
         ("expand", lambda t: [t[:, :, None].expand(b, n, 2, c)]),
@@ -89,7 +91,7 @@ def _ops(shape):
         ("flip", lambda t: [t.flip(2)]),
         ("token mix", lambda t: [t.flatten(1).view(b, c, n)]),
         ("first token", lambda t: [t[:, 0]]),
-    ]
+    ] + ([("token split", lambda t: list(torch.tensor_split(t, (1,), dim=1)))] if n > 1 else [])
 
 
 def _random_state(rng, shape, dims):

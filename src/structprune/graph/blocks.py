@@ -128,11 +128,42 @@ def reduced(parts: Parts, target_dims=None, source_dims=None):
     return parts.reduced[key]
 
 
-def _build_reduced(parts: Parts, chosen):
-    dims = tuple(sorted(d for i in chosen for d in parts.parts[i][0]))
-    sources = tuple(sorted(d for i in chosen for d in parts.parts[i][1]))
-    if not sources:
+def reduced_with_siblings(parts: Parts, siblings: list, target_dims):
+    """:func:`reduced` for one output of an op with several (an unbind, a chunk), and its siblings reduced
+    alike. Exact when every sibling moves tokens the same way (same parts, same grids outside the state's):
+    along token dims an element is then read by this output exactly where it is read by a sibling. The
+    source dims no part moves (the unbound dim) stay: they tell this output's elements from a sibling's."""
+    chosen = [i for i, (dims, _, _) in enumerate(parts.parts) if set(dims) & set(target_dims)]
+    if len(chosen) == len(parts.parts) or any(other is None for other in siblings):
         return None
+    layout = [(dims, sources) for dims, sources, _ in parts.parts]
+    moved = {d for _, sources in layout for d in sources}
+    fixed = [d for d in range(len(parts.source_shape)) if d not in moved]
+    base = _digits(torch.tensor([parts.base]), parts.source_shape)[0]
+    for other in siblings:
+        if other.source_shape != parts.source_shape or [(d, s) for d, s, _ in other.parts] != layout:
+            return None
+        other_base = _digits(torch.tensor([other.base]), parts.source_shape)[0]
+        for i, (dims, sources, grid) in enumerate(parts.parts):
+            if i in chosen:
+                continue
+            if not torch.equal(other.parts[i][2] - other.base, grid - parts.base) or \
+                    not torch.equal(other_base[list(sources)], base[list(sources)]):
+                return None
+    key = ("siblings", tuple(chosen), tuple(id(other) for other in siblings))
+    if key not in parts.reduced:
+        own = _build_reduced(parts, chosen, fixed)
+        others = [_build_reduced(other, chosen, fixed) for other in siblings]
+        parts.reduced[key] = None if own is None else (own, [other[0] for other in others])
+    return parts.reduced[key]
+
+
+def _build_reduced(parts: Parts, chosen, fixed=()):
+    dims = tuple(sorted(d for i in chosen for d in parts.parts[i][0]))
+    moved = [d for i in chosen for d in parts.parts[i][1]]
+    if not moved:
+        return None
+    sources = tuple(sorted(set(moved) | set(fixed)))
     shape = [parts.target_shape[d] for d in dims]
     values = torch.full((), parts.base, dtype=torch.long)
     for i in chosen:

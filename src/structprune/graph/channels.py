@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocks import parts_of, reduced
+from .blocks import parts_of, reduced, reduced_with_siblings
 from .refusal import Blocked  # noqa: F401  (raised by the index maps; imported from here by older code)
 
 
@@ -134,11 +134,16 @@ def _reduced_forward(correspondence, source_shape, state):
     return None if parts is None else reduced(parts, source_dims=state.dims)
 
 
-def _reduced_backward(correspondence, source_shape, state):
+def _reduced_backward(correspondence, source_shape, state, siblings):
     if any(correspondence.shape[d] < 2 for d in state.dims):
         return None
     parts = parts_of(correspondence, source_shape)
-    return None if parts is None else reduced(parts, target_dims=state.dims)
+    if parts is None:
+        return None
+    if siblings:
+        return reduced_with_siblings(parts, [parts_of(other, source_shape) for other in siblings], state.dims)
+    small = reduced(parts, target_dims=state.dims)
+    return None if small is None else (small, None)
 
 
 def _forward_general(correspondence: torch.Tensor, source_shape, state: ChannelState) -> ChannelState | None:
@@ -341,11 +346,11 @@ def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelS
     """
     if correspondence.numel() == 0 or math.prod(source_shape) == 0:
         return None  # nothing reads the source through an empty tensor, and an empty source has nothing to lose
-    small = None if siblings else _reduced_backward(correspondence, source_shape, state)
+    small = _reduced_backward(correspondence, source_shape, state, siblings)
     if small is not None:
-        corr, shape, dims, sources = small
+        (corr, shape, dims, sources), small_siblings = small
         mapped = backward_through(corr, shape, ChannelState(tuple(dims.index(d) for d in state.dims),
-                                                             state.idxs, state.roots))
+                                                             state.idxs, state.roots), small_siblings)
         return None if mapped is None else ChannelState(tuple(sources[d] for d in mapped.dims), mapped.idxs,
                                                         mapped.roots)
     sibling_ids = tuple(id(sibling) for sibling in siblings or ())

@@ -32,8 +32,11 @@ class Parts:
         self.reduced: dict = {}
 
 
-def parts_of(correspondence: torch.Tensor, source_shape) -> Parts | None:
-    """The independent parts of a correspondence, found once (cached on the tensor), or None."""
+def parts_of(correspondence: torch.Tensor, source_shape, any_size: bool = False) -> Parts | None:
+    """The independent parts of a correspondence, found once (cached on the tensor), or None. Small
+    correspondences get None unless ``any_size``: their full-size plans are cheap."""
+    if correspondence.numel() < _WORTH and not any_size:
+        return None
     plans = correspondence.__dict__.setdefault("_structprune_plans", {})
     key = ("parts", tuple(source_shape))
     if key not in plans:
@@ -43,7 +46,7 @@ def parts_of(correspondence: torch.Tensor, source_shape) -> Parts | None:
 
 def _find_parts(correspondence, source_shape):
     target_shape = tuple(correspondence.shape)
-    if correspondence.numel() < _WORTH or math.prod(source_shape) == 0:
+    if correspondence.numel() == 0 or math.prod(source_shape) == 0:
         return None
     base = int(correspondence.reshape(-1)[0])
     if base < 0:
@@ -114,17 +117,21 @@ def reduced(parts: Parts, target_dims=None, source_dims=None):
     """The problem restricted to the parts touching a state: (correspondence, source shape, target dims,
     source dims), dims ascending; the reduced correspondence's dims are the listed target dims, its source's
     the listed source dims. None when the state touches every part or a source dim no part moves."""
+    fixed = ()
     if target_dims is not None:
         chosen = [i for i, (dims, _, _) in enumerate(parts.parts) if set(dims) & set(target_dims)]
     else:
         chosen = [i for i, (_, sources, _) in enumerate(parts.parts) if set(sources) & set(source_dims)]
-        if not set(source_dims) <= {d for i in chosen for d in parts.parts[i][1]}:
+        # a state dim no part moves (the dim an unbind takes apart) is read at one position: it stays
+        moved = {d for _, sources, _ in parts.parts for d in sources}
+        fixed = tuple(d for d in source_dims if d not in moved)
+        if not set(source_dims) <= {d for i in chosen for d in parts.parts[i][1]} | set(fixed):
             return None
     if len(chosen) == len(parts.parts):
         return None
-    key = tuple(chosen)
+    key = (tuple(chosen), fixed)
     if key not in parts.reduced:
-        parts.reduced[key] = _build_reduced(parts, chosen)
+        parts.reduced[key] = _build_reduced(parts, chosen, fixed)
     return parts.reduced[key]
 
 
@@ -184,7 +191,7 @@ def _build_reduced(parts: Parts, chosen, fixed=()):
 def passes_through(correspondence: torch.Tensor, source_shape, dim: int) -> bool:
     """Whether the op hands every position of source ``dim`` to one target dim, unchanged and in order,
     and moves nothing else with it: then cutting that dim shorter cannot change which piece gets what."""
-    parts = parts_of(correspondence, source_shape)
+    parts = parts_of(correspondence, source_shape, any_size=True)
     if parts is None:
         return False
     stride = math.prod(parts.source_shape[dim + 1:])

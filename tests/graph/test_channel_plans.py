@@ -127,8 +127,11 @@ def _compare(rng, shape, op_list):
     numel = _count(shape, range(len(shape)))
     labels = torch.arange(numel).view(shape)
     compared = 0
-    for _, op in op_list:
-        outputs = [out.contiguous() for out in op(labels)]
+    for name, op in op_list:
+        outputs = op(labels)
+        blocks.mark_views(outputs, labels, name)
+        # views stay views (the parts path trusts them as affine); copies are made contiguous as a replay's are
+        outputs = [out if "_structprune_view_of_labels" in out.__dict__ else out.contiguous() for out in outputs]
         for index, out in enumerate(outputs):
             siblings = [other for k, other in enumerate(outputs) if k != index]
             for _ in range(4):
@@ -223,3 +226,23 @@ def test_renumbering_stays_quiet_under_deterministic_algorithms():
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
     assert mapped.dims == (3,) and mapped.idxs.tolist() == [4, 7]
+
+
+def test_views_of_the_labels_are_trusted_as_affine_and_writes_are_not():
+    """A replay's output that is a view of its labels skips the parts' check over every element; a copy
+    (roll) or an op that writes into the labels (x[i] = y) does not."""
+    labels = torch.arange(24).view(2, 3, 4)
+    view, copy = labels.permute(2, 0, 1), labels.roll(1, 0)
+    blocks.mark_views([view, copy], labels, "permute")
+    assert "_structprune_view_of_labels" in view.__dict__ and "_structprune_view_of_labels" not in copy.__dict__
+    written = labels.view(2, 3, 4)
+    blocks.mark_views([written], labels, "__setitem__")
+    assert "_structprune_view_of_labels" not in written.__dict__
+    from structprune.graph import ops
+    from structprune.graph.trace import Call
+
+    call = Call("function", torch.Tensor.permute, "permute", [0], [(2, 3, 4)], [1], [(4, 2, 3)], (None, 2, 0, 1), {},
+                [0], [torch.float32], [torch.float32])
+    (replayed,) = ops._replay_labels(call, 0)
+    assert "_structprune_view_of_labels" in replayed.__dict__
+    assert torch.equal(replayed, labels.permute(2, 0, 1))

@@ -69,12 +69,25 @@ def _find_parts(correspondence, source_shape):
     if len(parts) < 2:
         return None
     values = [(tuple(sorted(dims)), tuple(sorted(sources)), _values(correspondence, dims)) for dims, sources in parts]
+    if correspondence.__dict__.get("_structprune_view_of_labels"):
+        return Parts(base, values, target_shape, source_shape)  # affine in the target coordinates: parts add up
     expected = torch.full((), base, dtype=torch.long)
     for dims, _, grid in values:
         expected = expected + (grid - base).view([target_shape[d] if d in dims else 1 for d in range(len(target_shape))])
     if tuple(expected.shape) != target_shape or not bool(torch.equal(expected, correspondence)):
         return None
     return Parts(base, values, target_shape, source_shape)
+
+
+def mark_views(outputs, labels: torch.Tensor, op_name: str) -> None:
+    """Flag the outputs of a replay that are views of its label tensor (permute, unbind, split...): element
+    i of such a view reads ``storage_offset + sum(i * stride)``, an affine map whose parts add up without
+    a check over every element. Ops that write into their input (``x[i] = y``, ``add_``) change the labels."""
+    if op_name.endswith("_") or op_name.startswith("__i") or op_name == "__setitem__":
+        return
+    for tensor in outputs:
+        if tensor.numel() and tensor.untyped_storage().data_ptr() == labels.untyped_storage().data_ptr():
+            tensor.__dict__["_structprune_view_of_labels"] = True
 
 
 def _values(correspondence, dims):

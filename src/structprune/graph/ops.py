@@ -18,7 +18,7 @@ import torch
 
 from .channels import ChannelState, backward_through, forward_through, through_letters
 from .refusal import Blocked, RefusalKind
-from .blocks import passes_through
+from .blocks import mark_views, passes_through
 from .replays import Unshareable, replay_key, shared_replay
 from .signatures import argument
 from .sizes import FREE, has_followed, is_traced
@@ -337,17 +337,18 @@ def _correspondence(call: Call, source: int) -> list[torch.Tensor]:
 
 
 def _replay_labels(call: Call, source: int) -> list[torch.Tensor]:
-    args, kwargs = _substitute(call, source)
+    (args, kwargs), labels = _substitute(call, source)
     try:
         result = call.target(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - any failure means we cannot map this op
         raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name, f"cannot map channels through '{call.name}': {error}") from error
-    outputs = flatten_as_list(result)
-    return [tensor.reshape(tuple(shape)) for tensor, shape in zip(outputs, call.out_shapes)]
+    outputs = [tensor.reshape(tuple(shape)) for tensor, shape in zip(flatten_as_list(result), call.out_shapes)]
+    mark_views(outputs, labels, call.name)
+    return outputs
 
 
 def _substitute(call, source):
-    """Replay arguments with integer labels on ``source`` and -1 on the other float tensors."""
+    """Replay arguments with integer labels on ``source`` and -1 on the other float tensors; and the labels."""
     replaced = {}
     for index, slot in enumerate(call.input_slots):
         shape = call.in_shapes[index]
@@ -358,7 +359,7 @@ def _substitute(call, source):
             replaced[slot] = torch.arange(numel).view(shape)
         elif _is_float(call, index):
             replaced[slot] = torch.full(shape, -1, dtype=torch.long)
-    return rebuild((call.args, call.kwargs), replaced)
+    return rebuild((call.args, call.kwargs), replaced), replaced[call.input_slots[source]]
 
 
 # -- grouped-query attention ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..layers.constant_buffer import ConstantBuffer, ConstantBufferPruner, is_constant_buffer
 from ..layers.declarations import DEFAULT_PRUNERS, ParameterPruner, find_pruner
 from ..layers.registry import LAYER_SIZE_NAMES
 from ..utils.nested import call_model, eval_mode, flatten_as_list
@@ -221,6 +222,7 @@ class GraphBuilder:
                 dim = _guess_parameter_dim(tensor) if dim is None else dim % tensor.dim()
                 self.module2node[tensor] = Node(tensor, named[tensor], ParameterPruner(dim), dim)
         self._add_inner_layers()
+        self._add_constant_buffers()
         self._link_nodes()
 
     def _add_inner_layers(self):
@@ -241,6 +243,26 @@ class GraphBuilder:
                 self.module2name[inner] = name
                 self.module2node[inner] = Node(inner, name, self.get_pruner_of_module(inner))
                 self._inner_owner[inner] = module
+
+    def _add_constant_buffers(self):
+        """Layers for constant buffers the forward reads (layers/constant_buffer.py), keyed by the traced
+        tensor's id; their owner stands in for them where a layer must be found in the model."""
+        self._constant_buffers = {}
+        leaves = {id(value.leaf) for value in self.values.values() if value.leaf is not None}
+        for owner_name, owner in self.model.named_modules():
+            if owner in self.module2node:
+                continue
+            for name, buffer in owner._buffers.items():
+                if buffer is None or id(buffer) not in leaves or id(buffer) in self._constant_buffers:
+                    continue
+                if not is_constant_buffer(owner, name, buffer):
+                    continue
+                proxy = ConstantBuffer(owner, name)
+                full = f"{owner_name}.{name}" if owner_name else name
+                self.module2name[proxy] = full
+                self.module2node[proxy] = Node(proxy, full, ConstantBufferPruner())
+                self._inner_owner[proxy] = owner
+                self._constant_buffers[id(buffer)] = proxy
 
     def inner_layers_of(self, module: nn.Module) -> list:
         """The inner layers (see ``BasePruningFunc.inner_layers``) of ``module`` and its submodules."""

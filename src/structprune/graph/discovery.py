@@ -215,6 +215,10 @@ class GroupFinder:
 
     def _visit_leaf(self, value, state: ChannelState):
         tensor = value.leaf
+        proxy = getattr(self, "_constant_buffers", {}).get(id(tensor))
+        if proxy is not None:  # every position holds the same value: any of them can go
+            yield self.module2node[proxy], OUT, ChannelState((0,), state.idxs, state.roots), []
+            return
         node = self.module2node.get(tensor) if isinstance(tensor, nn.Parameter) else None
         if node is None:
             if set(state.dims) <= getattr(self, "_followed_constants", {}).get(id(tensor), frozenset()):

@@ -246,3 +246,16 @@ def test_views_of_the_labels_are_trusted_as_affine_and_writes_are_not():
     (replayed,) = ops._replay_labels(call, 0)
     assert "_structprune_view_of_labels" in replayed.__dict__
     assert torch.equal(replayed, labels.permute(2, 0, 1))
+
+
+def test_a_cut_along_other_dims_passes_the_channel_dim_through():
+    """The size checks skip replaying a slice or split on pruned labels when it cuts along other dims only;
+    one that cuts the channel dim itself (or takes one position of it) is still replayed."""
+    shape = (2, 5, 6)
+    labels = torch.arange(60).view(shape)
+    tokens = labels[:, 1:]
+    assert blocks.passes_through(tokens, shape, 2) and not blocks.passes_through(tokens, shape, 1)
+    for piece in labels.split([2, 4], dim=2):
+        assert not blocks.passes_through(piece, shape, 2)
+    assert not blocks.passes_through(labels[..., 3], shape, 2)
+    assert not blocks.passes_through(labels.flip(2), shape, 2)  # every channel kept, but reordered

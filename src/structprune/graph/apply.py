@@ -38,11 +38,11 @@ class GraphApplier:
         removed = removed_outputs(group)
         for hook in self._hooks:
             hook.after_apply(removed)
-        for item in group:
+        for k, item in enumerate(group):
             key = (item.dep.target.module, item.side)
             if key in self._alive:
                 keep = torch.ones(len(self._alive[key]), dtype=torch.bool)
-                keep[torch.tensor(item.idxs, dtype=torch.long)] = False
+                keep[group.item_tensors(k)[0]] = False
                 alive = self._alive[key][keep]
                 self._alive[key] = alive
                 original_count = self._original_counts[key]

@@ -24,9 +24,10 @@ class ChannelState:
     roots: torch.Tensor
 
     def __post_init__(self):
-        if len(self.idxs) > 1 and not bool((self.idxs[1:] > self.idxs[:-1]).all()):
-            order = torch.argsort(self.idxs)
-            self.idxs, self.roots = self.idxs[order], self.roots[order]
+        idxs = self.idxs
+        if idxs.numel() > 1 and not bool((idxs[1:] > idxs[:-1]).all()):
+            order = torch.argsort(idxs)
+            self.idxs, self.roots = idxs[order], self.roots[order]
 
 
 def channel_labels(shape: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:

@@ -60,12 +60,12 @@ class ElementwiseImportance(Importance):
         with torch.no_grad():
             scores, roots = [], []
             positions = _root_positions(group)
-            for item in group:
+            for k, item in enumerate(group):
                 score = self.item_scores(item)
                 if score is None:
                     continue
                 # Root channels outside group[0].idxs (possible only for hand-built groups) are dropped.
-                where = positions[torch.tensor(item.root_idxs, dtype=torch.long)]
+                where = positions[_root_tensor(group, k)]
                 keep = where >= 0
                 scores.append(score[keep.to(score.device)])
                 roots.append(where[keep])
@@ -91,6 +91,13 @@ class ElementwiseImportance(Importance):
             sums = channel_sums(self.element_scores(param, tensor_name(item, axis)), axis, idxs)
             total = sums if total is None else total + sums.to(total.device)
         return None if total is None else self.channel_scores(total)
+
+
+def _root_tensor(group, k: int) -> torch.Tensor:
+    """Item k's root indices as a tensor: kept from discovery for graph groups, built for hand-made ones."""
+    if hasattr(group, "item_tensors"):
+        return group.item_tensors(k)[1]
+    return torch.tensor(group[k].root_idxs, dtype=torch.long)
 
 
 def _root_positions(group: Group) -> torch.Tensor:

@@ -31,6 +31,8 @@ def as_index_tensor(idxs: Sequence[int] | torch.Tensor) -> torch.Tensor:
             raise TypeError(f"channel indices must be integers, got a {idxs.dtype} tensor")
         return idxs.detach().to("cpu", torch.long).reshape(-1)
     values = list(idxs)
+    if all(type(value) is int for value in values):  # the common case, checked without the loop below
+        return torch.tensor(values, dtype=torch.long)
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int) and not (
             hasattr(value, "__index__") and not isinstance(value, float)

@@ -1,6 +1,9 @@
 """The shared pipeline of parameter-based criteria: element scores -> channel scores -> group scores."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 from torch import nn
 
@@ -8,7 +11,7 @@ from ..graph.group import Group, GroupItem, item_axes
 from .base import Importance
 from .normalizers import apply_normalizer, get_normalizer
 from .reductions import get_reduction, scatter_items
-from .slices import channel_sums, is_bias, parameter_of, tensor_name
+from .slices import channels_of_positions, is_bias, parameter_of, position_sums, tensor_name
 
 from ..layers.registry import ROLE_TYPES, LayerRole, resolve_layer_types
 
@@ -88,9 +91,38 @@ class ElementwiseImportance(Importance):
             param = parameter_of(layer, axis)
             if param is None:
                 continue
-            sums = channel_sums(self.element_scores(param, tensor_name(item, axis)), axis, idxs)
+            per_position = self._position_sums(param, axis, item)
+            sums = channels_of_positions(per_position, axis, param, idxs)
             total = sums if total is None else total + sums.to(total.device)
         return None if total is None else self.channel_scores(total)
+
+
+    def _position_sums(self, param, axis, item) -> torch.Tensor:
+        """Element scores summed per position along the axis' dim; within :func:`sharing_position_sums`
+        each (parameter, dim) is scored once, not once per group that reads it (a DenseNet conv's inputs
+        come from every earlier layer of its block: ten groups, ten passes over the same weight)."""
+        shared = _SHARED_SUMS.get()
+        key = (id(self), id(param), axis.dim % param.dim())
+        if shared is not None and key in shared and shared[key][0] is param:
+            return shared[key][1]
+        per_position = position_sums(self.element_scores(param, tensor_name(item, axis)), axis)
+        if shared is not None:
+            shared[key] = (param, per_position)
+        return per_position
+
+
+#: per-position sums by (importance, parameter, dim) while a pruner scores every group of a step
+_SHARED_SUMS: contextvars.ContextVar = contextvars.ContextVar("structprune_position_sums", default=None)
+
+
+@contextlib.contextmanager
+def sharing_position_sums():
+    """Score each parameter once for all groups scored inside (parameters must not change meanwhile)."""
+    token = _SHARED_SUMS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_SUMS.reset(token)
 
 
 def _root_tensor(group, k: int) -> torch.Tensor:

@@ -36,10 +36,21 @@ def channel_sums(values: torch.Tensor, axis: Axis, idxs: torch.Tensor) -> torch.
     (LSTM gates, q/k/v rows), times everything along the other dims. Channels that share positions
     (grouped-conv inputs, the repeats of a bidirectional LSTM's input columns) get the same sum.
     """
+    return channels_of_positions(position_sums(values, axis), axis, values, idxs)
+
+
+def position_sums(values: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """Sum of ``values`` over every dim but the axis' one: one number per position along it."""
     dim = axis.dim % values.dim()
     others = [d for d in range(values.dim()) if d != dim]
-    per_position = values.sum(dim=others) if others else values
-    owners = axis.channel_of_position(values).to(values.device)
-    per_channel = torch.zeros(axis.unit(values), dtype=values.dtype, device=values.device)
+    return values.sum(dim=others) if others else values
+
+
+def channels_of_positions(per_position: torch.Tensor, axis: Axis, values: torch.Tensor,
+                          idxs: torch.Tensor) -> torch.Tensor:
+    """:func:`channel_sums` from the per-position sums (``values``: the tensor they came from, for its shape)."""
+    device = per_position.device
+    owners = axis.channel_of_position(values).to(device)
+    per_channel = torch.zeros(axis.unit(values), dtype=per_position.dtype, device=device)
     per_channel.index_add_(0, owners, per_position)
-    return per_channel[idxs.to(values.device) % axis.unit(values)]
+    return per_channel[idxs.to(device) % axis.unit(values)]

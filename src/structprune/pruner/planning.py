@@ -11,6 +11,7 @@ from torch import nn
 from ..graph.group import Group
 from ..graph.refusal import Refusal, RefusalKind
 from ..graph.side import Side
+from ..importance.elementwise import sharing_position_sums
 from .heads import subset_may_pass
 
 
@@ -105,10 +106,11 @@ class PlanningMixin:
         self._scores = {}
         self._refused_shapes: dict = {}  # (layers, width, blocks, count) -> refusal, for this step
         heads = list(self._head_candidates()) if self.prune_num_heads else []
-        for group in [entry[0] for entry in heads] + list(self._expert_groups()) + self._groups():
-            key = _root_key(group)
-            if key not in self._scores:
-                self._scores[key] = self.estimate_importance(group)
+        with sharing_position_sums():
+            for group in [entry[0] for entry in heads] + list(self._expert_groups()) + self._groups():
+                key = _root_key(group)
+                if key not in self._scores:
+                    self._scores[key] = self.estimate_importance(group)
 
     def _importance(self, group: Group) -> torch.Tensor | None:
         """The step's up-front score of a group; scored afresh only if whole heads changed its width."""

@@ -16,12 +16,14 @@ class GraphApplier:
 
     # -- applying --------------------------------------------------------------------------------------
     def _apply_group(self, group: Group):
-        for item in group:
+        tensors = getattr(group, "item_tensors", None)
+        for k, item in enumerate(group):
             module = item.dep.target.module
             pruner = item.dep.target.pruner
             total = self._channels(item.dep.target, item.side)
             if total is not None:
-                validate_idxs(module, as_index_tensor(item.idxs), total, item.side.word, name=item.dep.target.name)
+                idxs = tensors(k)[0] if tensors is not None else as_index_tensor(item.idxs)
+                validate_idxs(module, idxs, total, item.side.word, name=item.dep.target.name)
             if IN in item.dep.target.sides:  # a layer with inputs of its own: grouped convs check evenness
                 try:
                     pruner.check_structure(module, item.idxs, item.side.word)

@@ -259,3 +259,26 @@ def test_a_cut_along_other_dims_passes_the_channel_dim_through():
         assert not blocks.passes_through(piece, shape, 2)
     assert not blocks.passes_through(labels[..., 3], shape, 2)
     assert not blocks.passes_through(labels.flip(2), shape, 2)  # every channel kept, but reordered
+
+
+@pytest.mark.parametrize("index, dim, expected", [
+    ((slice(None), slice(1, None)), 2, True), ((slice(None), slice(1, None)), 1, False),
+    ((Ellipsis, 0), 1, True), ((Ellipsis, 0), 2, False), ((None, slice(None), 3), 0, True),
+    ((0,), 0, False), (slice(None, None, 2), 0, False), ((Ellipsis, slice(None)), 2, True),
+])
+def test_an_index_of_slices_says_which_dims_it_cuts(index, dim, expected):
+    """Read from the index itself, so a slice along the tokens needs no replay on a video's labels."""
+    from structprune.graph.ops import _index_keeps_dim
+
+    assert _index_keeps_dim(index, 3, dim) is expected
+    labels = torch.arange(2 * 5 * 6).view(2, 5, 6)
+    replayed = labels[index]
+    if replayed.numel() >= 1 and expected:
+        assert blocks.passes_through(replayed, (2, 5, 6), dim)
+
+
+def test_an_index_with_tensors_is_left_to_the_replay():
+    from structprune.graph.ops import _index_keeps_dim
+
+    assert _index_keeps_dim((slice(None), torch.tensor([0, 2])), 3, 2) is None
+    assert _index_keeps_dim((Ellipsis, Ellipsis), 3, 0) is None

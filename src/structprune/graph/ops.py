@@ -277,8 +277,7 @@ def shifts_channels(call: Call, state: ChannelState, sizes=None) -> bool:
     if floats != [0]:
         return False
     shape, dim = tuple(call.in_shapes[0]), state.dims[0]
-    if _same_arguments(arguments, (call.args, call.kwargs)) and all(
-            passes_through(full, shape, dim) for full in _correspondence(call, 0)):
+    if _same_arguments(arguments, (call.args, call.kwargs)) and _cuts_elsewhere(call, shape, dim):
         return False  # the pieces are cut along other dims: the removal cannot move a channel between them
     keep = torch.ones(shape[dim], dtype=torch.bool)
     keep[state.idxs] = False
@@ -302,6 +301,39 @@ def shifts_channels(call: Call, state: ChannelState, sizes=None) -> bool:
         if not torch.equal(pruned.reshape(-1), expected):
             return True
     return False
+
+
+def _cuts_elsewhere(call: Call, shape, dim: int) -> bool:
+    """Whether the op takes every position of ``dim`` in order: from its arguments where they say so (a
+    split's dim, an index of slices and ints), else from the parts of its replay (blocks.py)."""
+    if call.name in SPLITS:
+        cut = _dim_argument(call, len(shape))
+        if cut is not None:
+            return cut != dim
+    if call.name == "__getitem__" and len(call.args) == 2:
+        untouched = _index_keeps_dim(call.args[1], len(shape), dim)
+        if untouched is not None:
+            return untouched
+    return all(passes_through(full, shape, dim) for full in _correspondence(call, 0))
+
+
+def _index_keeps_dim(index, ndim: int, dim: int) -> bool | None:
+    """For ``x[index]`` of slices, ints, None and Ellipsis: whether input dim ``dim`` is taken whole (a
+    full slice, or no entry). None for anything else (tensors, lists, masks): the replay decides."""
+    entries = list(index) if isinstance(index, tuple) else [index]
+    for entry in entries:
+        if isinstance(entry, bool) or not (entry is None or entry is Ellipsis or isinstance(entry, (int, slice))):
+            return None
+    consuming = [entry for entry in entries if entry is not None]
+    if consuming.count(Ellipsis) > 1:
+        return None
+    if Ellipsis in consuming:
+        at = consuming.index(Ellipsis)
+        consuming = consuming[:at] + [slice(None)] * (ndim - len(consuming) + 1) + consuming[at + 1:]
+    if len(consuming) > ndim:
+        return None
+    entry = (consuming + [slice(None)] * (ndim - len(consuming)))[dim]
+    return isinstance(entry, slice) and entry.start is None and entry.stop is None and entry.step is None
 
 
 def _same_arguments(evaluated, original) -> bool:

@@ -156,6 +156,13 @@ def reduced_with_siblings(parts: Parts, siblings: list, target_dims):
     chosen = [i for i, (dims, _, _) in enumerate(parts.parts) if set(dims) & set(target_dims)]
     if len(chosen) == len(parts.parts) or any(other is None for other in siblings):
         return None
+    key = ("siblings", tuple(chosen), tuple(id(other) for other in siblings))
+    if key not in parts.reduced:
+        parts.reduced[key] = _reduce_with_siblings(parts, siblings, chosen)
+    return parts.reduced[key]
+
+
+def _reduce_with_siblings(parts: Parts, siblings: list, chosen: list):
     layout = [(dims, sources) for dims, sources, _ in parts.parts]
     moved = {d for _, sources in layout for d in sources}
     fixed = [d for d in range(len(parts.source_shape)) if d not in moved]
@@ -170,12 +177,9 @@ def reduced_with_siblings(parts: Parts, siblings: list, target_dims):
             if not torch.equal(other.parts[i][2] - other.base, grid - parts.base) or \
                     not torch.equal(other_base[list(sources)], base[list(sources)]):
                 return None
-    key = ("siblings", tuple(chosen), tuple(id(other) for other in siblings))
-    if key not in parts.reduced:
-        own = _build_reduced(parts, chosen, fixed)
-        others = [_build_reduced(other, chosen, fixed) for other in siblings]
-        parts.reduced[key] = None if own is None else (own, [other[0] for other in others])
-    return parts.reduced[key]
+    own = _build_reduced(parts, chosen, fixed)
+    others = [_build_reduced(other, chosen, fixed) for other in siblings]
+    return None if own is None else (own, [other[0] for other in others])
 
 
 def _build_reduced(parts: Parts, chosen, fixed=()):

@@ -194,7 +194,7 @@ def _affine_plan(correspondence, source_shape, dims: tuple[int, ...], forward: b
         table = torch.full((total,), -1, dtype=torch.long)
         table[offset:offset + count] = _ravel_digits(torch.arange(count), steps, target_shape, target_shape, {},
                                                      out_dims)
-        return out_dims, table
+        return _ordered(out_dims, table)
     return _affine_backward(flat, source_shape, target_shape, dims, total, siblings)
 
 
@@ -239,7 +239,7 @@ def _affine_backward(flat, source_shape, target_shape, dims, total, siblings):
             out_dims.add(axis)
     table = _ravel_digits(torch.arange(total), steps, tuple(label.shape), source_shape, offsets,
                           tuple(sorted(out_dims)))
-    return tuple(sorted(out_dims)), table
+    return _ordered(tuple(sorted(out_dims)), table)
 
 
 def _valid(flat: torch.Tensor) -> torch.Tensor:
@@ -327,15 +327,29 @@ def _forward_plan(correspondence, source_shape, state_dims):
     return dims, reduce_to(label, dims)
 
 
+def _ordered(dims, table):
+    """A renumbering plan, with whether it keeps channel order (then states it maps stay sorted)."""
+    reached = table[table >= 0]
+    return dims, table, bool((reached[1:] > reached[:-1]).all())
+
+
 def _renumbered(plan, state: ChannelState) -> ChannelState | None:
-    dims, table = plan
+    dims, table, in_order = plan
     positions = table[state.idxs]
     reached = positions >= 0
     if not bool(reached.any()):
         return None
+    make = _sorted_state if in_order else ChannelState
     if bool(reached.all()):
-        return ChannelState(dims, positions, state.roots)
-    return ChannelState(dims, positions[reached], state.roots[reached])
+        return make(dims, positions, state.roots)
+    return make(dims, positions[reached], state.roots[reached])
+
+
+def _sorted_state(dims, idxs, roots) -> ChannelState:
+    """A ChannelState from indices already ascending (skips the check of every construction)."""
+    state = object.__new__(ChannelState)
+    state.dims, state.idxs, state.roots = dims, idxs, roots
+    return state
 
 
 def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelState,

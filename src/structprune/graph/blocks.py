@@ -51,7 +51,7 @@ def _find_parts(correspondence, source_shape):
     base = int(correspondence.reshape(-1)[0])
     if base < 0:
         return None  # a position that reads nothing (padding, another input): the full plans say what it means
-    base_digits = _digits(torch.tensor([base]), source_shape)[0]
+    base_digits = unravel(torch.tensor([base]), source_shape)[0]
     parts = []  # [target dims, source dims]
     for dim, size in enumerate(target_shape):
         if size > 1:
@@ -96,17 +96,26 @@ def _values(correspondence, dims):
     return correspondence[index]
 
 
-def _digits(flat: torch.Tensor, shape) -> torch.Tensor:
-    digits = []
-    for size in reversed(shape):
-        digits.append(flat % size)
+def unravel(flat: torch.Tensor, sizes) -> torch.Tensor:
+    """Row-major coordinates (one column per size) of flat positions."""
+    coords = []
+    for size in reversed(sizes):
+        coords.append(flat % size)
         flat = flat // size
-    return torch.stack(list(reversed(digits)), dim=1)
+    return torch.stack(list(reversed(coords)), dim=1) if coords else flat.view(-1, 0)
+
+
+def ravel(coords: torch.Tensor, sizes) -> torch.Tensor:
+    """Flat row-major positions of coordinates (the inverse of :func:`unravel`)."""
+    flat = torch.zeros(coords.shape[0], dtype=torch.long)
+    for column, size in enumerate(sizes):
+        flat = flat * size + coords[:, column]
+    return flat
 
 
 def _moved(flat, source_shape, base_digits) -> set[int]:
     """Source dims whose digit differs from the base's somewhere in ``flat``."""
-    digits = _digits(flat, source_shape)
+    digits = unravel(flat, source_shape)
     return {d for d in range(len(source_shape)) if bool((digits[:, d] != base_digits[d]).any())}
 
 
@@ -166,11 +175,11 @@ def _reduce_with_siblings(parts: Parts, siblings: list, chosen: list):
     layout = [(dims, sources) for dims, sources, _ in parts.parts]
     moved = {d for _, sources in layout for d in sources}
     fixed = [d for d in range(len(parts.source_shape)) if d not in moved]
-    base = _digits(torch.tensor([parts.base]), parts.source_shape)[0]
+    base = unravel(torch.tensor([parts.base]), parts.source_shape)[0]
     for other in siblings:
         if other.source_shape != parts.source_shape or [(d, s) for d, s, _ in other.parts] != layout:
             return None
-        other_base = _digits(torch.tensor([other.base]), parts.source_shape)[0]
+        other_base = unravel(torch.tensor([other.base]), parts.source_shape)[0]
         for i, (dims, sources, grid) in enumerate(parts.parts):
             if i in chosen:
                 continue
@@ -194,12 +203,8 @@ def _build_reduced(parts: Parts, chosen, fixed=()):
         own, _, grid = parts.parts[i]
         values = values + (grid - parts.base).view([shape[k] if d in own else 1 for k, d in enumerate(dims)])
     values = torch.broadcast_to(values, shape).reshape(-1)
-    digits = _digits(values, parts.source_shape)[:, list(sources)]
     sizes = [parts.source_shape[d] for d in sources]
-    flat = torch.zeros(len(values), dtype=torch.long)
-    for column, size in enumerate(sizes):
-        flat = flat * size + digits[:, column]
-    small = flat.view(shape)
+    small = ravel(unravel(values, parts.source_shape)[:, list(sources)], sizes).view(shape)
     # the reduced problem is planned at full size: looking for parts in it again finds none worth having
     small.__dict__["_structprune_plans"] = {("parts", tuple(sizes)): None}
     return small, tuple(sizes), dims, sources

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocks import parts_of, reduced, reduced_with_siblings
+from .blocks import parts_of, ravel, reduced, reduced_with_siblings, unravel
 from .refusal import Blocked  # noqa: F401  (raised by the index maps; imported from here by older code)
 
 
@@ -492,10 +492,10 @@ def through_letters(state: ChannelState, source_letters, source_shape, target_le
     if not kept:
         return None
     kept.sort()
-    coords = _unravel(state.idxs, sizes)
+    coords = unravel(state.idxs, sizes)
     kept_positions = [p for _, p in kept]
     kept_sizes = [sizes[p] for p in kept_positions]
-    coarse = _ravel(coords[:, kept_positions], kept_sizes)
+    coarse = ravel(coords[:, kept_positions], kept_sizes)
     fiber = 1
     for position, size in enumerate(sizes):
         if position not in kept_positions:
@@ -507,18 +507,3 @@ def through_letters(state: ChannelState, source_letters, source_shape, target_le
     big = torch.iinfo(torch.long).max
     roots = torch.full((len(unique),), big, dtype=torch.long).scatter_reduce_(0, inverse, state.roots, "amin")
     return ChannelState(tuple(d for d, _ in kept), unique[complete], roots[complete])
-
-
-def _unravel(flat: torch.Tensor, sizes) -> torch.Tensor:
-    coords = []
-    for size in reversed(sizes):
-        coords.append(flat % size)
-        flat = flat // size
-    return torch.stack(list(reversed(coords)), dim=1) if coords else flat.view(-1, 0)
-
-
-def _ravel(coords: torch.Tensor, sizes) -> torch.Tensor:
-    flat = torch.zeros(coords.shape[0], dtype=torch.long)
-    for column, size in enumerate(sizes):
-        flat = flat * size + coords[:, column]
-    return flat

@@ -114,10 +114,11 @@ def forward_through(correspondence: torch.Tensor, source_shape, state: ChannelSt
     small = _reduced_forward(correspondence, source_shape, state)
     if small is not None:
         corr, shape, dims, sources = small
-        mapped = forward_through(corr, shape, ChannelState(tuple(sources.index(d) for d in state.dims),
+        mapped = forward_through(corr, shape, _sorted_state(tuple(sources.index(d) for d in state.dims),
                                                             state.idxs, state.roots))
-        return None if mapped is None else ChannelState(tuple(dims[d] for d in mapped.dims), mapped.idxs,
-                                                        mapped.roots)
+        # renaming ascending dims to ascending dims keeps every flat index: the state stays sorted
+        return None if mapped is None else _sorted_state(tuple(dims[d] for d in mapped.dims), mapped.idxs,
+                                                         mapped.roots)
     renumbered = _plan(correspondence, ("affine", tuple(source_shape), state.dims), _affine_plan, source_shape,
                        state.dims, True)
     if renumbered is not None:
@@ -364,10 +365,10 @@ def backward_through(correspondence: torch.Tensor, source_shape, state: ChannelS
     small = _reduced_backward(correspondence, source_shape, state, siblings)
     if small is not None:
         (corr, shape, dims, sources), small_siblings = small
-        mapped = backward_through(corr, shape, ChannelState(tuple(dims.index(d) for d in state.dims),
+        mapped = backward_through(corr, shape, _sorted_state(tuple(dims.index(d) for d in state.dims),
                                                              state.idxs, state.roots), small_siblings)
-        return None if mapped is None else ChannelState(tuple(sources[d] for d in mapped.dims), mapped.idxs,
-                                                        mapped.roots)
+        return None if mapped is None else _sorted_state(tuple(sources[d] for d in mapped.dims), mapped.idxs,
+                                                         mapped.roots)
     sibling_ids = tuple(id(sibling) for sibling in siblings or ())
     renumbered = _plan(correspondence, ("affine-back", tuple(source_shape), state.dims, sibling_ids), _affine_plan,
                        source_shape, state.dims, False, siblings)

@@ -71,9 +71,7 @@ def _find_parts(correspondence, source_shape):
     values = [(tuple(sorted(dims)), tuple(sorted(sources)), _values(correspondence, dims)) for dims, sources in parts]
     if correspondence.__dict__.get("_structprune_view_of_labels"):
         return Parts(base, values, target_shape, source_shape)  # affine in the target coordinates: parts add up
-    expected = torch.full((), base, dtype=torch.long)
-    for dims, _, grid in values:
-        expected = expected + (grid - base).view([target_shape[d] if d in dims else 1 for d in range(len(target_shape))])
+    expected = _sum_of_parts(base, values, tuple(range(len(target_shape))), target_shape)
     if tuple(expected.shape) != target_shape or not bool(torch.equal(expected, correspondence)):
         return None
     return Parts(base, values, target_shape, source_shape)
@@ -191,6 +189,15 @@ def _reduce_with_siblings(parts: Parts, siblings: list, chosen: list):
     return None if own is None else (own, [other[0] for other in others])
 
 
+def _sum_of_parts(base: int, parts, dims, target_shape) -> torch.Tensor:
+    """``base + sum(grid - base)`` over ``parts`` ((target dims, sources, grid) each), broadcast over the
+    target dims ``dims`` (ascending): the correspondence those parts alone describe."""
+    total = torch.full((), base, dtype=torch.long)
+    for own, _, grid in parts:
+        total = total + (grid - base).view([target_shape[d] if d in own else 1 for d in dims])
+    return total
+
+
 def _build_reduced(parts: Parts, chosen, fixed=()):
     dims = tuple(sorted(d for i in chosen for d in parts.parts[i][0]))
     moved = [d for i in chosen for d in parts.parts[i][1]]
@@ -198,10 +205,7 @@ def _build_reduced(parts: Parts, chosen, fixed=()):
         return None
     sources = tuple(sorted(set(moved) | set(fixed)))
     shape = [parts.target_shape[d] for d in dims]
-    values = torch.full((), parts.base, dtype=torch.long)
-    for i in chosen:
-        own, _, grid = parts.parts[i]
-        values = values + (grid - parts.base).view([shape[k] if d in own else 1 for k, d in enumerate(dims)])
+    values = _sum_of_parts(parts.base, [parts.parts[i] for i in chosen], dims, parts.target_shape)
     values = torch.broadcast_to(values, shape).reshape(-1)
     sizes = [parts.source_shape[d] for d in sources]
     small = ravel(unravel(values, parts.source_shape)[:, list(sources)], sizes).view(shape)

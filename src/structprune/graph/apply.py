@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.base import as_index_tensor, pruning_once, validate_idxs
+from ..layers.base import pruning_once, validate_idxs
 from .discovery import IN, OUT
 from .group import Group, Node
 from .hooks import removed_outputs
@@ -16,14 +16,12 @@ class GraphApplier:
 
     # -- applying --------------------------------------------------------------------------------------
     def _apply_group(self, group: Group):
-        tensors = getattr(group, "item_tensors", None)
         for k, item in enumerate(group):
             module = item.dep.target.module
             pruner = item.dep.target.pruner
             total = self._channels(item.dep.target, item.side)
             if total is not None:
-                idxs = tensors(k)[0] if tensors is not None else as_index_tensor(item.idxs)
-                validate_idxs(module, idxs, total, item.side.word, name=item.dep.target.name)
+                validate_idxs(module, group.item_tensors(k)[0], total, item.side.word, name=item.dep.target.name)
             if IN in item.dep.target.sides:  # a layer with inputs of its own: grouped convs check evenness
                 try:
                     pruner.check_structure(module, item.idxs, item.side.word)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .blocks import parts_of, ravel, reduced, reduced_with_siblings, unravel
+from .pointwise import not_pointwise
 from .refusal import Blocked  # noqa: F401  (raised by the index maps; imported from here by older code)
 
 
@@ -88,9 +89,11 @@ def squeeze_state(state: ChannelState, shape) -> ChannelState:
     roots = torch.full((total,), -1, dtype=torch.long)
     roots[state.idxs] = state.roots
     member, roots = member.view(sizes), roots.view(sizes)
-    drop = [axis for axis, size in enumerate(sizes) if size > 1
-            and bool((member == member.narrow(axis, 0, 1)).all())
-            and bool((roots == roots.narrow(axis, 0, 1)).all())]
+    same = [(member == member.narrow(axis, 0, 1)) & (roots == roots.narrow(axis, 0, 1)) if size > 1 else None
+            for axis, size in enumerate(sizes)]
+    drop = [axis for axis, size in enumerate(sizes) if size > 1 and bool(same[axis].all())]
+    if len(drop) < len(sizes) and _has_uniform_line(member, same, drop):
+        not_pointwise("the dims a state keeps depend on which channels it holds")
     if not drop or len(drop) == len(sizes):
         return state
     for axis in reversed(drop):
@@ -98,6 +101,16 @@ def squeeze_state(state: ChannelState, shape) -> ChannelState:
     positions = torch.nonzero(member.reshape(-1)).reshape(-1)
     dims = tuple(d for axis, d in enumerate(state.dims) if axis not in drop)
     return ChannelState(dims, positions, roots.reshape(-1)[positions])
+
+
+def _has_uniform_line(member: torch.Tensor, same: list, drop: list) -> bool:
+    """Whether an axis the state keeps has a line of members that all came from one root: some of the
+    root's channels would then hold only such lines and lose that axis, which the full state keeps
+    (graph/pointwise.py). Axes dropped here are uniform on every line, for any of the root's channels."""
+    for axis, along in enumerate(same):
+        if along is not None and axis not in drop and bool((member.all(dim=axis) & along.all(dim=axis)).any()):
+            return True
+    return False
 
 
 def _channel_count(shape, dims) -> int:
@@ -381,7 +394,9 @@ def _backward_general(correspondence: torch.Tensor, source_shape, state: Channel
                       siblings: list[torch.Tensor] | None = None) -> ChannelState | None:
     key = ("backward", tuple(source_shape), state.dims, tuple(id(sibling) for sibling in siblings or ()))
     plan = _plan(correspondence, key, _backward_plan, source_shape, state.dims, siblings)
-    classes, class_of_pair, channel_of_pair, static_dims, n_classes = plan
+    classes, class_of_pair, channel_of_pair, static_dims, n_classes, pointwise = plan
+    if not pointwise:
+        not_pointwise("a source element goes only when every channel reading it goes")
     member, root_table = dense_tables(state, _channel_count(tuple(correspondence.shape), state.dims))
     # a class (the set of target channels reading an element) goes when every channel in it goes
     kept_pair = ~member[channel_of_pair]
@@ -418,7 +433,8 @@ def _backward_plan(correspondence, source_shape, state_dims, siblings):
     the class, so dims along which the class never changes are collapsed to one position (all, any and
     amin over copies of one value give that value): a token dim costs nothing per visit. Returns
     (class grid, class of each (class, channel) pair, channel of each pair, dims that vary regardless of
-    the removal, class count).
+    the removal, class count, whether the map is pointwise: every source position over those dims read
+    through one channel, so it goes exactly when that channel goes, and its dims never depend on which).
     """
     shape = tuple(source_shape)
     numel = _channel_count(shape, tuple(range(len(shape))))
@@ -434,7 +450,8 @@ def _backward_plan(correspondence, source_shape, state_dims, siblings):
         others = sibling.reshape(-1)
         classes[others[others >= 0]] = READ_BY_SIBLING
     read = high >= 0
-    if bool((low[read] == high[read]).all()):
+    one_reader = bool((low[read] == high[read]).all())
+    if one_reader:
         # each element read through one channel (reshapes, permutes, broadcasts): the channel is the class
         classes[read] = low[read]
         present = torch.unique(low[read])
@@ -464,8 +481,18 @@ def _backward_plan(correspondence, source_shape, state_dims, siblings):
     class_high = torch.full((n_classes,), -1, dtype=torch.long).scatter_reduce_(
         0, class_of_pair, channel_of_pair, "amax")
     low, high = class_low[classes.clamp(min=0)], class_high[classes.clamp(min=0)]
-    static_dims = set(varying_dims(low, is_read)) | set(varying_dims(high, is_read))
-    return classes, class_of_pair, channel_of_pair, tuple(sorted(static_dims)), n_classes
+    static_dims = tuple(sorted(set(varying_dims(low, is_read)) | set(varying_dims(high, is_read))))
+    pointwise = one_reader and not siblings and bool(static_dims) and _one_channel_per_position(low, is_read, static_dims)
+    return classes, class_of_pair, channel_of_pair, static_dims, n_classes, pointwise
+
+
+def _one_channel_per_position(channel: torch.Tensor, is_read: torch.Tensor, dims) -> bool:
+    """Whether the elements read at each position over ``dims`` are all read through one channel (varying_dims
+    looks along one dim at a time, so two channels on a diagonal of unread elements would pass it)."""
+    big = torch.iinfo(torch.long).max
+    low = reduce_to(torch.where(is_read, channel, big), dims, "amin")
+    high = reduce_to(torch.where(is_read, channel, -1), dims, "amax")
+    return bool(((low == high) | ~reduce_to(is_read, dims, "any")).all())
 
 
 def through_letters(state: ChannelState, source_letters, source_shape, target_letters, target_shape):
@@ -501,6 +528,8 @@ def through_letters(state: ChannelState, source_letters, source_shape, target_le
     for position, size in enumerate(sizes):
         if position not in kept_positions:
             fiber *= size
+    if fiber > 1:
+        not_pointwise("a coarse channel goes only when every finer channel under it goes")
     unique, inverse, counts = torch.unique(coarse, return_inverse=True, return_counts=True)
     complete = counts == fiber
     if not bool(complete.any()):

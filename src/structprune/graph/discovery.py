@@ -11,6 +11,8 @@ from ..layers.declarations import tensor_dims
 from . import ops
 from .channels import ChannelState, squeeze_state, through_letters
 from .group import Dependency, Group, Node
+from .pointwise import not_pointwise, recording
+from .projection import Walk
 from .refusal import Blocked, Refusal, RefusalKind
 from .side import Side
 from .size_checks import size_refusals
@@ -33,6 +35,18 @@ class GroupFinder:
         return group
 
     def _discover_states(self, node: Node, side: Side, idxs: torch.Tensor, trigger) -> Group:
+        with recording() as reasons:
+            states, deps, order, blocked = self._walk(node, side, idxs)
+        blocked += self._outputs_passed
+        group = self._finish(node, trigger, states, deps, order, blocked)
+        if not blocked and not reasons:
+            # every map went channel by channel: a subset of the root's channels finds exactly the part of
+            # this walk they reached (graph/projection.py), without walking again
+            group.walk = Walk(states, deps, order)
+        return group
+
+    def _walk(self, node: Node, side: Side, idxs: torch.Tensor):
+        """Channel states on every value and layer the root's channels reach, and the refusals met on the way."""
         deps: dict = {}
         order: list = []
         blocked: list[Refusal] = []
@@ -98,6 +112,12 @@ class GroupFinder:
                         push(next_key, next_state)
             except Blocked as reason:
                 blocked.append(reason.refusal)
+        return states, deps, order, blocked
+
+    def _finish(self, node: Node, trigger, states: dict, deps: dict, order: list, blocked: list) -> Group:
+        """The group of a walk: the size and regrouping checks over its states, and an item per layer
+        (``blocked``: the refusals met on the way)."""
+        blocked = list(blocked)
         sizes, refusals, ties = size_refusals(self, states, deps)
         blocked.extend(refusals)
         block_hint = 1
@@ -123,14 +143,13 @@ class GroupFinder:
                     f"selection in each group; remove whole groups or the same index in every group"
                 ))
         group = Group(self)
-        group.blocked = sorted(set(blocked + self._outputs_passed))
+        group.blocked = sorted(set(blocked))
         group.size_ties = ties
         group.block_hint = block_hint
-        root_fn = trigger
         for target, target_side in order:
             state = deps[(target, target_side)]
             handler = self._handler(target, target_side)
-            group.add_dep(Dependency(root_fn, handler, node, target, target_side), state.idxs, state.roots)
+            group.add_dep(Dependency(trigger, handler, node, target, target_side), state.idxs, state.roots)
         return group
 
     def _feeds_shape_only(self, call: Call) -> bool:
@@ -408,15 +427,24 @@ def _axis_keys(node: Node, side: str) -> list:
 
 
 def _merge(old: ChannelState, new: ChannelState):
-    if len(new.idxs) <= len(old.idxs) and (torch.equal(old.idxs, new.idxs) or bool(torch.isin(new.idxs, old.idxs).all())):
+    """The union of two states on one slot, each position keeping its lowest root; whether it grew."""
+    if torch.equal(old.idxs, new.idxs):
+        if not torch.equal(old.roots, new.roots):
+            not_pointwise("a channel reached from two root channels")
+        return old, False
+    if len(new.idxs) <= len(old.idxs) and bool(torch.isin(new.idxs, old.idxs).all()):
+        if not torch.equal(old.roots[torch.searchsorted(old.idxs, new.idxs)], new.roots):
+            not_pointwise("a channel reached from two root channels")
         return old, False
     idxs = torch.cat([old.idxs, new.idxs])
     roots = torch.cat([old.roots, new.roots])
     unique, inverse = torch.unique(idxs, return_inverse=True)
-    if len(unique) == len(old.idxs):
-        return old, False
     big = torch.iinfo(torch.long).max
     merged_roots = torch.full((len(unique),), big, dtype=torch.long).scatter_reduce_(0, inverse, roots, "amin")
+    if len(unique) < len(idxs) and not torch.equal(merged_roots[inverse], roots):
+        not_pointwise("a channel reached from two root channels")
+    if len(unique) == len(old.idxs):
+        return old, False
     return ChannelState(old.dims, unique, merged_roots), True
 
 

@@ -168,6 +168,8 @@ class Group:
         #: blocks a removal must be symmetric over for every reshape the group passes (q/k/v x heads): the
         #: planner tries this before coarser guesses, each of which costs a discovery
         self.block_hint: int = 1
+        #: the discovery's walk when every map in it went channel by channel (graph/projection.py), else None
+        self.walk = None
 
     def add_dep(self, dep: Dependency, idxs, root_idxs=None):
         tensors = None

@@ -18,6 +18,7 @@ import torch
 
 from .channels import ChannelState, backward_through, forward_through, through_letters
 from .refusal import Blocked, RefusalKind
+from .pointwise import not_pointwise
 from .blocks import mark_views, passes_through
 from .replays import Unshareable, replay_key, shared_replay
 from .signatures import argument
@@ -407,6 +408,7 @@ def _grouped_query_attention(call, operand, state):
     Modelled as k' = repeat_interleave(k, groups, dim=-3) (likewise v), then plain attention letters
     between q, k', v' and the output; a k/v head goes only when all the q heads it serves go.
     """
+    not_pointwise("a key/value head goes only with every query head it serves")
     shapes = call.in_shapes
     q, k, v, out = shapes[0], shapes[1], shapes[2], call.out_shapes[0]
     groups = q[-3] // k[-3]

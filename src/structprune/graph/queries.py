@@ -10,6 +10,7 @@ from ..layers.declarations import ParameterPruner, find_pruner
 from ..layers.registry import LayerRole, layer_types
 from .discovery import IN, OUT
 from .group import Group, Node, item_axes
+from .projection import restricted_walk
 from .side import Side, side_of_pruning_fn
 
 
@@ -51,6 +52,28 @@ class GraphQueries:
         original = alive[idxs] if alive is not None and (module, side) in self._position_maps else idxs
         trigger = self._handler(node, side) if trigger is None else trigger
         return self._to_current(self._discover(node, side, original, trigger, explicit=explicit))
+
+    def _chosen_group(self, module, side: Side, idxs) -> Group:
+        """``get_group_by_side`` for channels a pruner chose from a layer whose group of all output channels
+        is known: when that group's walk went channel by channel, the walk restricted to ``idxs``
+        (graph/projection.py) instead of a new one."""
+        node = self.module2node.get(module)
+        cached = self._all_groups_cache.get(module) if node is not None else None
+        walk = getattr(cached, "walk", None)
+        if walk is None or Side(side) is not OUT or node.side_for(OUT) is not OUT:
+            return self.get_group_by_side(module, side, idxs)
+        idxs = as_index_tensor(idxs)
+        total = self._channels(node, OUT)
+        if total is None or len(idxs) == 0:
+            return self.get_group_by_side(module, side, idxs)
+        validate_idxs(module, idxs, total, OUT.word, name=node.name, allow_all=True)
+        alive = self._alive.get((module, OUT))
+        original = alive[idxs] if alive is not None and (module, OUT) in self._position_maps else idxs
+        restricted = restricted_walk(walk, original)
+        if restricted is None:
+            return self.get_group_by_side(module, side, idxs)
+        group = self._finish(node, self._handler(node, OUT), restricted.states, restricted.deps, restricted.order, [])
+        return self._to_current(group)
 
     def get_all_groups(self, ignored_layers=None, root_module_types=None, include_blocked: bool = False) -> Iterable[Group]:
         """One group per independent set of coupled channels, rooted at the first layer that owns it.

@@ -217,7 +217,7 @@ class PlanningMixin:
             idxs = self._select(group, imp.detach().cpu(), n_prune - n_prune % blocks, blocks)
             if len(idxs) == 0:
                 return None
-            candidate = self.DG.get_group_by_side(root.dep.target.module, root.side, idxs.tolist())
+            candidate = self.DG._chosen_group(root.dep.target.module, root.side, idxs)
             if self._accepts(candidate, idxs):
                 learned[shape] = blocks
                 return candidate

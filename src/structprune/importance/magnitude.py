@@ -28,7 +28,12 @@ class MagnitudeImportance(ElementwiseImportance):
         self.p = p
 
     def element_scores(self, param: nn.Parameter, name: str) -> torch.Tensor:
-        return param.detach().float().abs().pow(self.p)
+        weight = param.detach().float()
+        if self.p == 2:
+            return weight.square()  # the same values as abs().pow(2), in one pass over the weight instead of two
+        if self.p == 1:
+            return weight.abs()
+        return weight.abs().pow(self.p)
 
 
 class GroupMagnitudeImportance(MagnitudeImportance):

@@ -31,7 +31,7 @@ def as_index_tensor(idxs: Sequence[int] | torch.Tensor) -> torch.Tensor:
             raise TypeError(f"channel indices must be integers, got a {idxs.dtype} tensor")
         return idxs.detach().to("cpu", torch.long).reshape(-1)
     values = list(idxs)
-    if all(type(value) is int for value in values):  # the common case, checked without the loop below
+    if set(map(type, values)) <= {int}:  # the common case, checked at C speed without the loop below
         return torch.tensor(values, dtype=torch.long)
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int) and not (

@@ -7,7 +7,9 @@ detectors ignore nothing: their outputs are refused by the graph anyway).
 
 Columns: construction seconds (trace + graph), step seconds, their sum, the process's CPU seconds for both
 (on a shared machine the CPU time says what the wall time would be on a quiet one when ``--threads 1``),
-kept-params ratio, and what the verified
+kept-params ratio, ``fwd s`` (one plain forward of an unpruned copy, with autograd as the trace runs it, timed
+after the step in the same process: the VM's speed drifts by a third run to run, so ``x fwd`` = total / fwd is
+the figure to compare between runs and machines), and what the verified
 fallback did: ``-`` when the one-shot step ran, else ``n/m left`` (m groups redone one forward at a time,
 n of them left unpruned). ``tp s`` is torch_pruning's construction + step time where we know it (measured
 once on this machine; written by hand, torch_pruning is not installed).
@@ -21,6 +23,7 @@ Each model runs in its own process with ``--timeout`` seconds, so one hang does 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -109,6 +112,7 @@ def run_one(name: str) -> dict:
     model, x, ignored = MODELS[name]()
     model.eval()
     before = sum(p.numel() for p in model.parameters())
+    reference = copy.deepcopy(model)
     extra = {"prune_num_heads": True, "head_pruning_ratio": 0.5} if name.startswith("llama") else {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -124,11 +128,24 @@ def run_one(name: str) -> dict:
     records = pruner.fallback_history
     return {
         "model": name, "build": built, "step": stepped, "cpu": cpu, "kept": after / before,
+        "forward": _forward_seconds(reference, x),
         "handled": sum(r.handled for r in records), "left": sum(len(r.skipped) for r in records),
         "fallback_error": records[0].error if records else None,
         "skipped": [f"{root}: {error}" for r in records for root, error in r.skipped],
         "warnings": [str(w.message)[:400] for w in caught if issubclass(w.category, UserWarning)],
     }
+
+
+def _forward_seconds(model, x) -> float:
+    """The faster of two plain forwards (the first also warms the allocator, as the pruner's trace did)."""
+    from structprune.utils.nested import call_model
+
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        call_model(model, x)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _child(name: str, threads: int) -> None:
@@ -169,19 +186,21 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown models {unknown}; --list prints the known ones")
     print(f"torch {torch.__version__}, {args.threads} threads, timeout {args.timeout:.0f} s per model")
-    print(f"| {'model':30s} | build s | step s | total s | cpu s | tp s | kept | fallback |")
-    print(f"|{'-' * 32}|---------|--------|---------|-------|------|------|----------|")
+    print(f"| {'model':30s} | build s | step s | total s | cpu s | fwd s | x fwd | tp s | kept | fallback |")
+    print(f"|{'-' * 32}|---------|--------|---------|-------|-------|-------|------|------|----------|")
     for name in names:
         row = _run_isolated(name, args.threads, args.timeout)
         known = TORCH_PRUNING.get(name)
         reference = f"{known:.2f}" if known is not None else ""
         if "error" in row:
-            print(f"| {name:30s} | {'':7s} | {'':6s} | {'':7s} | {'':5s} | {reference:4s} | {'':4s} | {row['error']} |")
+            print(f"| {name:30s} | {'':7s} | {'':6s} | {'':7s} | {'':5s} | {'':5s} | {'':5s} | {reference:4s} | {'':4s} "
+                  f"| {row['error']} |")
             continue
         fallback = f"{row['left']}/{row['handled']} left" if row["handled"] else "-"
         total = row["build"] + row["step"]
-        print(f"| {name:30s} | {row['build']:7.2f} | {row['step']:6.2f} | {total:7.2f} | {row['cpu']:5.2f} | {reference:4s} "
-              f"| {row['kept']:.2f} | {fallback} |", flush=True)
+        print(f"| {name:30s} | {row['build']:7.2f} | {row['step']:6.2f} | {total:7.2f} | {row['cpu']:5.2f} "
+              f"| {row['forward']:5.2f} | {total / row['forward']:5.1f} | {reference:4s} | {row['kept']:.2f} | {fallback} |",
+              flush=True)
         if args.verbose:
             if row["fallback_error"]:
                 print(f"    one-shot error: {row['fallback_error'][:300]}")

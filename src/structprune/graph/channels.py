@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .blocks import parts_of, ravel, reduced, reduced_with_siblings, unravel
-from .pointwise import not_pointwise
+from .pointwise import not_pointwise, undecided
 from .refusal import Blocked  # noqa: F401  (raised by the index maps; imported from here by older code)
 
 
@@ -89,11 +89,16 @@ def squeeze_state(state: ChannelState, shape) -> ChannelState:
     roots = torch.full((total,), -1, dtype=torch.long)
     roots[state.idxs] = state.roots
     member, roots = member.view(sizes), roots.view(sizes)
-    same = [(member == member.narrow(axis, 0, 1)) & (roots == roots.narrow(axis, 0, 1)) if size > 1 else None
-            for axis, size in enumerate(sizes)]
-    drop = [axis for axis, size in enumerate(sizes) if size > 1 and bool(same[axis].all())]
-    if len(drop) < len(sizes) and _has_uniform_line(member, same, drop):
-        not_pointwise("the dims a state keeps depend on which channels it holds")
+    if undecided():
+        same = [(member == member.narrow(axis, 0, 1)) & (roots == roots.narrow(axis, 0, 1)) if size > 1 else None
+                for axis, size in enumerate(sizes)]
+        drop = [axis for axis, size in enumerate(sizes) if size > 1 and bool(same[axis].all())]
+        if len(drop) < len(sizes) and _has_uniform_line(member, same, drop):
+            not_pointwise("the dims a state keeps depend on which channels it holds")
+    else:
+        drop = [axis for axis, size in enumerate(sizes) if size > 1
+                and bool((member == member.narrow(axis, 0, 1)).all())
+                and bool((roots == roots.narrow(axis, 0, 1)).all())]
     if not drop or len(drop) == len(sizes):
         return state
     for axis in reversed(drop):

@@ -11,7 +11,7 @@ from ..layers.declarations import tensor_dims
 from . import ops
 from .channels import ChannelState, squeeze_state, through_letters
 from .group import Dependency, Group, Node
-from .pointwise import not_pointwise, recording
+from .pointwise import not_pointwise, recording, undecided
 from .projection import Walk
 from .refusal import Blocked, Refusal, RefusalKind
 from .side import Side
@@ -428,12 +428,13 @@ def _axis_keys(node: Node, side: str) -> list:
 
 def _merge(old: ChannelState, new: ChannelState):
     """The union of two states on one slot, each position keeping its lowest root; whether it grew."""
+    check = undecided()
     if torch.equal(old.idxs, new.idxs):
-        if not torch.equal(old.roots, new.roots):
+        if check and not torch.equal(old.roots, new.roots):
             not_pointwise("a channel reached from two root channels")
         return old, False
     if len(new.idxs) <= len(old.idxs) and bool(torch.isin(new.idxs, old.idxs).all()):
-        if not torch.equal(old.roots[torch.searchsorted(old.idxs, new.idxs)], new.roots):
+        if check and not torch.equal(old.roots[torch.searchsorted(old.idxs, new.idxs)], new.roots):
             not_pointwise("a channel reached from two root channels")
         return old, False
     idxs = torch.cat([old.idxs, new.idxs])
@@ -441,7 +442,7 @@ def _merge(old: ChannelState, new: ChannelState):
     unique, inverse = torch.unique(idxs, return_inverse=True)
     big = torch.iinfo(torch.long).max
     merged_roots = torch.full((len(unique),), big, dtype=torch.long).scatter_reduce_(0, inverse, roots, "amin")
-    if len(unique) < len(idxs) and not torch.equal(merged_roots[inverse], roots):
+    if check and len(unique) < len(idxs) and not torch.equal(merged_roots[inverse], roots):
         not_pointwise("a channel reached from two root channels")
     if len(unique) == len(old.idxs):
         return old, False

@@ -24,6 +24,12 @@ def not_pointwise(reason: str) -> None:
         record.append(reason)
 
 
+def undecided() -> bool:
+    """Whether a discovery is recording and has no reason yet: checks that cost work are skipped otherwise."""
+    record = _RECORD.get()
+    return record is not None and not record
+
+
 @contextlib.contextmanager
 def recording():
     """Collect the reasons of :func:`not_pointwise` calls made inside (empty list: every map was pointwise)."""

@@ -79,7 +79,10 @@ def test_bad_requests_say_what_to_change():
 
 def test_first_try_on_digits_with_a_shorter_schedule():
     """The seed schedule for 4 epochs of batch 32: the README's 7e-3 (tuned for 10 epochs of 22
-    iterations) leaves the channels large and pruning 75% wrecks the network; the derived value works."""
+    iterations) leaves the channels large and pruning 75% wrecks the network; the derived value works.
+
+    Averaged over three shuffling seeds: after such a cut one run's accuracy swings by 0.2-0.4 with the
+    seed or the CPU's float rounding (7e-3 alone gave 0.45-0.83 on one machine), the mean does not."""
     from structprune.demo.data import load_digits_split, num_batches
     from structprune.demo.model import build_model, example_inputs, ignored_layers
     from structprune.demo.train import TrainConfig, evaluate, fit, regularize_seed
@@ -90,14 +93,16 @@ def test_first_try_on_digits_with_a_shorter_schedule():
     config = TrainConfig(batch_size=32)
     derived = tp.pruner.delta_reg_for(config.lr, num_batches(len(data.y_train), 32), 4, reg=1e-4,
                                       momentum=config.momentum)
-    accuracy = {}
-    for delta in (7e-3, derived):
-        model = copy.deepcopy(baseline)
-        pruner = tp.pruner.GrowingRegPruner(model, example_inputs(), tp.importance.MagnitudeImportance(p=2),
-                                            reg=1e-4, delta_reg=delta, pruning_ratio=0.75,
-                                            ignored_layers=ignored_layers(model))
-        regularize_seed(model, pruner, data, 4, config, torch.Generator().manual_seed(100), bias=True,
-                        show_progress=False)
-        pruner.step()
-        accuracy[delta] = evaluate(model, data.x_test, data.y_test)
-    assert accuracy[derived] >= 0.6 and accuracy[derived] >= accuracy[7e-3] + 0.2, accuracy
+    accuracy = {7e-3: [], derived: []}
+    for seed in (100, 101, 102):
+        for delta in accuracy:
+            model = copy.deepcopy(baseline)
+            pruner = tp.pruner.GrowingRegPruner(model, example_inputs(), tp.importance.MagnitudeImportance(p=2),
+                                                reg=1e-4, delta_reg=delta, pruning_ratio=0.75,
+                                                ignored_layers=ignored_layers(model))
+            regularize_seed(model, pruner, data, 4, config, torch.Generator().manual_seed(seed), bias=True,
+                            show_progress=False)
+            pruner.step()
+            accuracy[delta].append(evaluate(model, data.x_test, data.y_test))
+    mean = {delta: sum(values) / len(values) for delta, values in accuracy.items()}
+    assert mean[derived] >= 0.6 and mean[derived] >= mean[7e-3] + 0.2, accuracy

@@ -282,3 +282,45 @@ def test_an_index_with_tensors_is_left_to_the_replay():
 
     assert _index_keeps_dim((slice(None), torch.tensor([0, 2])), 3, 2) is None
     assert _index_keeps_dim((Ellipsis, Ellipsis), 3, 0) is None
+
+
+@pytest.mark.parametrize("shape,out_shape", [((32,), (2, 64, 32)), ((64, 1), (2, 64, 32)), ((1, 64, 32), (3, 64, 32)),
+                                             ((8, 1, 32), (8, 16, 32))])
+def test_a_broadcast_map_left_as_a_view_maps_like_its_copy(shape, out_shape, plan_size):
+    """The elementwise maps broadcast an operand without writing the broadcast out (a video model's
+    feature map has millions of elements); trusted as affine, it must map as the materialised copy does."""
+    from structprune.graph.ops import _broadcast_map
+
+    view = _broadcast_map(shape, out_shape)
+    assert "_structprune_view_of_labels" in view.__dict__ and view.stride() != view.contiguous().stride()
+    rng = random.Random(len(shape))
+    for _ in range(6):
+        dims = tuple(sorted(rng.sample([d for d, size in enumerate(shape) if size > 1], 1)))
+        state = _random_state(rng, shape, dims)
+        assert _same(forward_through(view, shape, state), reference_forward(view.contiguous(), shape, state))
+
+
+def test_replays_share_one_label_range_and_writes_get_their_own():
+    """Replays of ops that write into no input label from views of one range (no fresh pages for each);
+    an op that writes into its input (x[i] = y, add_) gets a range of its own, so the shared one stays
+    a range for every later replay."""
+    from structprune.graph import ops
+    from structprune.graph.replays import shared_labels
+    from structprune.graph.trace import Call
+
+    first, second = shared_labels((4, 6)), shared_labels((3, 5))
+    assert torch.equal(first, torch.arange(24).view(4, 6)) and torch.equal(second, torch.arange(15).view(3, 5))
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+    larger = shared_labels((10, 10))  # grows past the held range: a new one, still a range
+    assert torch.equal(larger, torch.arange(100).view(10, 10))
+
+    permute = Call("function", torch.Tensor.permute, "permute", [0], [(4, 6)], [1], [(6, 4)], (None, 1, 0), {},
+                   [0], [torch.float32], [torch.float32])
+    (replayed,) = ops._replay_labels(permute, 0)
+    assert replayed.untyped_storage().data_ptr() == larger.untyped_storage().data_ptr()
+    fill = Call("function", torch.Tensor.fill_, "fill_", [0], [(4, 6)], [1], [(4, 6)], (None, 7), {},
+                [0], [torch.float32], [torch.float32])
+    (written,) = ops._replay_labels(fill, 0)
+    assert bool((written == 7).all())
+    assert written.untyped_storage().data_ptr() != larger.untyped_storage().data_ptr()
+    assert torch.equal(shared_labels((10, 10)), torch.arange(100).view(10, 10))

@@ -81,11 +81,16 @@ def mark_views(outputs, labels: torch.Tensor, op_name: str) -> None:
     """Flag the outputs of a replay that are views of its label tensor (permute, unbind, split...): element
     i of such a view reads ``storage_offset + sum(i * stride)``, an affine map whose parts add up without
     a check over every element. Ops that write into their input (``x[i] = y``, ``add_``) change the labels."""
-    if op_name.endswith("_") or op_name.startswith("__i") or op_name == "__setitem__":
+    if writes_in_place(op_name):
         return
     for tensor in outputs:
         if tensor.numel() and tensor.untyped_storage().data_ptr() == labels.untyped_storage().data_ptr():
             tensor.__dict__["_structprune_view_of_labels"] = True
+
+
+def writes_in_place(op_name: str) -> bool:
+    """Whether an op of this name writes into an input (``add_``, ``x += y``, ``x[i] = y``)."""
+    return op_name.endswith("_") or op_name.startswith("__i") or op_name == "__setitem__"
 
 
 def _values(correspondence, dims):

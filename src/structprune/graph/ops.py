@@ -19,8 +19,8 @@ import torch
 from .channels import ChannelState, backward_through, forward_through, through_letters
 from .refusal import Blocked, RefusalKind
 from .pointwise import not_pointwise
-from .blocks import mark_views, passes_through
-from .replays import Unshareable, replay_key, shared_replay
+from .blocks import mark_views, passes_through, writes_in_place
+from .replays import Unshareable, replay_key, shared_labels, shared_replay
 from .signatures import argument
 from .sizes import FREE, has_followed, is_traced
 from ..utils.nested import flatten_as_list
@@ -145,7 +145,11 @@ def _broadcast_map(shape, out_shape):
     numel = 1
     for size in shape:
         numel *= size
-    return torch.broadcast_to(torch.arange(numel).view(shape), out_shape).contiguous()
+    # left a view: element i reads sum(i * stride), an affine map whose parts (blocks.py) need no check
+    # over every element, and a video model's feature map is never written out (millions of elements)
+    mapped = torch.broadcast_to(torch.arange(numel).view(shape), out_shape)
+    mapped.__dict__["_structprune_view_of_labels"] = True
+    return mapped
 
 
 # -- movement --------------------------------------------------------------------------------------
@@ -383,13 +387,17 @@ def _replay_labels(call: Call, source: int) -> list[torch.Tensor]:
 def _substitute(call, source):
     """Replay arguments with integer labels on ``source`` and -1 on the other float tensors; and the labels."""
     replaced = {}
+    writes = writes_in_place(call.name) or "out" in call.kwargs
     for index, slot in enumerate(call.input_slots):
         shape = call.in_shapes[index]
         if index == source:
-            numel = 1
-            for size in shape:
-                numel *= size
-            replaced[slot] = torch.arange(numel).view(shape)
+            if writes:
+                numel = 1
+                for size in shape:
+                    numel *= size
+                replaced[slot] = torch.arange(numel).view(shape)
+            else:
+                replaced[slot] = shared_labels(tuple(shape))
         elif _is_float(call, index):
             replaced[slot] = torch.full(shape, -1, dtype=torch.long)
     return rebuild((call.args, call.kwargs), replaced), replaced[call.input_slots[source]]

@@ -16,6 +16,9 @@ import torch
 #: replays by signature; an entry lives as long as some recorded call holds it
 _SHARED: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
+#: the largest label range handed out, while some replay still holds a view of it
+_LABELS: "weakref.ref | None" = None
+
 #: index tensors larger than this are compared by identity (no sharing) instead of by content
 _CONTENT_LIMIT = 1 << 16
 
@@ -34,6 +37,21 @@ def shared_replay(call, source: int, replay: Callable[[], list]) -> Replay:
     if key is not None:
         _SHARED[key] = outputs
     return outputs
+
+
+def shared_labels(shape) -> torch.Tensor:
+    """``arange(numel).view(shape)`` as a view of one range that replays share, for ops that write into no
+    input: a fresh range of a video model's feature map (millions of elements) cost more in page faults than
+    the replay it labels. Its values are its storage positions, as :func:`blocks.mark_views` needs."""
+    global _LABELS
+    numel = 1
+    for size in shape:
+        numel *= size
+    base = _LABELS() if _LABELS is not None else None
+    if base is None or len(base) < numel:
+        base = torch.arange(numel)
+        _LABELS = weakref.ref(base)  # a view keeps its base alive (``view._base``), so it lives as they do
+    return base[:numel].view(shape)
 
 
 def _signature(call, source: int):

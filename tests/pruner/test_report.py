@@ -143,3 +143,79 @@ def test_prune_num_heads_on_a_model_without_heads_says_so():
     with pytest.warns(UserWarning, match=r"prune_num_heads=True found no attention heads.*num_heads"):
         pruner.step()
     assert model.conv1.out_channels == 48  # channel pruning still happened
+
+
+class Halves(nn.Module):
+    """A conv whose output is chunked in two halves read by different layers. Its three weakest channels
+    are two of the first half and one of the second: the halves would be 3 and 4 wide, which chunk(2) of 7
+    does not give (4 and 3), so the graph takes the same positions in both halves, two channels at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 10, 1)
+        self.left = nn.Conv2d(5, 4, 1)
+        self.right = nn.Conv2d(5, 4, 1)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.arange(1.0, 11.0).view(10, 1, 1, 1).expand(10, 3, 1, 1))
+            self.a.weight[[0, 1, 5]] *= 1e-2
+
+    def forward(self, x):
+        first, second = self.a(x).chunk(2, dim=1)
+        return self.left(first) + self.right(second)
+
+
+def test_a_count_the_graph_blocks_cannot_take_is_rounded_down_and_says_why():
+    model = Halves()
+    pruner = tp.pruner.BasePruner(model, torch.randn(1, 3, 4, 4), magnitude(), pruning_ratio=0.3,
+                                  ignored_layers=[model.left, model.right])
+    with pytest.warns(UserWarning, match=r"a \(2 of 3: a split, chunk or head reshape takes 2 channels at a time: "
+                                         r"2 of 3 went\)"):
+        pruner.step()
+    assert model.a.out_channels == 8 and model.left.in_channels == model.right.in_channels == 4
+    [record] = [r for r in pruner.report().steps[0].groups if r.root == "a"]
+    assert (record.removed, record.target) == (2, 3) and "takes 2 channels at a time" in record.reason
+
+
+class Lopsided(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.small = nn.Conv2d(3, 8, 1)
+        self.large = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+        with torch.no_grad():
+            # a group scores its root's outputs with the next layer's inputs: small + large's columns,
+            # against large + head's columns
+            self.head.weight.mul_(1e3)
+
+    def forward(self, x):
+        return self.head(self.large(self.small(x).relu()).relu())
+
+
+def test_global_pruning_holds_each_group_to_its_share_not_to_the_local_ratio():
+    """The global ranking takes the small-norm conv's channels and none of the large one's: the large conv
+    kept channels by design, not for a reason the report lacks, so nothing is short and nothing warns."""
+    model = Lopsided()
+    pruner = tp.pruner.BasePruner(model, torch.randn(1, 3, 4, 4), tp.importance.MagnitudeImportance(p=2, normalizer=None),
+                                  pruning_ratio=0.25, global_pruning=True, max_pruning_ratio=0.5,
+                                  ignored_layers=[model.head])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.step()
+    [step] = pruner.report().steps
+    targets = {record.root: (record.removed, record.target) for record in step.groups}
+    assert targets == {"small": (4, 4), "large": (0, 0)} and step.removed == step.global_target == 4
+    assert not step.short()
+
+
+class NaNScores(tp.importance.MagnitudeImportance):
+    def __call__(self, group):
+        return torch.full((len(group[0].idxs),), float("nan"))
+
+
+def test_a_group_the_criterion_cannot_score_keeps_its_channels_with_the_reason():
+    model = Lopsided()
+    pruner = tp.pruner.BasePruner(model, torch.randn(1, 3, 4, 4), NaNScores(p=2), pruning_ratio=0.5,
+                                  ignored_layers=[model.head])
+    with pytest.warns(UserWarning, match=r"small \(0 of 4: NaNScores gave NaN scores\)"):
+        pruner.step()
+    assert model.small.out_channels == 8

@@ -159,7 +159,7 @@ class PlanningMixin:
             if n_prune <= 0:
                 continue
             imp = self._importance(group)
-            if imp is None or torch.isnan(imp).any():
+            if self._unscored(group, imp):
                 continue
             chosen = self._choose(group, imp, n_prune, channel_groups)
             if chosen is not None:
@@ -168,6 +168,16 @@ class PlanningMixin:
             self._note_refusal(group[0].dep.target, self._refusal)
             if not self.prune_num_heads and self._is_head_group(group):
                 self._heads_narrow_refused.append((self.DG._name(root), self._refusal))
+
+    def _unscored(self, group: Group, imp) -> bool:
+        """Whether the criterion gave no usable score for a group (noted for the report: it keeps its channels)."""
+        if imp is None:
+            self._note_refusal(group[0].dep.target, f"{type(self.importance).__name__} gave this group no score")
+            return True
+        if bool(torch.isnan(imp).any()):
+            self._note_refusal(group[0].dep.target, f"{type(self.importance).__name__} gave NaN scores")
+            return True
+        return False
 
     def _as_now(self, group: Group) -> Group:
         """The group over its root's channels as they are now, not as when the step's groups were listed.
@@ -220,6 +230,10 @@ class PlanningMixin:
             candidate = self.DG._chosen_group(root.dep.target.module, root.side, idxs)
             if self._accepts(candidate, idxs):
                 learned[shape] = blocks
+                if len(idxs) < n_prune:
+                    # the same positions in each of ``blocks`` equal blocks: a count they do not divide rounds down
+                    self._note_refusal(root.dep.target, f"a split, chunk or head reshape takes {blocks} channels "
+                                                        f"at a time: {len(idxs)} of {n_prune} went")
                 return candidate
             self._refusal = _refusal(candidate, idxs)
         if self._refusal.kind is not RefusalKind.NO_CANDIDATE:
@@ -232,9 +246,10 @@ class PlanningMixin:
         yield from self._plan_whole_heads()
         self._note_pinned_heads()
         entries = []
+        self._global_counts = {}
         for group in self._groups():
             imp = self._importance(group)
-            if imp is None or torch.isnan(imp).any():
+            if self._unscored(group, imp):
                 continue
             entries.append((group, imp.detach().cpu(), self._channel_groups(group)))
         if not entries:
@@ -283,6 +298,7 @@ class PlanningMixin:
             n = current - self._rounded_keep(current - wanted, current, blocks)
             if n <= 0:
                 continue
+            self._global_counts[group[0].dep.target.name] = n  # this group's share, which the report checks
             fresh = self._as_now(group)
             if fresh is not group:
                 # an earlier group of this step already took some of this root's channels
@@ -290,7 +306,7 @@ class PlanningMixin:
                 if n <= 0:
                     continue
                 group, imp = fresh, self._importance(fresh)
-                if imp is None or torch.isnan(imp).any():
+                if self._unscored(group, imp):
                     continue
                 imp = imp.detach().cpu()
             chosen = self._choose(group, imp, n, blocks)

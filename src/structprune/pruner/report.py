@@ -23,7 +23,8 @@ class GroupRecord:
     side: str
     before: int
     after: int
-    #: channels the step's ratio asked this group to lose (its local target; global pruning shares one total)
+    #: channels the step asked this group to lose: its local target, or under global pruning the share the
+    #: global ranking gave it (a group the ranking passed over is asked for none)
     target: int
     #: why it kept more than asked: a Refusal (kind, layer, detail), or the fallback's error text
     reason: str | None = None
@@ -135,7 +136,11 @@ class ReportMixin:
             current = sum(entry[2] for entry in entries if entry[4] is None)
             original = sum(self.layer_init_out_ch.get(entry[0].module) or entry[2] for entry in entries)
             record.global_target = max(0, current - int(original * (1 - ratio)))
+        shares = getattr(self, "_global_counts", None) if self.global_pruning else None
         for root, side, before, target, hard in entries:
+            if shares is not None:
+                # one total for all groups: each is held to the share the global ranking gave it
+                target = shares.get(root.name, 0)
             after = self.DG._safe_channels(root, side)
             after = before if after is None else after
             reason = hard or self._step_refusals.get(root.name)
@@ -157,6 +162,10 @@ class ReportMixin:
         short = record.short()
         named = "; ".join(f"{r.root} ({r.removed} of {r.target}: {_kind(r.reason)})" for r in short[:6])
         more = f"; and {len(short) - 6} more" if len(short) > 6 else ""
+        if not short:
+            # global pruning, every group got its share: the shares themselves fell short of the total
+            named = (f"the global ranking's per-group shares, rounded to whole channel blocks and capped by "
+                     f"max_pruning_ratio, add up to {sum(r.target for r in record.groups)}")
         warnings.warn(
             f"step() removed {record.removed} of the {record.target} channels its schedule asked for: {named}{more}. "
             f"pruner.report() lists every group and why it kept channels",

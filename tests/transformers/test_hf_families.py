@@ -94,9 +94,14 @@ def test_a_layer_pruned_less_holds_back_the_other_layers_of_its_field_with_a_war
     layer0 = model.model.layers[0].mlp
     with pytest.warns(UserWarning, match=r"uniform_config_widths: .*layers\.1\.mlp\.\w+_proj \(intermediate_size: "
                                          r"64 -> 32\)"):
-        tp.pruner.BasePruner(model, {"input_ids": ids}, tp.importance.MagnitudeImportance(), pruning_ratio=0.5,
-                             pruning_ratio_dict={layer0: 0.25}, ignored_layers=[model.lm_head]).step()
+        pruner = tp.pruner.BasePruner(model, {"input_ids": ids}, tp.importance.MagnitudeImportance(),
+                                      pruning_ratio=0.5, pruning_ratio_dict={layer0: 0.25},
+                                      ignored_layers=[model.lm_head])
+        pruner.step()
     assert [layer.mlp.up_proj.out_features for layer in model.model.layers] == [96, 96]
+    [held] = [record for record in pruner.report().steps[0].short()]
+    assert held.root.startswith("model.layers.1.mlp.") and (held.removed, held.target) == (32, 64)
+    assert held.reason == "uniform_config_widths: held to 32 so that intermediate_size still fits every layer"
     assert model.config.intermediate_size == 96 and config_mismatches(model) == []
 
 

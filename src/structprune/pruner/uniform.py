@@ -102,6 +102,8 @@ class UniformWidths:
     def _note_held_back(self, group, field: str, wanted: int, allowed: int) -> None:
         if wanted > allowed:
             self._held_back.append(f"{self.DG._name(group[0].dep.target.module)} ({field}: {wanted} -> {allowed})")
+            self._note_refusal(group[0].dep.target, f"uniform_config_widths: held to {allowed} so that {field} "
+                                                    f"still fits every layer")
 
     def _warn_held_back(self) -> None:
         held = getattr(self, "_held_back", [])

@@ -88,9 +88,20 @@ def mark_views(outputs, labels: torch.Tensor, op_name: str) -> None:
             tensor.__dict__["_structprune_view_of_labels"] = True
 
 
+#: operator methods that write into their first operand (``x += y``, ``x[i] = y``); the trace's
+#: write of a view back into its base (trace.WRITE_VIEW) writes into a fresh copy, but is one of them too
+_WRITING_DUNDERS = frozenset({
+    "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__",
+    "__ilshift__", "__irshift__", "__iand__", "__ior__", "__ixor__", "__setitem__", "__write_view__",
+})
+
+
 def writes_in_place(op_name: str) -> bool:
-    """Whether an op of this name writes into an input (``add_``, ``x += y``, ``x[i] = y``)."""
-    return op_name.endswith("_") or op_name.startswith("__i") or op_name == "__setitem__"
+    """Whether an op of this name writes into an input (``add_``, ``x += y``, ``x[i] = y``); other operator
+    methods (``__getitem__``, ``__add__``) end in an underscore too, and write nothing."""
+    if op_name.startswith("__") and op_name.endswith("__"):
+        return op_name in _WRITING_DUNDERS
+    return op_name.endswith("_")
 
 
 def _values(correspondence, dims):

@@ -24,7 +24,7 @@ from .replays import Unshareable, replay_key, shared_labels, shared_replay
 from .signatures import argument
 from .sizes import FREE, has_followed, is_traced
 from ..utils.nested import flatten_as_list
-from .trace import OPAQUE, Call, rebuild
+from .trace import OPAQUE, WRITE_VIEW, Call, rebuild
 
 IndexMap = Callable[[Call, int, ChannelState], "list[tuple[int, ChannelState]]"]
 
@@ -167,6 +167,106 @@ MOVEMENT = {
 @op_kind("movement", MOVEMENT)
 def _movement(call, operand, state):
     return _movement_unchecked(call, operand, state)
+
+
+@op_kind("write into an index", {"__setitem__", WRITE_VIEW})
+def _write(call, operand, state):
+    """``x[index] = value``, or an in-place op on a view of x (``x[:, 1:] += y``: the trace's WRITE_VIEW
+    call): the written x reads ``value`` inside the region and x outside it, element by element (a replay
+    on labels, as for movement ops). A channel dim of x the region cuts (``x[..., :4] = v``) is refused:
+    its bounds are literal, so after a removal they would overwrite other channels."""
+    n_in = len(call.inputs)
+    box = _write_box(call)
+    if box is not None:
+        # a box (slices, a strided view): x and the output share every dim, the value those the box takes whole
+        letters = _write_letters(call, box)
+        if operand not in (0, n_in) and any(letters[operand][d].startswith("v") for d in state.dims):
+            _refuse_partial_write(call, next(d for d in range(len(box)) if not box[d]))
+        results = _lettered(call, operand, state, letters)
+    else:
+        results = _movement_unchecked(call, operand, state)
+    on_x = [state] if operand in (0, n_in) else [mapped for other, mapped in results if other in (0, n_in)]
+    for mapped in on_x:
+        cut = [d for d in mapped.dims if not (box[d] if box is not None else _writes_whole_lines(call, d))]
+        if cut:
+            _refuse_partial_write(call, cut[0])
+    return results
+
+
+def _refuse_partial_write(call, dim: int):
+    raise Blocked(RefusalKind.UNPRUNABLE_ARGUMENT, call.name,
+                  f"'{call.name}' writes into part of dim {dim} of a {tuple(call.in_shapes[0])} tensor, which "
+                  f"carries channels: the same region would hold other channels once some are removed")
+
+
+def _write_box(call) -> list | None:
+    """For a write into a box of x (``x[1:, :, ::2] = v``, an in-place op on a slice view): per dim of x
+    whether the box takes it whole; None for other regions (ints, masks, tensor indices, reshaped views),
+    which the label replay maps. Cached on the call."""
+    if "write box" not in call.cache:
+        call.cache["write box"] = _find_write_box(call)
+    return call.cache["write box"]
+
+
+def _find_write_box(call):
+    shape = tuple(call.in_shapes[0])
+    if call.name == "__setitem__":
+        if len(call.args) != 3 or len(call.inputs) > 2 or (len(call.inputs) == 2 and call.input_slots[1] != 2):
+            return None
+        entries = list(call.args[1]) if isinstance(call.args[1], tuple) else [call.args[1]]
+        if any(not (entry is Ellipsis or isinstance(entry, slice)) for entry in entries) or entries.count(Ellipsis) > 1:
+            return None
+        if Ellipsis in entries:
+            at = entries.index(Ellipsis)
+            entries = entries[:at] + [slice(None)] * (len(shape) - len(entries) + 1) + entries[at + 1:]
+        if len(entries) > len(shape):
+            return None
+        entries += [slice(None)] * (len(shape) - len(entries))
+        return [len(range(*entry.indices(size))) == size for entry, size in zip(entries, shape)]
+    size, stride, offset, positions = call.args[2:6]
+    if positions is not None or len(size) != len(shape):
+        return None
+    contiguous = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        contiguous[d] = contiguous[d + 1] * shape[d + 1]
+    starts, rest = [], offset
+    for d in range(len(shape)):
+        if size[d] > 1 and stride[d] != contiguous[d]:
+            return None
+        start, rest = divmod(rest, contiguous[d])
+        starts.append(start)
+    if rest or any(start + n > limit for start, n, limit in zip(starts, size, shape)):
+        return None
+    return [n == limit for n, limit in zip(size, shape)]
+
+
+def _write_letters(call, box) -> list:
+    """Letters of x, the value (if a tensor) and the written output: the value's dims, right-aligned to the
+    box, share x's letter where the box takes the dim whole and the value is not broadcast along it."""
+    shape = tuple(call.in_shapes[0])
+    letters = [f"d{d}" for d in range(len(shape))]
+    operands = [letters]
+    if len(call.inputs) == 2:
+        value = tuple(call.in_shapes[1])
+        shift = len(shape) - len(value)
+        operands.append([letters[j + shift] if j + shift >= 0 and box[j + shift] and value[j] == shape[j + shift]
+                         else f"v{j}" for j in range(len(value))])
+    return operands + [letters]
+
+
+def _writes_whole_lines(call, dim: int) -> bool:
+    """Whether the written region takes every position of ``dim`` wherever it takes one (cached per dim)."""
+    cache = call.cache.setdefault("whole lines", {})
+    if dim not in cache:
+        shape = call.in_shapes[0]
+        index = call.args[1] if call.name == "__setitem__" and len(call.args) > 1 else None
+        if index is not None and _index_keeps_dim(index, len(shape), dim):
+            cache[dim] = True
+        else:
+            # the output elements that do not read x are the written ones
+            written = (_correspondence(call, 0)[0] < 0).view(tuple(shape))
+            cache[dim] = bool(torch.equal(written.all(dim=dim), written.any(dim=dim)))
+    return cache[dim]
 
 
 def keeps_product(state: ChannelState, shape) -> bool:
@@ -375,10 +475,14 @@ def _correspondence(call: Call, source: int) -> list[torch.Tensor]:
 
 def _replay_labels(call: Call, source: int) -> list[torch.Tensor]:
     (args, kwargs), labels = _substitute(call, source)
+    if call.name == "__setitem__" and len(args) == 3 and not isinstance(args[2], torch.Tensor):
+        args = (args[0], args[1], -1)  # x[index] = 0.0: the region reads no element of x (a label would)
     try:
         result = call.target(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - any failure means we cannot map this op
         raise Blocked(RefusalKind.UNMAPPABLE_OP, call.name, f"cannot map channels through '{call.name}': {error}") from error
+    if call.name == "__setitem__":
+        result = args[0]  # x[index] = value returns nothing: its output is x, written (as the trace records it)
     outputs = [tensor.reshape(tuple(shape)) for tensor, shape in zip(flatten_as_list(result), call.out_shapes)]
     mark_views(outputs, labels, call.name)
     return outputs

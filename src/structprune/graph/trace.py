@@ -7,6 +7,7 @@ internally: walking back from an output jumps from a module's output straight to
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from torch.utils import _pytree as pytree
 from ..layers.registry import LAYER_SIZE_NAMES  # noqa: F401  (its older home)
 from ..utils.nested import container_contents, flatten_as_list
 
+from .blocks import writes_in_place
 from .sizes import ShapeRead, TracedSize, follows_pruning, wrap_numel, wrap_shape
 
 
@@ -225,6 +227,7 @@ class _Recorder(TorchFunctionMode):
         flat_in = [(slot, leaf) for slot, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         in_keys = [value_key(t, tracer.keep_alive) for _, t in flat_in]
         in_shapes = [tuple(t.shape) for _, t in flat_in]
+        written = tracer.written_views(func, args)
         result = func(*args, **kwargs)
         if not flat_in:
             _note_followed_factory(tracer, func, args, kwargs, result)
@@ -232,6 +235,7 @@ class _Recorder(TorchFunctionMode):
         # x[i] = y mutates x in place and returns None: the new value of x is the output
         flat_out = flatten_as_list(args[0] if _op_name(func) == "__setitem__" else result)
         if any(t.requires_grad for t in flat_out):
+            tracer.note_views(flat_out, flat_in[0][1])
             # an op that returns its input unchanged (x.contiguous(), x.to(same)) is no new value
             outputs = [(value_key(t, tracer.keep_alive), tuple(t.shape)) for t in flat_out]
             if any(key in in_keys for key, _ in outputs):
@@ -245,10 +249,40 @@ class _Recorder(TorchFunctionMode):
             call.order = tracer.next_order()
             for key in call.outputs:
                 tracer.function_by_output.setdefault(key, call)
+            if written:
+                tracer.record_view_writes(written)
         return result
 
 
 _SIZE_READS = {torch.Tensor.shape.__get__, torch.Tensor.size, torch.Tensor.numel}
+
+#: name of the calls standing for an in-place op on a view writing into the view's base
+WRITE_VIEW = "__write_view__"
+
+
+def write_into_view(base: torch.Tensor, value: torch.Tensor, size, stride, offset: int,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
+    """What an in-place op on a view does to its base, as a function: ``base`` with ``value`` written at
+    the view's place: ``size``, ``stride``, ``offset`` in the elements of a contiguous ``base``, or, for a
+    base that is itself a strided view, ``positions`` (the flat position in ``base`` of each view element)."""
+    out = base.clone(memory_format=torch.contiguous_format)
+    if positions is None:
+        out.as_strided(size, stride, out.storage_offset() + offset).copy_(value)
+    else:
+        out.view(-1)[positions] = torch.broadcast_to(value, tuple(size)).reshape(-1).to(out.dtype)
+    return out
+
+
+def _positions_in(child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor | None:
+    """Flat positions in ``parent`` of each element of ``child`` (a view into the same storage), or None
+    when some element of the child is not one of the parent's."""
+    span = max(child.storage_offset() + sum((n - 1) * s for n, s in zip(child.shape, child.stride())),
+               parent.storage_offset() + sum((n - 1) * s for n, s in zip(parent.shape, parent.stride()))) + 1
+    where = torch.full((span,), -1, dtype=torch.long)
+    where.as_strided(tuple(parent.shape), parent.stride(), parent.storage_offset()).copy_(
+        torch.arange(parent.numel()).view(tuple(parent.shape)))
+    positions = where.as_strided(tuple(child.shape), child.stride(), child.storage_offset()).reshape(-1)
+    return None if bool((positions < 0).any()) else positions
 
 
 class Tracer:
@@ -259,10 +293,60 @@ class Tracer:
         self.module_by_output: dict = {}
         self.function_by_output: dict = {}
         self.keep_alive: list = []
+        #: id(view) -> (view, the tensors it is a view of, nearest first), all weakly held
+        self.view_parents: dict = {}
         self.followed_factories: dict = {}  # id(tensor) -> dims sized by followed attributes
         self.calls: list[Call] = []
         self.shape_reads: list[ShapeRead] = []  # renumbered with the values when the graph compacts them
         self._order = 0
+
+    def note_views(self, outputs: list, source: torch.Tensor) -> None:
+        """Remember which outputs of a recorded call are views of its first input (``x[:, 1:]``, ``x.view``):
+        a later in-place write into such a view changes that input too."""
+        for tensor in outputs:
+            if tensor._base is not None and tensor is not source and tensor.numel() and \
+                    tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+                self.view_parents[id(tensor)] = (weakref.ref(tensor), [weakref.ref(source)] + self._ancestors(source))
+
+    def _ancestors(self, tensor: torch.Tensor) -> list:
+        entry = self.view_parents.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else []
+
+    def written_views(self, func, args) -> list:
+        """For an in-place op on a view of recorded tensors: ``[(child, parent, parent's key before)]`` up
+        the chain of views still alive (each parent changes with its child). Empty otherwise."""
+        if not args or not isinstance(args[0], torch.Tensor) or args[0]._base is None:
+            return []
+        if not writes_in_place(_op_name(func)):
+            return []
+        chain, child = [], args[0]
+        for ancestor in self._ancestors(child):
+            parent = ancestor()
+            if parent is not None:  # a temporary view (x.narrow(...)[:, :2]) is gone: nothing reads it again
+                chain.append((child, parent, value_key(parent, self.keep_alive)))
+                child = parent
+        return chain
+
+    def record_view_writes(self, chain: list) -> None:
+        """Each parent a view was written through is a new value: its old value with the child's new one
+        written in at the child's place (:func:`write_into_view`, mapped element by element like any
+        movement op)."""
+        for child, parent, before in chain:
+            after = value_key(parent, self.keep_alive)
+            if after == before or not parent.requires_grad:
+                return
+            offset = child.storage_offset() - parent.storage_offset()
+            positions = None
+            if not parent.is_contiguous():  # the child's strides are not in the parent's own element units
+                positions = _positions_in(child, parent)
+                if positions is None:
+                    return
+            call = Call("function", write_into_view, WRITE_VIEW, [before, value_key(child, self.keep_alive)],
+                        [tuple(parent.shape), tuple(child.shape)], [after], [tuple(parent.shape)],
+                        (None, None, tuple(child.shape), tuple(child.stride()), offset, positions), {}, [0, 1],
+                        [parent.dtype, child.dtype], [parent.dtype])
+            call.order = self.next_order()
+            self.function_by_output.setdefault(after, call)
 
     def read_size(self, func, args, kwargs, result):
         """A size read from a tensor, as TracedSizes naming the tensor's value and dim (see sizes.py)."""

@@ -74,11 +74,20 @@ def _is_fused_qkv_attention(module) -> bool:
 
 
 def _fused_qkv_attention(module, removed=None) -> None:
-    heads, dim = head_layout(module.qkv.out_features, module.num_heads, module.head_dim,
-                             _removed_of(removed, module.qkv), blocks=3, fixed="num_heads")
+    qkv_removed = _removed_of(removed, module.qkv)
+    heads, dim = head_layout(module.qkv.out_features, module.num_heads, module.head_dim, qkv_removed,
+                             blocks=_qkv_blocks(module, qkv_removed), fixed="num_heads")
     module.num_heads, module.head_dim = heads, dim
     if isinstance(getattr(module, "scale", None), float):
         module.scale = dim ** -0.5
+
+
+def _qkv_blocks(module, removed) -> int:
+    """Blocks of the fused projection: q, k and v, or k and v alone (GCViT's global attention takes its
+    queries from the stage's global context), told apart by the width before this prune."""
+    per_block = module.num_heads * module.head_dim
+    old = module.qkv.out_features + (len(removed) if removed is not None else 0)
+    return 2 if per_block and old == 2 * per_block else 3
 
 
 # -- separate q and kv projections (PVT v2, VOLO / CaiT class attention) ---------------------------------

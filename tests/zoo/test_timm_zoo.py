@@ -37,6 +37,8 @@ MODELS = {
     "swin_tiny_patch4_window7_224": (112, {"img_size": 112}),
     "tiny_vit_5m_224": (224, {}), "twins_pcpvt_small": (64, {}), "mixer_s32_224": (64, {"img_size": 64}),
     "resmlp_12_224": (64, {"img_size": 64}), "gmlp_ti16_224": (64, {"img_size": 64}),
+    # global attention: a fused projection of k and v only (queries from the stage's global context)
+    "gcvit_xxtiny": (224, {}),
 }
 
 

@@ -235,6 +235,39 @@ def test_unwrapped_parameter_dim_override():
     assert model.gamma.shape == (4,) and model(torch.randn(2, 4)).shape == (2, 2)
 
 
+class ConvPositionEmbedding(nn.Module):
+    """Visformer's stem: a (1, C, H, W) position embedding added to a conv's output, used bare."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(1, 8, 4, 4))
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.conv(x) + self.pos)
+
+
+def test_a_bare_parameter_takes_the_dim_channels_first_arrive_on():
+    """Its dim is only guessed (the last, for token layouts) until a group reaches it: channels arrive on
+    dim 1 here, and pruning along it is lossless. Before, the group was refused (dim 3 guessed)."""
+    torch.manual_seed(0)
+    model = ConvPositionEmbedding()
+    x = torch.randn(1, 3, 4, 4)
+    group = assert_lossless(model, x, model.conv, [0, 5])
+    assert targets(group)[("pos", "prune_out_channels")] == [0, 5]
+    assert model.pos.shape == (1, 6, 4, 4)
+
+
+def test_an_explicit_unwrapped_dim_is_kept_and_a_mismatch_refused():
+    model = ConvPositionEmbedding()
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 4, 4),
+                                                  unwrapped_parameters=[(model.pos, 3)])
+    group = graph.get_pruning_group(model.conv, tp.prune_conv_out_channels, [0])
+    assert [reason.kind for reason in group.blocked] == [tp.graph.refusal.RefusalKind.DIM_MISMATCH]
+    assert "pos (1, 8, 4, 4) is pruned along dim 3 but channels arrive on dim 1" in str(group.blocked[0])
+
+
 class GQAProjections(nn.Module):
     """q of 4 heads x 4, k and v of 2 key/value heads x 4, o back to 16: forwards differ per test."""
 

@@ -39,6 +39,8 @@ MODELS = {
     "resmlp_12_224": (64, {"img_size": 64}), "gmlp_ti16_224": (64, {"img_size": 64}),
     # global attention: a fused projection of k and v only (queries from the stage's global context)
     "gcvit_xxtiny": (224, {}),
+    # (1, C, H, W) position embeddings added to conv outputs, used bare
+    "visformer_tiny": (224, {}),
 }
 
 

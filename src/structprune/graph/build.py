@@ -208,6 +208,7 @@ class GraphBuilder:
                 self.module2node[module] = Node(module, self.module2name.get(module, call.name),
                                                 self.get_pruner_of_module(module))
         named = self._param_names
+        self._guessed_dims = set()
         for value in self.values.values():
             tensor = value.leaf
             owner = self._declared_params.get(tensor) if isinstance(tensor, nn.Parameter) else None
@@ -219,6 +220,8 @@ class GraphBuilder:
                 if tensor.dim() == 0:
                     continue  # a scalar (CLIP's logit_scale) has no channels to remove
                 dim = self._unwrapped_dims.get(tensor)
+                if dim is None:
+                    self._guessed_dims.add(tensor)  # until channels first arrive (discovery._settle_dim)
                 dim = _guess_parameter_dim(tensor) if dim is None else dim % tensor.dim()
                 self.module2node[tensor] = Node(tensor, named[tensor], ParameterPruner(dim), dim)
         self._add_inner_layers()

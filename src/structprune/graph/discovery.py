@@ -7,7 +7,7 @@ from collections import deque
 import torch
 from torch import nn
 
-from ..layers.declarations import tensor_dims
+from ..layers.declarations import ParameterPruner, tensor_dims
 from . import ops
 from .channels import ChannelState, squeeze_state, through_letters
 from .group import Dependency, Group, Node
@@ -261,7 +261,7 @@ class GroupFinder:
             raise Blocked(RefusalKind.SEVERAL_DIMS, node.name,
                           f"parameter {node.name} would lose channels along several dims {state.dims}")
         dim = state.dims[0]
-        if node.pruning_dim != dim:
+        if node.pruning_dim != dim and not self._settle_dim(node, tensor, dim):
             raise Blocked(
                 RefusalKind.DIM_MISMATCH, node.name,
                 f"parameter {node.name} {tuple(value.shape)} is pruned along dim {node.pruning_dim} but channels "
@@ -269,7 +269,24 @@ class GroupFinder:
                 f"pruner for that type (customized_pruners={{Type: MyPruner()}} or register_customized_layer); if it "
                 f"is used bare in forward, pass unwrapped_parameters=[(param, {dim})]"
             )
+        getattr(self, "_guessed_dims", set()).discard(tensor)
         yield node, OUT, ChannelState((0,), state.idxs, state.roots), []
+
+    def _settle_dim(self, node: Node, tensor, dim: int) -> bool:
+        """A bare parameter whose dim was only guessed (no ``unwrapped_parameters`` entry) takes the dim
+        channels first arrive on: a (1, C, H, W) position embedding added to a conv's output (Visformer)
+        carries them on dim 1, where the guess for token layouts says the last. Later arrivals must agree."""
+        guessed = getattr(self, "_guessed_dims", set())
+        if tensor not in guessed:
+            return False
+        guessed.discard(tensor)
+        if tensor.shape[dim] < 2 or self._safe_channels(node, OUT) != self._original_counts.get((tensor, OUT)):
+            return False  # one wide there, or already pruned along the guessed dim
+        node.pruning_dim, node.pruner = dim, ParameterPruner(dim)
+        self._alive[(tensor, OUT)] = torch.arange(tensor.shape[dim])
+        self._original_counts[(tensor, OUT)] = tensor.shape[dim]
+        self._position_maps.pop((tensor, OUT), None)
+        return True
 
     def _visit_call(self, call: Call, operand: int, state: ChannelState):
         n_in = len(call.inputs)

@@ -137,6 +137,15 @@ def _torchvision_maxvit_attention(module) -> None:
     module.head_dim = module.merge.in_features // module.n_heads
 
 
+def _torchvision_mvit_attention(module, removed=None) -> None:
+    """torchvision MViT ``MultiscaleAttention``: qkv reshaped to (3, num_heads, head_dim), the output to
+    ``output_dim``; ``scaler`` is ``head_dim ** -0.5``."""
+    heads, dim = head_layout(module.qkv.out_features, module.num_heads, module.head_dim,
+                             _removed_of(removed, module.qkv), blocks=3, fixed="num_heads")
+    module.num_heads, module.head_dim, module.output_dim = heads, dim, heads * dim
+    module.scaler = dim ** -0.5
+
+
 # -- timm ----------------------------------------------------------------------------------------------
 def _is_timm_attention(module) -> bool:
     return (_from("timm", module) and isinstance(getattr(module, "qkv", None), nn.Linear)
@@ -208,6 +217,12 @@ ADAPTERS: list[Adapter] = [
         "torchvision RelativePositionalMultiHeadAttention.head_dim",
         lambda module: _class_named("RelativePositionalMultiHeadAttention")(module) and hasattr(module, "merge"),
         _torchvision_maxvit_attention, follows=("head_dim",),
+    ),
+    Adapter(
+        "torchvision MViT MultiscaleAttention (num_heads, head_dim, output_dim, scaler)",
+        lambda module: _from("torchvision", module) and _class_named("MultiscaleAttention")(module)
+        and isinstance(getattr(module, "qkv", None), nn.Linear),
+        _torchvision_mvit_attention, uses_removed=True, follows=("num_heads", "head_dim", "output_dim"),
     ),
     Adapter(
         "torchvision VisionTransformer.hidden_dim",

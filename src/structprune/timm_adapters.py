@@ -123,7 +123,44 @@ def _tiny_vit_attention(module) -> None:
     module.attention_bias_cache = {}
 
 
+# -- BoTNet (BottleneckAttn) ---------------------------------------------------------------------------
+def _bottleneck_attention(module, removed=None) -> None:
+    """timm ``BottleneckAttn``: a 1x1 qkv conv split into q, k (heads x dim_head_qk each) and v (heads x
+    dim_head_v), each reshaped to (batch x heads, head dims); the removed channels give the new layout."""
+    heads, dqk, dv = module.num_heads, module.dim_head_qk, module.dim_head_v
+    width = _width(module.qkv)
+    old = heads * (2 * dqk + dv)
+    qkv_removed = _removed_of(removed, module.qkv)
+    if width == old or qkv_removed is None:
+        return  # unchanged, or a removal no layout can be read from: the forward fails loudly
+    kept = torch.ones(old, dtype=torch.bool)
+    kept[torch.as_tensor(qkv_removed, dtype=torch.long)] = False
+    q, k, v = kept.split([heads * dqk, heads * dqk, heads * dv])
+    layouts = [_per_head(part.view(heads, -1)) for part in (q, k, v)]
+    if None in layouts or layouts[0] != layouts[1] or layouts[0][0] != layouts[2][0]:
+        return
+    (new_heads, new_qk), (_, new_v) = layouts[0], layouts[2]
+    module.num_heads, module.dim_head_qk, module.dim_head_v = new_heads, new_qk, new_v
+    module.dim_out_qk, module.dim_out_v = new_heads * new_qk, new_heads * new_v
+    module.scale = new_qk ** -0.5
+    if hasattr(module.pos_embed, "dim_head"):
+        module.pos_embed.dim_head = new_qk
+
+
+def _per_head(grid: torch.Tensor) -> tuple[int, int] | None:
+    """(heads left, channels each keeps) of a (heads, head dim) kept-mask, None when heads differ."""
+    counts = grid.sum(dim=1)
+    left = counts[counts > 0]
+    if len(left) == 0 or not bool((left == left[0]).all()):
+        return None
+    return len(left), int(left[0])
+
+
 TIMM_ADAPTERS = [
+    Adapter("timm BottleneckAttn (num_heads, dim_head_qk, dim_head_v, dim_out_qk, dim_out_v, scale)",
+            lambda module: _from("timm.layers.bottleneck_attn", module) and _class_named("BottleneckAttn")(module),
+            _bottleneck_attention, uses_removed=True,
+            follows=("num_heads", "dim_head_qk", "dim_head_v", "dim_out_qk", "dim_out_v")),
     Adapter("timm Hiera MaskUnitAttention (heads, head_dim, dim_out, scale)",
             lambda module: _from("timm.models.hiera", module) and _class_named("MaskUnitAttention")(module),
             _hiera_attention, uses_removed=True, follows=("heads", "head_dim", "dim_out")),

@@ -41,6 +41,8 @@ MODELS = {
     "gcvit_xxtiny": (224, {}),
     # (1, C, H, W) position embeddings added to conv outputs, used bare
     "visformer_tiny": (224, {}),
+    # BottleneckAttn: a qkv conv split into q, k, v, each reshaped to (batch x heads, head dims)
+    "botnet26t_256": (256, {}),
 }
 
 
@@ -72,3 +74,26 @@ def test_timm_architecture_prunes_by_half_without_the_fallback(name):
         assert model(x).shape == out_shape
     kept = sum(p.numel() for p in model.parameters()) / before
     assert kept < MAX_KEPT.get(name, 0.67), (name, round(kept, 3), str(pruner.report())[:2000])
+
+
+def test_botnet_attention_narrows_with_its_head_layout():
+    """BoTNet's q/k/v come from one conv split by sizes it stores (dim_out_qk, dim_out_v) and reshaped by
+    others (num_heads, dim_head_qk, dim_head_v): the adapter follows them, so the attention prunes like the
+    convs around it instead of keeping its width."""
+    torch.manual_seed(0)
+    model = timm.create_model("botnet26t_256", pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 256, 256)
+    widths = {name: m.qkv.out_channels for name, m in model.named_modules() if type(m).__name__ == "BottleneckAttn"}
+    pruner = tp.pruner.BasePruner(model, x, tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
+                                  ignored_layers=[model.get_classifier()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.step()
+    for name, width in widths.items():
+        attn = model.get_submodule(name)
+        assert attn.qkv.out_channels == width // 2, name
+        assert attn.num_heads * (2 * attn.dim_head_qk + attn.dim_head_v) == attn.qkv.out_channels
+        assert (attn.dim_out_qk, attn.dim_out_v) == (attn.num_heads * attn.dim_head_qk, attn.num_heads * attn.dim_head_v)
+        assert attn.scale == attn.dim_head_qk ** -0.5
+    with torch.no_grad():
+        assert model(x).shape == (1, 10)

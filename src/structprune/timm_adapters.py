@@ -147,6 +147,35 @@ def _bottleneck_attention(module, removed=None) -> None:
         module.pos_embed.dim_head = new_qk
 
 
+def _halo_attention(module, removed=None) -> None:
+    """timm ``HaloAttn``: q conv (heads x dim_head_qk) and kv conv (per head: dim_head_qk of k, then
+    dim_head_v of v), reshaped to (batch x heads, head dims)."""
+    heads, dqk, dv = module.num_heads, module.dim_head_qk, module.dim_head_v
+    q_kept = _kept_mask(module.q, _removed_of(removed, module.q))
+    kv_kept = _kept_mask(module.kv, _removed_of(removed, module.kv))
+    if len(q_kept) != heads * dqk or len(kv_kept) != heads * (dqk + dv):
+        return  # the attributes do not describe the layers before this prune: leave them, the forward says so
+    kv_kept = kv_kept.view(heads, dqk + dv)
+    layouts = [_per_head(part) for part in (q_kept.view(heads, dqk), kv_kept[:, :dqk], kv_kept[:, dqk:])]
+    if None in layouts or layouts[0] != layouts[1] or layouts[0][0] != layouts[2][0]:
+        return
+    (new_heads, new_qk), (_, new_v) = layouts[0], layouts[2]
+    module.num_heads, module.dim_head_qk, module.dim_head_v = new_heads, new_qk, new_v
+    module.dim_out_qk, module.dim_out_v = new_heads * new_qk, new_heads * new_v
+    module.scale = new_qk ** -0.5
+    if hasattr(module.pos_embed, "dim_head"):
+        module.pos_embed.dim_head = new_qk
+
+
+def _kept_mask(layer, removed) -> torch.Tensor:
+    """Which of a layer's output channels before this prune are kept (all, when it lost none now)."""
+    count = len(removed) if removed is not None else 0
+    kept = torch.ones(_width(layer) + count, dtype=torch.bool)
+    if count:
+        kept[torch.as_tensor(removed, dtype=torch.long)] = False
+    return kept
+
+
 def _per_head(grid: torch.Tensor) -> tuple[int, int] | None:
     """(heads left, channels each keeps) of a (heads, head dim) kept-mask, None when heads differ."""
     counts = grid.sum(dim=1)
@@ -157,6 +186,10 @@ def _per_head(grid: torch.Tensor) -> tuple[int, int] | None:
 
 
 TIMM_ADAPTERS = [
+    Adapter("timm HaloAttn (num_heads, dim_head_qk, dim_head_v, dim_out_qk, dim_out_v, scale)",
+            lambda module: _from("timm.layers.halo_attn", module) and _class_named("HaloAttn")(module),
+            _halo_attention, uses_removed=True,
+            follows=("num_heads", "dim_head_qk", "dim_head_v", "dim_out_qk", "dim_out_v", "pos_embed.dim_head")),
     Adapter("timm BottleneckAttn (num_heads, dim_head_qk, dim_head_v, dim_out_qk, dim_out_v, scale)",
             lambda module: _from("timm.layers.bottleneck_attn", module) and _class_named("BottleneckAttn")(module),
             _bottleneck_attention, uses_removed=True,

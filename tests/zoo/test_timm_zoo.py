@@ -76,23 +76,37 @@ def test_timm_architecture_prunes_by_half_without_the_fallback(name):
     assert kept < MAX_KEPT.get(name, 0.67), (name, round(kept, 3), str(pruner.report())[:2000])
 
 
-def test_botnet_attention_narrows_with_its_head_layout():
-    """BoTNet's q/k/v come from one conv split by sizes it stores (dim_out_qk, dim_out_v) and reshaped by
-    others (num_heads, dim_head_qk, dim_head_v): the adapter follows them, so the attention prunes like the
-    convs around it instead of keeping its width."""
+def _botnet_widths(attn):
+    return attn.qkv.out_channels, attn.num_heads * (2 * attn.dim_head_qk + attn.dim_head_v)
+
+
+def _halonet_widths(attn):
+    return (attn.q.out_channels + attn.kv.out_channels,
+            attn.num_heads * attn.dim_head_qk + attn.num_heads * (attn.dim_head_qk + attn.dim_head_v))
+
+
+@pytest.mark.parametrize("name, attention, widths", [("botnet26t_256", "BottleneckAttn", _botnet_widths),
+                                                      ("halonet26t", "HaloAttn", _halonet_widths)])
+def test_conv_attention_narrows_with_its_head_layout(name, attention, widths):
+    """BoTNet's and HaloNet's q/k/v come from convs split by sizes they store (dim_out_qk, dim_out_v) and
+    reshaped by others (num_heads, dim_head_qk, dim_head_v; HaloNet's position embedding its dim_head): the
+    adapters follow them, so the attention prunes like the convs around it instead of keeping its width."""
     torch.manual_seed(0)
-    model = timm.create_model("botnet26t_256", pretrained=False, num_classes=10).eval()
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
     x = torch.randn(1, 3, 256, 256)
-    widths = {name: m.qkv.out_channels for name, m in model.named_modules() if type(m).__name__ == "BottleneckAttn"}
+    before = {path: widths(m)[0] for path, m in model.named_modules() if type(m).__name__ == attention}
     pruner = tp.pruner.BasePruner(model, x, tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
                                   ignored_layers=[model.get_classifier()])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pruner.step()
-    for name, width in widths.items():
-        attn = model.get_submodule(name)
-        assert attn.qkv.out_channels == width // 2, name
-        assert attn.num_heads * (2 * attn.dim_head_qk + attn.dim_head_v) == attn.qkv.out_channels
+    assert before
+    for path, width in before.items():
+        attn = model.get_submodule(path)
+        layers, described = widths(attn)
+        # half of the attention's channels go (HaloNet's kv conv ranks its k and v parts together, so q/k
+        # and v lose different shares); the stored layout must describe what is left
+        assert described == layers and layers <= 0.6 * width, (path, layers, width)
         assert (attn.dim_out_qk, attn.dim_out_v) == (attn.num_heads * attn.dim_head_qk, attn.num_heads * attn.dim_head_v)
         assert attn.scale == attn.dim_head_qk ** -0.5
     with torch.no_grad():

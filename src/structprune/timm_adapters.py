@@ -126,25 +126,13 @@ def _tiny_vit_attention(module) -> None:
 # -- BoTNet (BottleneckAttn) ---------------------------------------------------------------------------
 def _bottleneck_attention(module, removed=None) -> None:
     """timm ``BottleneckAttn``: a 1x1 qkv conv split into q, k (heads x dim_head_qk each) and v (heads x
-    dim_head_v), each reshaped to (batch x heads, head dims); the removed channels give the new layout."""
+    dim_head_v), each reshaped to (batch x heads, head dims)."""
     heads, dqk, dv = module.num_heads, module.dim_head_qk, module.dim_head_v
-    width = _width(module.qkv)
-    old = heads * (2 * dqk + dv)
-    qkv_removed = _removed_of(removed, module.qkv)
-    if width == old or qkv_removed is None:
-        return  # unchanged, or a removal no layout can be read from: the forward fails loudly
-    kept = torch.ones(old, dtype=torch.bool)
-    kept[torch.as_tensor(qkv_removed, dtype=torch.long)] = False
+    kept = _kept_mask(module.qkv, _removed_of(removed, module.qkv))
+    if len(kept) != heads * (2 * dqk + dv):
+        return  # the attributes do not describe the layer before this prune: leave them, the forward says so
     q, k, v = kept.split([heads * dqk, heads * dqk, heads * dv])
-    layouts = [_per_head(part.view(heads, -1)) for part in (q, k, v)]
-    if None in layouts or layouts[0] != layouts[1] or layouts[0][0] != layouts[2][0]:
-        return
-    (new_heads, new_qk), (_, new_v) = layouts[0], layouts[2]
-    module.num_heads, module.dim_head_qk, module.dim_head_v = new_heads, new_qk, new_v
-    module.dim_out_qk, module.dim_out_v = new_heads * new_qk, new_heads * new_v
-    module.scale = new_qk ** -0.5
-    if hasattr(module.pos_embed, "dim_head"):
-        module.pos_embed.dim_head = new_qk
+    _set_head_layout(module, q.view(heads, dqk), k.view(heads, dqk), v.view(heads, dv))
 
 
 def _halo_attention(module, removed=None) -> None:
@@ -154,17 +142,23 @@ def _halo_attention(module, removed=None) -> None:
     q_kept = _kept_mask(module.q, _removed_of(removed, module.q))
     kv_kept = _kept_mask(module.kv, _removed_of(removed, module.kv))
     if len(q_kept) != heads * dqk or len(kv_kept) != heads * (dqk + dv):
-        return  # the attributes do not describe the layers before this prune: leave them, the forward says so
+        return
     kv_kept = kv_kept.view(heads, dqk + dv)
-    layouts = [_per_head(part) for part in (q_kept.view(heads, dqk), kv_kept[:, :dqk], kv_kept[:, dqk:])]
+    _set_head_layout(module, q_kept.view(heads, dqk), kv_kept[:, :dqk], kv_kept[:, dqk:])
+
+
+def _set_head_layout(module, q, k, v) -> None:
+    """Heads and head dims from (heads, head dim) kept-masks of q, k and v, when one layout explains them
+    (q and k alike, v on the same heads); else the attributes stay and the forward fails loudly."""
+    layouts = [_per_head(part) for part in (q, k, v)]
     if None in layouts or layouts[0] != layouts[1] or layouts[0][0] != layouts[2][0]:
         return
-    (new_heads, new_qk), (_, new_v) = layouts[0], layouts[2]
-    module.num_heads, module.dim_head_qk, module.dim_head_v = new_heads, new_qk, new_v
-    module.dim_out_qk, module.dim_out_v = new_heads * new_qk, new_heads * new_v
-    module.scale = new_qk ** -0.5
+    (heads, qk), (_, v_dim) = layouts[0], layouts[2]
+    module.num_heads, module.dim_head_qk, module.dim_head_v = heads, qk, v_dim
+    module.dim_out_qk, module.dim_out_v = heads * qk, heads * v_dim
+    module.scale = qk ** -0.5
     if hasattr(module.pos_embed, "dim_head"):
-        module.pos_embed.dim_head = new_qk
+        module.pos_embed.dim_head = qk
 
 
 def _kept_mask(layer, removed) -> torch.Tensor:

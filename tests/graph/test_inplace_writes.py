@@ -6,6 +6,8 @@ the graph couples the value's channels with the tensor's, and refuses a region t
 (its literal bounds would hold other channels once some are removed). Before, an in-place op on a view
 left the tensor's new value to an opaque op (nothing prunable), and ``x[..., :4] = v`` let the step prune
 ``x`` so that the write landed on other channels (the model still ran, computing something else).
+A constant pad along the channel dim (EfficientViT's extra channel of ones) is the same kind of map: the
+padded positions read nothing, the channels keep their places.
 """
 import pytest
 import torch
@@ -128,3 +130,38 @@ def test_the_write_is_replayed_from_the_views_place_in_its_base():
     expected = base.clone()
     expected[1:3, ::2] = -1.0
     assert torch.equal(written, expected) and torch.equal(base, torch.arange(20.0).view(4, 5))
+
+
+class PadChannel(nn.Module):
+    """EfficientViT's linear attention: v gains a constant channel, sliced off again after the product."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, t):
+        v = torch.nn.functional.pad(self.a(t), (0, 1), mode="constant", value=1.0)
+        return self.out(v[..., :-1] / (v[..., -1:] + 1.0))
+
+
+class PadSpace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.pad(self.a(x), (1, 1, 1, 1)))
+
+
+def test_a_constant_channel_padded_on_keeps_the_others_in_place():
+    torch.manual_seed(0)
+    model = PadChannel().eval()
+    assert_lossless(model, _inputs(), model.a, [0, 3, 15])
+    assert model.a.out_features == model.out.in_features == 13
+
+
+def test_a_spatial_pad_passes_the_channels_through():
+    torch.manual_seed(0)
+    model = PadSpace().eval()
+    assert_lossless(model, torch.randn(1, 3, 8, 8), model.a, [1, 6])
+    assert model.out.in_channels == 6

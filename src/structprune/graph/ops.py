@@ -169,6 +169,35 @@ def _movement(call, operand, state):
     return _movement_unchecked(call, operand, state)
 
 
+@op_kind("pad", {"pad"})
+def _pad(call, operand, state):
+    """``F.pad``: dims it leaves alone keep their channels (by letters, as any same-size op); a padded
+    channel dim (EfficientViT pads v with a constant channel and slices it off after the attention) is
+    mapped element by element: the pad reads no channel, so the channels keep their places around it."""
+    padded = _padded_dims(call)
+    if padded is not None and not set(state.dims) & padded:
+        return _lettered(call, operand, state, _same_size_letters(call))
+    return _movement_unchecked(call, operand, state)
+
+
+def _padded_dims(call) -> set | None:
+    amounts = call.args[1] if len(call.args) > 1 else call.kwargs.get("pad")
+    if not isinstance(amounts, (tuple, list)) or not call.in_shapes:
+        return None
+    ndim = len(call.in_shapes[0])
+    return {ndim - 1 - i for i in range(len(amounts) // 2) if amounts[2 * i] or amounts[2 * i + 1]}
+
+
+def _pad_reads_nothing(args, kwargs):
+    """A constant pad replays with -1 (reads no element) instead of its value, which could be a label."""
+    mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+    if mode != "constant":
+        return args, kwargs
+    if len(args) > 3:
+        return (*args[:3], -1, *args[4:]), kwargs
+    return args, {**kwargs, "value": -1}
+
+
 @op_kind("write into an index", {"__setitem__", WRITE_VIEW})
 def _write(call, operand, state):
     """``x[index] = value``, or an in-place op on a view of x (``x[:, 1:] += y``: the trace's WRITE_VIEW
@@ -477,6 +506,8 @@ def _replay_labels(call: Call, source: int) -> list[torch.Tensor]:
     (args, kwargs), labels = _substitute(call, source)
     if call.name == "__setitem__" and len(args) == 3 and not isinstance(args[2], torch.Tensor):
         args = (args[0], args[1], -1)  # x[index] = 0.0: the region reads no element of x (a label would)
+    if call.name == "pad":
+        args, kwargs = _pad_reads_nothing(args, kwargs)
     try:
         result = call.target(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - any failure means we cannot map this op

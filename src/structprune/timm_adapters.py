@@ -161,6 +161,15 @@ def _set_head_layout(module, q, k, v) -> None:
         module.pos_embed.dim_head = qk
 
 
+# -- MambaOut (GatedConvBlock) ------------------------------------------------------------------------
+def _gated_conv_block(module, removed=None) -> None:
+    """timm MambaOut ``GatedConvBlock``: fc1's output split by stored sizes into the gate, the identity
+    part and the depthwise conv's channels; each piece keeps what the removal left of it."""
+    kept = _kept_mask(module.fc1, _removed_of(removed, module.fc1))
+    if len(kept) == sum(module.split_indices):
+        module.split_indices = tuple(int(piece.sum()) for piece in kept.split(list(module.split_indices)))
+
+
 def _kept_mask(layer, removed) -> torch.Tensor:
     """Which of a layer's output channels before this prune are kept (all, when it lost none now)."""
     count = len(removed) if removed is not None else 0
@@ -180,6 +189,10 @@ def _per_head(grid: torch.Tensor) -> tuple[int, int] | None:
 
 
 TIMM_ADAPTERS = [
+    Adapter("timm MambaOut GatedConvBlock (split_indices)",
+            lambda module: _from("timm.models.mambaout", module) and _class_named("GatedConvBlock")(module)
+            and isinstance(getattr(module, "split_indices", None), tuple),
+            _gated_conv_block, uses_removed=True, follows=("split_indices",)),
     Adapter("timm HaloAttn (num_heads, dim_head_qk, dim_head_v, dim_out_qk, dim_out_v, scale)",
             lambda module: _from("timm.layers.halo_attn", module) and _class_named("HaloAttn")(module),
             _halo_attention, uses_removed=True,

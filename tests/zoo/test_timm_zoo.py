@@ -43,6 +43,7 @@ MODELS = {
     "visformer_tiny": (224, {}),
     # BottleneckAttn: a qkv conv split into q, k, v, each reshaped to (batch x heads, head dims)
     "botnet26t_256": (256, {}),
+    "mambaout_femto": (64, {}),
 }
 
 
@@ -111,3 +112,27 @@ def test_conv_attention_narrows_with_its_head_layout(name, attention, widths):
         assert attn.scale == attn.dim_head_qk ** -0.5
     with torch.no_grad():
         assert model(x).shape == (1, 10)
+
+
+def test_mambaout_splits_follow_the_pruned_widths():
+    """MambaOut splits fc1's output by sizes it stores (gate, identity part, depthwise conv channels): the
+    adapter rewrites them, so the blocks prune by half instead of keeping their width ('a split spells out
+    its pieces')."""
+    torch.manual_seed(0)
+    model = timm.create_model("mambaout_femto", pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = sum(p.numel() for p in model.parameters())
+    pruner = tp.pruner.BasePruner(model, x, tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
+                                  ignored_layers=[model.get_classifier()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.step()
+    blocks = [m for m in model.modules() if type(m).__name__ == "GatedConvBlock"]
+    assert blocks
+    for block in blocks:
+        gate, identity, conv = block.split_indices
+        assert gate + identity + conv == block.fc1.out_features and conv == block.conv.in_channels
+        assert gate == identity + conv == block.fc2.in_features
+    with torch.no_grad():
+        assert model(x).shape == (1, 10)
+    assert sum(p.numel() for p in model.parameters()) / before < 0.3

@@ -165,3 +165,24 @@ def test_a_spatial_pad_passes_the_channels_through():
     model = PadSpace().eval()
     assert_lossless(model, torch.randn(1, 3, 8, 8), model.a, [1, 6])
     assert model.out.in_channels == 6
+
+
+class BroadcastValue(nn.Module):
+    """One channel written across all of x's: ``b`` has nothing to lose alongside x's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(8, 16), nn.Linear(8, 1), nn.Linear(16, 4)
+
+    def forward(self, t):
+        x = self.a(t)
+        x[...] = self.b(t)
+        return self.out(x)
+
+
+def test_a_value_broadcast_across_the_channel_dim_is_refused_with_the_reason():
+    model = BroadcastValue()
+    graph = tp.DependencyGraph().build_dependency(model, _inputs())
+    group = graph.get_pruning_group(model.b, tp.prune_linear_out_channels, [0])
+    assert [reason.kind for reason in group.blocked] == [RefusalKind.UNPRUNABLE_ARGUMENT]
+    assert "value dim 2 (1 wide) is broadcast along dim 2 of a (2, 5, 16) tensor" in str(group.blocked[0])

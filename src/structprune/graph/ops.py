@@ -209,8 +209,10 @@ def _write(call, operand, state):
     if box is not None:
         # a box (slices, a strided view): x and the output share every dim, the value those the box takes whole
         letters = _write_letters(call, box)
-        if operand not in (0, n_in) and any(letters[operand][d].startswith("v") for d in state.dims):
-            _refuse_partial_write(call, next(d for d in range(len(box)) if not box[d]))
+        if operand not in (0, n_in):
+            unmatched = [d for d in state.dims if letters[operand][d].startswith("v")]
+            if unmatched:
+                _refuse_value_dim(call, operand, unmatched[0], box)
         results = _lettered(call, operand, state, letters)
     else:
         results = _movement_unchecked(call, operand, state)
@@ -228,6 +230,18 @@ def _refuse_partial_write(call, dim: int):
                   f"carries channels: the same region would hold other channels once some are removed")
 
 
+def _refuse_value_dim(call, operand: int, dim: int, box) -> None:
+    """A value's channel dim that does not land on a whole dim of x: written into part of that dim, or
+    broadcast along all of it."""
+    value, shape = tuple(call.in_shapes[operand]), tuple(call.in_shapes[0])
+    at = dim + len(shape) - len(value)
+    if not box[at]:
+        _refuse_partial_write(call, at)
+    raise Blocked(RefusalKind.UNPRUNABLE_ARGUMENT, call.name,
+                  f"'{call.name}' value dim {dim} ({value[dim]} wide) is broadcast along dim {at} of a {shape} "
+                  f"tensor: its channels have no counterpart there to go with")
+
+
 def _write_box(call) -> list | None:
     """For a write into a box of x (``x[1:, :, ::2] = v``, an in-place op on a slice view): per dim of x
     whether the box takes it whole; None for other regions (ints, masks, tensor indices, reshaped views),
@@ -242,15 +256,12 @@ def _find_write_box(call):
     if call.name == "__setitem__":
         if len(call.args) != 3 or len(call.inputs) > 2 or (len(call.inputs) == 2 and call.input_slots[1] != 2):
             return None
-        entries = list(call.args[1]) if isinstance(call.args[1], tuple) else [call.args[1]]
-        if any(not (entry is Ellipsis or isinstance(entry, slice)) for entry in entries) or entries.count(Ellipsis) > 1:
+        index = call.args[1]
+        entries = _entries_per_dim(index, len(shape))
+        # ints drop a dim of the region and None adds one: the value would not line up with x dim by dim
+        if entries is None or any(entry is None for entry in (index if isinstance(index, tuple) else (index,))) \
+                or not all(isinstance(entry, slice) for entry in entries):
             return None
-        if Ellipsis in entries:
-            at = entries.index(Ellipsis)
-            entries = entries[:at] + [slice(None)] * (len(shape) - len(entries) + 1) + entries[at + 1:]
-        if len(entries) > len(shape):
-            return None
-        entries += [slice(None)] * (len(shape) - len(entries))
         return [len(range(*entry.indices(size))) == size for entry, size in zip(entries, shape)]
     size, stride, offset, positions = call.args[2:6]
     if positions is not None or len(size) != len(shape):
@@ -454,6 +465,17 @@ def _cuts_elsewhere(call: Call, shape, dim: int) -> bool:
 def _index_keeps_dim(index, ndim: int, dim: int) -> bool | None:
     """For ``x[index]`` of slices, ints, None and Ellipsis: whether input dim ``dim`` is taken whole (a
     full slice, or no entry). None for anything else (tensors, lists, masks): the replay decides."""
+    entries = _entries_per_dim(index, ndim)
+    if entries is None:
+        return None
+    entry = entries[dim]
+    return isinstance(entry, slice) and entry.start is None and entry.stop is None and entry.step is None
+
+
+def _entries_per_dim(index, ndim: int) -> list | None:
+    """The entry of a basic index (slices, ints, None, Ellipsis) that each of the ``ndim`` input dims gets,
+    Ellipsis expanded and missing ones full slices; None (the index adds no input dim) left out. None for
+    anything else (tensors, lists, masks)."""
     entries = list(index) if isinstance(index, tuple) else [index]
     for entry in entries:
         if isinstance(entry, bool) or not (entry is None or entry is Ellipsis or isinstance(entry, (int, slice))):
@@ -466,8 +488,7 @@ def _index_keeps_dim(index, ndim: int, dim: int) -> bool | None:
         consuming = consuming[:at] + [slice(None)] * (ndim - len(consuming) + 1) + consuming[at + 1:]
     if len(consuming) > ndim:
         return None
-    entry = (consuming + [slice(None)] * (ndim - len(consuming)))[dim]
-    return isinstance(entry, slice) and entry.start is None and entry.stop is None and entry.step is None
+    return consuming + [slice(None)] * (ndim - len(consuming))
 
 
 def _same_arguments(evaluated, original) -> bool:

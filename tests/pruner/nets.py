@@ -32,3 +32,26 @@ def magnitude(group):
 def example():
     torch.manual_seed(0)
     return SmallCNN(), torch.randn(2, 3, 8, 8)
+
+
+class CatResidualNet(nn.Module):
+    """A transposed conv, a concat of two branches and a residual add, every group with a BatchNorm (so
+    BN-only criteria score it too), 8 channels wide: the couplings every pruner must keep consistent."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stem, self.bn_stem = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.down, self.bn_down = nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
+        self.up, self.bn_up = nn.ConvTranspose2d(8, 8, 2, stride=2), nn.BatchNorm2d(8)
+        self.side, self.bn_side = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.fuse, self.bn_fuse = nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8)
+        self.res, self.bn_res = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn_stem(self.stem(x)))
+        y = torch.relu(self.bn_up(self.up(torch.relu(self.bn_down(self.down(x))))))
+        z = torch.cat([y, torch.relu(self.bn_side(self.side(x)))], dim=1)
+        z = torch.relu(self.bn_fuse(self.fuse(z)))
+        z = z + self.bn_res(self.res(z))
+        return self.fc(z.mean((2, 3)))

@@ -9,7 +9,6 @@ from torch import nn
 
 from ..graph.dependency import DependencyGraph
 from ..graph.group import Group
-from ..graph.refusal import Refusal
 from ..graph.side import Side
 from ..hf.config import restore_configs, snapshot_configs, task_outputs, uses_transformers
 from ..layers.registry import LayerRole, layer_types
@@ -146,12 +145,8 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
                 self.layer_init_out_ch[module] = self.DG._safe_channels(node, Side.OUT)
                 self.layer_init_in_ch[module] = self.DG._safe_channels(node, Side.IN)
             self.init_num_heads = dict(self.num_heads)
-            #: this step's up-front importance of every candidate group, by root (see _prescore)
-            self._scores: dict = {}
-            #: why _choose's last candidate was refused (the most symmetric one tried)
-            self._refusal: Refusal | None = None
-            self._parent_of: dict | None = None  # module -> its parent, built on first use
-            self._reset_head_notes()
+            self._init_planning()
+            self._init_heads()
             self._init_uniform(model, options.uniform_config_widths)
             #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
             self.fallback_history: list[FallbackRecord] = []

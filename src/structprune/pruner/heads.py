@@ -22,6 +22,10 @@ def subset_may_pass(reason: Refusal) -> bool:
 class HeadPlanner:
     """Mixin of BasePruner: ``prune_num_heads`` planning and the warnings about untouched attention."""
 
+    def _init_heads(self) -> None:
+        self._parent_of: dict | None = None  # module -> its parent, built on first use
+        self._reset_head_notes()
+
     def _reset_head_notes(self) -> None:
         """What the warnings of a step name; reset when a step is planned."""
         #: attention roots whose heads no removal could take: (root, side, width, heads, head_dim)

@@ -18,6 +18,12 @@ from .heads import subset_may_pass
 class PlanningMixin:
     """Mixin of BasePruner: candidate groups, kept counts, scores and the chosen channels."""
 
+    def _init_planning(self) -> None:
+        #: this step's up-front importance of every candidate group, by root (see _prescore)
+        self._scores: dict = {}
+        #: why _choose's last candidate was refused (the most symmetric one tried)
+        self._refusal: Refusal | None = None
+
     # -- groups ----------------------------------------------------------------------------------------
     def _groups(self) -> list[Group]:
         """Prunable groups, plus those refused at full width only for reasons a subset may avoid.

@@ -46,6 +46,8 @@ class RegularizerEngine:
         self.weight_coefs: list[torch.Tensor] = []
         self.biases: list[nn.Parameter] = []
         self.bias_coefs: list[torch.Tensor] = []
+        #: root channels of each compiled group, in compile order (what ``scatter`` takes one value per)
+        self.group_sizes: list[int] = []
 
     def compile(self, groups: list[Group], names: dict | None = None) -> None:
         """Lay every (parameter, dim) coefficient vector out in one flat buffer, once per set of groups.
@@ -57,7 +59,7 @@ class RegularizerEngine:
         for index, group in enumerate(groups):
             for k, item in enumerate(group):
                 self.terms.extend(self._item_terms(index, item, group, k))
-        sizes = [len(group[0].idxs) for group in groups]
+        sizes = self.group_sizes = [len(group[0].idxs) for group in groups]
         group_offsets = [0]
         for size in sizes[:-1]:
             group_offsets.append(group_offsets[-1] + size)

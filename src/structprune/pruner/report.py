@@ -152,9 +152,15 @@ class ReportMixin:
         if warn:
             self._warn_short(record)
 
-    def _note_refusal(self, root, refusal: Refusal | None) -> None:
-        """The planner's reason for a group it wanted to prune but could not (kept for the report)."""
-        self._step_refusals[root.name if hasattr(root, "name") else self.DG._name(root)] = refusal
+    def _note_refusal(self, root, refusal: Refusal | str | None) -> None:
+        """The planner's reason for a group it wanted to prune but could not (kept for the report); ``root``
+        is the group's root node, its module or its path."""
+        name = root if isinstance(root, str) else root.name if hasattr(root, "name") else self.DG._name(root)
+        self._step_refusals[name] = refusal
+
+    def _note_fallback(self, skipped: list[str]) -> None:
+        """The groups this step's verified fallback left unpruned, as "root (error)" (kept for the report)."""
+        self._step_fallback = list(skipped)
 
     def _warn_short(self, record: StepRecord) -> None:
         if record.removed >= record.target:

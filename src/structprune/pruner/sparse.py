@@ -26,8 +26,7 @@ class BNScalePruner(BasePruner):
     def update_regularizer(self) -> None:
         self._reg_groups = self._groups()
         self._engine.compile(self._reg_groups, self._parameter_names())
-        self._sizes = [len(group[0].idxs) for group in self._reg_groups]
-        self._engine.scatter([torch.full((n,), float(self.reg)) for n in self._sizes])
+        self._engine.scatter([torch.full((n,), float(self.reg)) for n in self._engine.group_sizes])
 
     def regularize(self, model: nn.Module = None, reg: float | None = None, bias: bool = False) -> None:
         """``reg * sign(gamma)`` on BatchNorm weight gradients; ``regularize(model, loss)`` (BasePruner's
@@ -35,9 +34,9 @@ class BNScalePruner(BasePruner):
         reg = None if is_loss(reg) else reg
         if reg is not None and reg != self.reg:
             self.reg = reg
-            self._engine.scatter([torch.full((n,), float(reg)) for n in self._sizes])
+            self._engine.scatter([torch.full((n,), float(reg)) for n in self._engine.group_sizes])
         if self.group_lasso:
-            _group_lasso(self._engine, self._sizes, self.reg, bias, model=self.model if model is None else model)
+            _group_lasso(self._engine, self.reg, bias, model=self.model if model is None else model)
         else:
             self._engine.apply(bias=bias, sign=True, model=self.model if model is None else model)
 
@@ -63,7 +62,6 @@ class GroupNormPruner(BasePruner):
     def update_regularizer(self) -> None:
         self._reg_groups = self._groups()
         self._engine.compile(self._reg_groups, self._parameter_names())
-        self._sizes = [len(group[0].idxs) for group in self._reg_groups]
 
     def regularize(self, model: nn.Module = None, alpha: float | None = None, bias: bool = False,
                    reg: float | None = None) -> None:
@@ -71,13 +69,14 @@ class GroupNormPruner(BasePruner):
         alpha=2**4)``: ``gamma = alpha ** s``; by default ``2 ** self.alpha``. ``regularize(model, loss)``
         (BasePruner's call form) is accepted too: the penalty needs no loss."""
         base = 2.0 ** self.alpha if alpha is None or is_loss(alpha) else float(alpha)
-        _group_lasso(self._engine, self._sizes, self.reg if reg is None else reg, bias, base,
+        _group_lasso(self._engine, self.reg if reg is None else reg, bias, base,
                      model=self.model if model is None else model)
 
 
-def _group_lasso(engine: RegularizerEngine, sizes: list[int], reg: float, bias: bool, base: float = 1.0,
+def _group_lasso(engine: RegularizerEngine, reg: float, bias: bool, base: float = 1.0,
                  model: nn.Module | None = None) -> None:
     """The gradient of reg * sum gamma ||channel||_2 is reg * gamma * w / ||channel|| on every coupled weight."""
+    sizes = engine.group_sizes
     if not sizes:
         return
     engine.resolve(model, bias)  # the norms must be those of the parameters being trained

@@ -41,7 +41,7 @@ class VerifyMixin:
             checkpoint.restore()
             excluded |= unbalanced
         for name in left:
-            self._step_refusals[name] = "a reshape ties its width to another group's, pruned by a different amount"
+            self._note_refusal(name, "a reshape ties its width to another group's, pruned by a different amount")
         if left:
             warnings.warn(
                 "left unpruned because a reshape ties their width to another group's, which this step prunes by "
@@ -64,7 +64,7 @@ class VerifyMixin:
                 checkpoint.restore()
                 skipped.append(f"{group[0].dep.target.name} ({error}{hint})")
                 record.skipped.append((group[0].dep.target.name, error))
-        self._step_fallback = list(skipped)
+        self._note_fallback(skipped)
         if skipped:
             warnings.warn(
                 "left unpruned because the model stopped running after pruning them: " + "; ".join(skipped),

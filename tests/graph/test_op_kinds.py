@@ -104,3 +104,21 @@ def test_grouped_query_kind_removes_a_key_head_only_with_every_query_head_it_ser
     # query head 2 alone cannot free key head 1 (query head 3 still reads it) and leaves uneven groups
     with pytest.raises(tp.graph.Blocked, match="grouped-query attention"):
         mapped(call, 0, [1], [2])
+
+
+def test_grid_sample_ties_each_sample_of_the_grid_to_the_values_it_samples():
+    # deformable attention folds heads into N: input (N, C, H, W), grid (N, Hout, Wout, 2) -> (N, C, Hout, Wout)
+    call = recorded(lambda x, grid: F.grid_sample(x, grid, align_corners=False), (6, 4, 5, 5), (6, 3, 2, 2))
+    assert ops.kind_of(call).name == "grid sample"
+    # a sample of N (a head's offsets) goes with that sample's values and output
+    assert mapped(call, 1, [0], [2]) == {0: ((0,), [2]), 2: ((0,), [2])}
+    # value channels reach the output only; the grid does not read them
+    assert mapped(call, 0, [1], [3]) == {2: ((1,), [3])}
+    assert mapped(call, 2, [1], [3]) == {0: ((1,), [3])}
+    # a sample's x and y offsets go together with it
+    assert mapped(call, 1, [0, 3], [4, 5]) == {0: ((0,), [2]), 2: ((0,), [2])}
+    # one coordinate of the grid, or a spatial position of the input, is no channel anything else holds
+    with pytest.raises(tp.graph.Blocked, match="grid_sample"):
+        mapped(call, 1, [3], [0])
+    with pytest.raises(tp.graph.Blocked, match="grid_sample"):
+        mapped(call, 0, [2], [0])

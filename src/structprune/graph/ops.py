@@ -772,6 +772,27 @@ def _reduction_letters(call):
     return [letters] + [None] * (len(call.in_shapes) - 1) + outputs
 
 
+@op_kind("grid sample", {"grid_sample"})
+def _grid_sample(call, operand, state):
+    """``F.grid_sample(input (N, C, *in), grid (N, *out, coords))`` -> ``(N, C, *out)``: N is one sample
+    in all three (deformable attention folds its heads into it, so a head's sampling offsets go with its
+    values), C passes from the input to the output, the output's spatial dims are the grid's. The input's
+    spatial dims and the grid's coordinate dim reach nothing: channels there cannot go."""
+    return _lettered(call, operand, state, _grid_sample_letters(call))
+
+
+def _grid_sample_letters(call):
+    if len(call.in_shapes) < 2 or not call.out_shapes:
+        return None
+    source, grid, out = call.in_shapes[0], call.in_shapes[1], call.out_shapes[0]
+    spatial = len(source) - 2
+    if len(grid) != spatial + 2 or len(out) != len(source):
+        return None
+    places = [f"t{d}" for d in range(spatial)]
+    return [["N", "C"] + [f"s{d}" for d in range(spatial)], ["N"] + places + ["coords"]] \
+        + [None] * (len(call.in_shapes) - 2) + [["N", "C"] + places]
+
+
 @op_kind("opaque", {OPAQUE}, applies=lambda call: not _is_broadcast(call))
 def _opaque(call, operand, state):
     """Ops the trace cannot see into (a TorchScript function) that change shapes; an opaque op whose shapes

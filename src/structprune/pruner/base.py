@@ -23,6 +23,7 @@ from .options import PrunerOptions, split_ignored
 from .options import check_ratio as _check_ratio  # noqa: F401  (its older home)
 from .planning import PlanningMixin, _block_candidates, _refusal, _root_key, _signature  # noqa: F401
 from .scheduling import ScheduleMixin
+from .signature import with_options_doc
 from .ties import unbalanced_ties
 from .schedulers import linear_scheduler
 from .uniform import UniformWidths
@@ -90,6 +91,8 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         expert_pruning_ratio: float | None = None,
         uniform_config_widths: bool | None = None,
     ):
+        """``model`` is pruned in place; ``example_inputs`` are traced once to find the coupled channels
+        (a tensor, a tuple of positional inputs or a dict of keyword inputs)."""
         # the keywords map onto PrunerOptions one to one (a test keeps the signature and the fields equal)
         options = PrunerOptions(**{name: value for name, value in locals().items() if name in _OPTION_NAMES})
         for note in options.resolve_deprecated():
@@ -151,6 +154,8 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
             #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
             self.fallback_history: list[FallbackRecord] = []
             self._init_report()
+
+    __init__.__doc__ = with_options_doc(__init__.__doc__)
 
     # -- hooks for sparse-training subclasses ---------------------------------------------------------
     def update_regularizer(self) -> None:

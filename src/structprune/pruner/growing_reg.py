@@ -1,6 +1,8 @@
 """Growing-regularization pruning (Wang et al., "Neural Pruning via Growing Regularization", ICLR 2021)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -8,6 +10,8 @@ from ..utils.sharding import refuse_sharded
 from .base import BasePruner, is_loss
 from .norm_scale import capture_inputs, measure_scales, norms_in, rescale
 from .regularizer import EVERY_DECLARED_LAYER, RegularizerEngine
+from .schedulers import linear_scheduler
+from .signature import option_values, with_options_doc
 
 
 class GrowingRegPruner(BasePruner):
@@ -20,10 +24,56 @@ class GrowingRegPruner(BasePruner):
 
     SCHEDULES = ("seed", "greg1", "greg2")
 
-    def __init__(self, model: nn.Module, example_inputs, importance, reg: float = 1e-5, delta_reg: float = 1e-5,
-                 *args, reg_types=EVERY_DECLARED_LAYER, schedule: str = "seed", reg_ceiling: float = 1.0,
-                 magnitude_ratio: float = 1e4, rescale_norms: bool = True, **kwargs):
-        """``schedule`` picks how reg grows on each ``update_reg()``:
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs,
+        importance: Callable | None = None,
+        reg: float = 1e-5,
+        delta_reg: float = 1e-5,
+        global_pruning: bool = False,
+        pruning_ratio: float = 0.5,
+        pruning_ratio_dict: dict | None = None,
+        max_pruning_ratio: float = 1.0,
+        iterative_steps: int = 1,
+        iterative_pruning_ratio_scheduler: Callable = linear_scheduler,
+        ignored_layers: list | None = None,
+        round_to: int | None = None,
+        isomorphic: bool = False,
+        in_channel_groups: dict | None = None,
+        out_channel_groups: dict | None = None,
+        num_heads: dict | None = None,
+        prune_num_heads: bool = False,
+        prune_head_dims: bool = True,
+        head_pruning_ratio: float = 0.0,
+        head_pruning_ratio_dict: dict | None = None,
+        customized_pruners: dict | None = None,
+        unwrapped_parameters=None,
+        root_module_types=None,
+        forward_fn: Callable | None = None,
+        output_transform: Callable | None = None,
+        channel_groups: dict | None = None,
+        ch_sparsity: float | None = None,
+        ch_sparsity_dict: dict | None = None,
+        verify: bool = True,
+        prune_num_experts: bool = False,
+        expert_pruning_ratio: float | None = None,
+        uniform_config_widths: bool | None = None,
+        compensation=None,
+        *,
+        reg_types=EVERY_DECLARED_LAYER,
+        schedule: str = "seed",
+        reg_ceiling: float = 1.0,
+        magnitude_ratio: float = 1e4,
+        rescale_norms: bool = True,
+    ):
+        """``reg``: every channel's penalty starts here (and returns here at ``update_regularizer()``).
+        ``delta_reg``: what ``update_reg()`` adds, scaled by standardized importance (least important
+        channel: the whole ``delta_reg``); :func:`structprune.pruner.delta_reg_for` derives it from the
+        learning rate and the number of iterations. Both as the seed documents them; then BasePruner's
+        keywords (listed below), then ours, keyword-only:
+
+        ``schedule`` picks how reg grows on each ``update_reg()``:
 
         - ``"seed"``: every channel grows by ``delta_reg * standardized importance`` (the documented rule).
         - ``"greg1"`` (the paper's GReg-1): the channels to remove are chosen once by importance at the
@@ -38,14 +88,12 @@ class GrowingRegPruner(BasePruner):
         penalty (Conv/Linear/Conv1D, norms, embeddings, attention and LSTM tensors, unwrapped parameters), so
         a transformer's hidden width shrinks too. A tuple of layer types penalises only their ``weight`` and
         ``bias`` (``regularizer.DEFAULT_REG_TYPES`` is the seed's Conv, Linear and BatchNorm).
-        ``delta_reg``: :func:`structprune.pruner.delta_reg_for` derives it from the learning rate and the
-        number of iterations.
 
         ``rescale_norms``: when ``step()`` narrows a LayerNorm/RMSNorm, its weight is multiplied by the change
         of its input's deviation measured on the example inputs, so that removing channels regularized to
         zero does not rescale every kept output (see :mod:`.norm_scale`; not in ``step(interactive=True)``).
         """
-        super().__init__(model, example_inputs, importance, *args, **kwargs)
+        super().__init__(model, example_inputs, **option_values(locals()))
         if reg < 0 or delta_reg < 0:
             raise ValueError(f"reg and delta_reg must be >= 0, got reg={reg}, delta_reg={delta_reg}")
         if schedule not in self.SCHEDULES:
@@ -58,6 +106,8 @@ class GrowingRegPruner(BasePruner):
         self.rescale_norms = rescale_norms
         self._engine = RegularizerEngine(reg_types)
         self.update_regularizer()
+
+    __init__.__doc__ = with_options_doc(__init__.__doc__)
 
     def update_regularizer(self) -> None:
         """Refresh the groups from the (possibly pruned) model and reset every coefficient to ``reg``."""

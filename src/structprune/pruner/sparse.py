@@ -1,12 +1,16 @@
 """Sparse-training pruners on the regularizer engine: BN-scale (L1 on BatchNorm gammas) and group lasso."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from ..layers.registry import LayerRole, layer_types
 from .base import BasePruner, is_loss
 from .regularizer import RegularizerEngine
+from .schedulers import linear_scheduler
+from .signature import option_values, with_options_doc
 
 
 class BNScalePruner(BasePruner):
@@ -15,13 +19,53 @@ class BNScalePruner(BasePruner):
     With ``group_lasso=True`` the penalty is the group lasso of the BatchNorm gammas of each group instead.
     """
 
-    def __init__(self, model: nn.Module, example_inputs, importance, reg: float = 1e-5, group_lasso: bool = False,
-                 *args, **kwargs):
-        super().__init__(model, example_inputs, importance, *args, **kwargs)
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs,
+        importance: Callable | None = None,
+        reg: float = 1e-5,
+        group_lasso: bool = False,
+        global_pruning: bool = False,
+        pruning_ratio: float = 0.5,
+        pruning_ratio_dict: dict | None = None,
+        max_pruning_ratio: float = 1.0,
+        iterative_steps: int = 1,
+        iterative_pruning_ratio_scheduler: Callable = linear_scheduler,
+        ignored_layers: list | None = None,
+        round_to: int | None = None,
+        isomorphic: bool = False,
+        in_channel_groups: dict | None = None,
+        out_channel_groups: dict | None = None,
+        num_heads: dict | None = None,
+        prune_num_heads: bool = False,
+        prune_head_dims: bool = True,
+        head_pruning_ratio: float = 0.0,
+        head_pruning_ratio_dict: dict | None = None,
+        customized_pruners: dict | None = None,
+        unwrapped_parameters=None,
+        root_module_types=None,
+        forward_fn: Callable | None = None,
+        output_transform: Callable | None = None,
+        channel_groups: dict | None = None,
+        ch_sparsity: float | None = None,
+        ch_sparsity_dict: dict | None = None,
+        verify: bool = True,
+        prune_num_experts: bool = False,
+        expert_pruning_ratio: float | None = None,
+        uniform_config_widths: bool | None = None,
+        compensation=None,
+    ):
+        """``reg``: the L1 strength on BatchNorm gammas (``regularize(model, reg=...)`` changes it);
+        ``group_lasso``: the group lasso of each group's gammas instead. Both as torch_pruning orders them,
+        before BasePruner's keywords (listed below)."""
+        super().__init__(model, example_inputs, **option_values(locals()))
         self.reg = reg
         self.group_lasso = group_lasso
         self._engine = RegularizerEngine(layer_types(LayerRole.SCALED_NORM))
         self.update_regularizer()
+
+    __init__.__doc__ = with_options_doc(__init__.__doc__)
 
     def update_regularizer(self) -> None:
         self._reg_groups = self._groups()
@@ -49,15 +93,55 @@ class GroupNormPruner(BasePruner):
     group lasso.
     """
 
-    def __init__(self, model: nn.Module, example_inputs, importance, reg: float = 1e-4, alpha: float = 4,
-                 *args, **kwargs):
-        super().__init__(model, example_inputs, importance, *args, **kwargs)
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs,
+        importance: Callable | None = None,
+        reg: float = 1e-4,
+        alpha: float = 4,
+        global_pruning: bool = False,
+        pruning_ratio: float = 0.5,
+        pruning_ratio_dict: dict | None = None,
+        max_pruning_ratio: float = 1.0,
+        iterative_steps: int = 1,
+        iterative_pruning_ratio_scheduler: Callable = linear_scheduler,
+        ignored_layers: list | None = None,
+        round_to: int | None = None,
+        isomorphic: bool = False,
+        in_channel_groups: dict | None = None,
+        out_channel_groups: dict | None = None,
+        num_heads: dict | None = None,
+        prune_num_heads: bool = False,
+        prune_head_dims: bool = True,
+        head_pruning_ratio: float = 0.0,
+        head_pruning_ratio_dict: dict | None = None,
+        customized_pruners: dict | None = None,
+        unwrapped_parameters=None,
+        root_module_types=None,
+        forward_fn: Callable | None = None,
+        output_transform: Callable | None = None,
+        channel_groups: dict | None = None,
+        ch_sparsity: float | None = None,
+        ch_sparsity_dict: dict | None = None,
+        verify: bool = True,
+        prune_num_experts: bool = False,
+        expert_pruning_ratio: float | None = None,
+        uniform_config_widths: bool | None = None,
+        compensation=None,
+    ):
+        """``reg``: the group-lasso strength; ``alpha``: how much harder weaker channels are pushed
+        (``gamma = 2 ** (alpha * s)``, 0: plain group lasso). Both as torch_pruning orders them, before
+        BasePruner's keywords (listed below)."""
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
+        super().__init__(model, example_inputs, **option_values(locals()))
         self.reg = reg
         self.alpha = alpha
         self._engine = RegularizerEngine()
         self.update_regularizer()
+
+    __init__.__doc__ = with_options_doc(__init__.__doc__)
 
     def update_regularizer(self) -> None:
         self._reg_groups = self._groups()

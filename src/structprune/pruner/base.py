@@ -14,6 +14,7 @@ from ..hf.config import restore_configs, snapshot_configs, task_outputs, uses_tr
 from ..layers.registry import LayerRole, layer_types
 from ..utils.gc_pause import gc_paused
 from ..utils.sharding import refuse_sharded
+from .budget import BudgetMixin
 from .experts import ExpertPlanner
 from .fallback import FallbackRecord
 from .heads import HeadPlanner
@@ -33,7 +34,7 @@ from .verify import VerifyMixin
 _OPTION_NAMES = frozenset(PrunerOptions.names())
 
 
-class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, HeadPlanner, ExpertPlanner,
+class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, HeadPlanner, ExpertPlanner,
                  UniformWidths, ReportMixin):
     """Structural pruner driven by an importance criterion (also exported as MetaPruner).
 
@@ -90,6 +91,8 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
         prune_num_experts: bool = False,
         expert_pruning_ratio: float | None = None,
         uniform_config_widths: bool | None = None,
+        target: dict | None = None,
+        latency_profile=None,
     ):
         """``model`` is pruned in place; ``example_inputs`` are traced once to find the coupled channels
         (a tensor, a tuple of positional inputs or a dict of keyword inputs)."""
@@ -151,6 +154,7 @@ class BasePruner(ScheduleMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, 
             self._init_planning()
             self._init_heads()
             self._init_uniform(model, options.uniform_config_widths)
+            self._init_budget(options.target, options.latency_profile)  # profiles the model when asked to
             #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
             self.fallback_history: list[FallbackRecord] = []
             self._init_report()

@@ -1,12 +1,14 @@
 """Every keyword BasePruner takes, documented once, with the checks made before anything is traced."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from torch import nn
 
 from ..layers.registry import LayerRole, layer_types
+from ..utils.cost_profile import METRICS, CostProfile
 
 from .schedulers import linear_scheduler
 
@@ -36,8 +38,9 @@ class PrunerOptions:
     iterative_pruning_ratio_scheduler: Callable = linear_scheduler
     #: modules, module types or ``nn.Parameter``s left whole (a group that would cut them is skipped)
     ignored_layers: list | None = None
-    #: kept channel counts are rounded up to a multiple of this
-    round_to: int | None = None
+    #: kept channel counts are rounded up to a multiple of this; ``"auto"``: per group, the finest step at which
+    #: the latency profile's timings drop (pruner/budget.py)
+    round_to: int | str | None = None
     #: global pruning ranks only groups of the same structure against each other
     isomorphic: bool = False
     #: ``{module: n}``: input channels come in n blocks pruned alike (overrides the layer's declaration)
@@ -79,6 +82,12 @@ class PrunerOptions:
     #: prune every layer counted in one config field (``intermediate_size``, ``hidden_size``...) to the same
     #: width so ``save_pretrained``/``from_pretrained`` round-trip (None: on for Hugging Face models)
     uniform_config_widths: bool | None = None
+    #: a budget instead of ratios, ``{"latency_ms": x}``, ``{"macs": x}`` or ``{"params": x}``: reached along the
+    #: schedule by removing the channels of least importance per unit of cost saved (pruner/budget.py)
+    target: dict | None = None
+    #: a ``tp.utils.latency_profile(...)`` to plan ``round_to="auto"`` and latency budgets on (None: measured on
+    #: the model's device when needed, cached on disk)
+    latency_profile: Any = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -108,10 +117,37 @@ class PrunerOptions:
             raise ValueError(f"max_pruning_ratio must lie in (0, 1], got {self.max_pruning_ratio}")
         if not isinstance(self.iterative_steps, int) or self.iterative_steps <= 0:
             raise ValueError(f"iterative_steps must be a positive integer, got {self.iterative_steps!r}")
-        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to <= 0):
-            raise ValueError(f"round_to must be a positive integer or None, got {self.round_to!r}")
+        if self.round_to is not None and self.round_to != "auto" and (
+                not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or self.round_to <= 0):
+            raise ValueError(f"round_to must be a positive integer, 'auto' or None, got {self.round_to!r}")
+        check_target(self)
         for key, ratio in (self.pruning_ratio_dict or {}).items():
             check_ratio(f"pruning_ratio_dict[{_describe(key)}]", ratio)
+
+
+def check_target(options: PrunerOptions) -> None:
+    """Raise ValueError for a budget that is not one positive number of a known metric, or that another
+    option contradicts."""
+    target, profile = options.target, options.latency_profile
+    if profile is not None and (not isinstance(profile, CostProfile) or profile.metric != "latency_ms"):
+        raise ValueError(f"latency_profile must be what tp.utils.latency_profile(model, example_inputs) returns, "
+                         f"got {type(profile).__name__}")
+    if target is None:
+        return
+    if not isinstance(target, dict) or len(target) != 1:
+        raise ValueError(f"target must be a dict holding one budget ({{'latency_ms': x}}, {{'macs': x}} or "
+                         f"{{'params': x}}), got {target!r}")
+    (metric, value), = target.items()
+    if metric not in METRICS:
+        raise ValueError(f"target has an unknown budget {metric!r}; use one of {', '.join(METRICS)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"target {metric} must be a positive number, got {value!r}")
+    if options.pruning_ratio_dict:
+        raise ValueError("target and pruning_ratio_dict do not combine: a budget sets every group's ratio itself; "
+                         "keep layers whole with ignored_layers, cap every group with max_pruning_ratio")
+    if options.isomorphic:
+        raise ValueError("target and isomorphic do not combine: a budget ranks every group against every other "
+                         "by importance per unit of cost")
 
 
 def check_ratio(name: str, ratio) -> None:

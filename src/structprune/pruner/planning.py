@@ -80,13 +80,15 @@ class PlanningMixin:
         original = self.layer_init_out_ch.get(module) or current
         keep = int(math.floor(original * (1 - ratio) + 1e-9))
         keep = max(keep, int(math.ceil(original * (1 - self.max_pruning_ratio))))
-        return self._rounded_keep(keep, current, channel_groups)
+        return self._rounded_keep(keep, current, channel_groups, module)
 
-    def _rounded_keep(self, keep: int, current: int, channel_groups: int) -> int:
-        """Round a kept-channel count up to whole channel groups and ``round_to``, at least one unit."""
+    def _rounded_keep(self, keep: int, current: int, channel_groups: int, root=None) -> int:
+        """Round a kept-channel count up to whole channel groups and ``round_to`` (with ``"auto"``, the
+        step of the group rooted at ``root``), at least one unit."""
         unit = channel_groups
-        if self.round_to:
-            unit = unit * self.round_to // math.gcd(unit, self.round_to)
+        step = self._width_step(root)
+        if step:
+            unit = unit * step // math.gcd(unit, step)
         return min(current, max(unit, int(math.ceil(keep / unit)) * unit))
 
     def _plan(self) -> Iterator[Group]:
@@ -141,7 +143,8 @@ class PlanningMixin:
         self._note_pinned_heads()
         self._held_back = []
         groups = self._groups()
-        planned = {_root_key(group): self._local_n_prune(group) for group in groups}
+        planned = (self._budget_counts(groups) if self.target
+                   else {_root_key(group): self._local_n_prune(group) for group in groups})
         limits = self._uniform_limits(planned)
         for group in groups:
             n_prune = planned[_root_key(group)]
@@ -158,10 +161,10 @@ class PlanningMixin:
             key = self._field_key(group)
             if key in limits and limits[key] < n_prune:
                 self._note_held_back(group, key[1], n_prune, limits[key])
-                n_prune = current - self._rounded_keep(current - limits[key], current, channel_groups)
+                n_prune = current - self._rounded_keep(current - limits[key], current, channel_groups, root)
             capped = self._head_size_cap(group, n_prune, limits)
             if capped < n_prune:
-                n_prune = current - self._rounded_keep(current - capped, current, channel_groups)
+                n_prune = current - self._rounded_keep(current - capped, current, channel_groups, root)
             if n_prune <= 0:
                 continue
             imp = self._importance(group)
@@ -301,7 +304,7 @@ class PlanningMixin:
             if field in shared:
                 wanted = min(shared[field], limit)
             wanted = self._head_size_cap(group, wanted, shared)
-            n = current - self._rounded_keep(current - wanted, current, blocks)
+            n = current - self._rounded_keep(current - wanted, current, blocks, group[0].dep.target.module)
             if n <= 0:
                 continue
             self._global_counts[group[0].dep.target.name] = n  # this group's share, which the report checks

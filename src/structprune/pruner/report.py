@@ -44,6 +44,8 @@ class StepRecord:
     notes: list = field(default_factory=list)
     #: global pruning: the channels the step asked of all groups together
     global_target: int | None = None
+    #: a budget step (``target=``): ``{"metric", "budget", "predicted", "measured"}`` after the step
+    budget: dict | None = None
 
     @property
     def removed(self) -> int:
@@ -78,6 +80,9 @@ class PruningReport:
             lines.append(f"  refused  {root}: {kind} ({refusal})")
         for step in self.steps:
             lines.append(f"step {step.step}: removed {step.removed} of {step.target} planned channels")
+            if step.budget is not None:
+                lines.append("  {metric} budget {budget:.6g}: predicted {predicted:.6g}, measured {measured:.6g}"
+                             .format(**step.budget))
             for record in step.groups:
                 if record.removed or record.target:
                     mark = "" if record.removed >= record.target else "  <- " + (record.reason or "kept")
@@ -131,12 +136,13 @@ class ReportMixin:
 
     def _end_step_record(self, entries: list, warn: bool = True) -> None:
         record = StepRecord(self.current_step, fallback=list(self._step_fallback))
-        if self.global_pruning:
+        if self.global_pruning and not self.target:
             ratio = self.per_step_pruning_ratio[min(self.current_step, self.iterative_steps)]
             current = sum(entry[2] for entry in entries if entry[4] is None)
             original = sum(self.layer_init_out_ch.get(entry[0].module) or entry[2] for entry in entries)
             record.global_target = max(0, current - int(original * (1 - ratio)))
-        shares = getattr(self, "_global_counts", None) if self.global_pruning else None
+        # a budget allocates shares as the global ranking does
+        shares = getattr(self, "_global_counts", None) if self.global_pruning or self.target else None
         for root, side, before, target, hard in entries:
             if shares is not None:
                 # one total for all groups: each is held to the share the global ranking gave it
@@ -148,6 +154,7 @@ class ReportMixin:
                 reason = next((entry for entry in record.fallback if entry.startswith(root.name + " ")), None)
             record.groups.append(GroupRecord(root.name, side.name.lower(), before, after, target, reason))
         record.notes += [f"uniform config widths held back {note}" for note in getattr(self, "_held_back", [])]
+        record.budget = self._budget_outcome()
         self._step_records.append(record)
         if warn:
             self._warn_short(record)

@@ -34,6 +34,8 @@ class Snapshot:
                 for param in sub._parameters.values():
                     if param is not None:
                         self._add_param(param, seen)
+                # a pruning step may add a parameter (compensation's bias on a bias-free layer)
+                self.entries.append(("params", sub, dict(sub._parameters), None))
                 self.entries.append(("buffers", sub, dict(sub._buffers), None))
                 self.entries.append(("attrs", sub, {k: v for k, v in sub.__dict__.items()
                                                      if not k.startswith("_")}, None))
@@ -48,6 +50,9 @@ class Snapshot:
             if kind == "param":
                 swap_data(target, data)
                 target.grad = grad
+            elif kind == "params":
+                target._parameters.clear()
+                target._parameters.update(data)
             elif kind == "buffers":
                 target._buffers.clear()
                 target._buffers.update(data)

@@ -1,4 +1,5 @@
 """Importance criteria: one score per root channel of a pruning group (torch_pruning names)."""
+from .activation import ActivationImportance, CalibratedImportance, FluctuationImportance, WandaImportance
 from .base import Importance
 from .elementwise import DEFAULT_TARGET_TYPES, ElementwiseImportance
 from .hessian import GroupHessianImportance, HessianImportance
@@ -29,6 +30,10 @@ __all__ = [
     "HessianImportance",
     "GroupHessianImportance",
     "OBDCImportance",
+    "CalibratedImportance",
+    "ActivationImportance",
+    "WandaImportance",
+    "FluctuationImportance",
     "REDUCTIONS",
     "NORMALIZERS",
     "get_reduction",

@@ -2,6 +2,7 @@
 from ..layers import functions as function  # torch_pruning users write tp.pruner.function.prune_conv_out_channels
 from ..layers.base import BasePruningFunc
 from .base import BasePruner, MetaPruner
+from .compensation import Compensation
 from .growing_reg import GrowingRegPruner
 from .reg_schedule import delta_reg_for
 from .schedulers import linear_scheduler

@@ -95,7 +95,7 @@ class HeadPlanner:
             scores = imp.detach().cpu().view(heads, head_dim).sum(1)
             # the target counts from the original heads: v's heads may already have gone with q's
             original = (self.layer_init_out_ch.get(root) or total) // head_dim
-            keep = max(1, int(math.floor(original * (1 - ratio) + 1e-9)))
+            keep = self._fitted_head_keep(root, max(1, int(math.floor(original * (1 - ratio) + 1e-9))))
             tried = 0
             for idxs in _head_removals(scores, head_dim, min(1.0, keep / heads)):
                 tried += 1
@@ -152,6 +152,7 @@ class HeadPlanner:
                 continue
             keep = max(1, int(math.floor(original // head_dim * (1 - self.get_target_head_pruning_ratio(module))
                                          + 1e-9)))
+            keep = self._fitted_head_keep(module, keep)
             if (width - len(item.idxs)) // head_dim < keep:
                 return None
         return candidate

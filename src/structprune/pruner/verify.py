@@ -76,11 +76,16 @@ class VerifyMixin:
         graph = self.DG.checkpoint()
         num_heads = dict(self.num_heads)  # whole-head pruning keeps it current; an undone group restores it
         configs = snapshot_configs(self.model)  # Hugging Face configs the adapters rewrite
+        # calibrated importances slice their statistics with each pruned group (importance/activation.py)
+        statistics = getattr(self.importance, "snapshot_statistics", None)
+        statistics = statistics() if statistics is not None else None
 
         def restore_graph():
             graph._restore_graph()
             self.num_heads = dict(num_heads)
             restore_configs(configs)
+            if statistics is not None:
+                self.importance.restore_statistics(statistics)
 
         return Checkpoint(graph.snapshot, restore_graph)
 

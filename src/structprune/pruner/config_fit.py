@@ -1,0 +1,229 @@
+"""Config-aware steps: a Hugging Face model is pruned only to widths its config class can describe.
+
+With ``uniform_config_widths`` (the default for models with a config) a step is planned as usual, then the
+config it produces is checked the way ``save_pretrained`` / ``from_pretrained`` will check it
+(``structprune.hf.rebuild.config_mismatches``: the class validates it, a model built from it has the
+pruned shapes). A plan the config cannot describe (hidden 42 with 4 heads in a config that derives
+``head_dim = hidden / heads``; heads narrowed in a family without a head size field; a pooler or a
+classifier the user ignored that the config builds as hidden x hidden) is undone, and the step is planned
+again towards the shapes of the nearest config the class accepts (``structprune.hf.fit``): every group root
+pruned to the width that config builds for it, whole heads to its head counts. A layer the graph cannot
+bring to such a width pins it, and the next candidate is tried. ``pruner.report()`` names the fields moved
+and why; if no candidate fits, the step is kept as planned with a warning (``tp.save_pruned`` still saves).
+"""
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from ..graph.side import Side
+from ..hf.attention import HEAD_COUNT_NAMES, HEAD_SIZE_NAMES, KV_HEAD_NAMES, _int_attr
+from ..hf.config import HEAD_SIZE_FIELDS, sync_config
+from ..hf.fit import HEAD_COUNT_FIELDS, candidates, dependencies, field_values, width_fields
+from ..hf.rebuild import config_mismatches
+from .fallback import FallbackRecord
+
+#: re-planned steps tried before giving up (each costs one planning pass and a meta-device build)
+MAX_REPLANS = 5
+
+
+class ConfigFit:
+    """Mixin of BasePruner: re-plan a step whose widths the model's config class cannot describe."""
+
+    def _init_config_fit(self) -> None:
+        #: during a re-planned step: {root module: out width the chosen config builds for it}
+        self._width_targets: dict | None = None
+        #: during a re-planned step: {module name: module} of the model the chosen config builds (meta)
+        self._fit_modules: dict | None = None
+        #: what the last step adjusted, for report()
+        self._config_notes: list = []
+
+    # -- hooks the planners call --------------------------------------------------------------------
+    def _fitted_n_prune(self, group, n_prune: int) -> int:
+        """Channels a group loses: what it planned, or in a re-planned step what reaches the config's width."""
+        if self._width_targets is None:
+            return n_prune
+        target = self._width_targets.get(group[0].dep.target.module)
+        current = len(group[0].idxs)
+        return 0 if target is None or group[0].side is not Side.OUT else max(0, current - target)
+
+    def _fitted_head_keep(self, module, keep: int) -> int:
+        """Heads a projection keeps: ``keep``, or in a re-planned step the heads the chosen config builds."""
+        if self._fit_modules is None:
+            return keep
+        name = self.DG._name(module)
+        fresh = self._fit_modules.get(name)
+        fresh_parent = self._fit_modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+        _, head_dim = _int_attr(fresh_parent, HEAD_SIZE_NAMES) if fresh_parent is not None else (None, None)
+        width = self._fresh_out(module, fresh)
+        if not head_dim or width is None:
+            return keep
+        return max(1, width // head_dim)
+
+    # -- the step --------------------------------------------------------------------------------------
+    def _config_fit_active(self) -> bool:
+        return bool(self._field_of) and self._width_targets is None
+
+    def _fit_config(self, optimizer, checkpoint, plans: list) -> list:
+        """Keep the step if its config describes the model; otherwise re-plan towards one that does."""
+        self._config_notes = []
+        if not self._config_fit_active() or not config_mismatches(self.model):
+            return plans
+        sync_config(self.model)
+        planned = self.model.config.to_dict()
+        roots = self._fit_roots()
+        achieved = {module: self.DG.get_out_channels(module) for module in roots}
+        checkpoint.restore()
+        before = self.model.config.to_dict()
+        widths = {module: self.DG.get_out_channels(module) for module in roots}
+        shapes = {name: tuple(tensor.shape) for name, tensor in self.model.state_dict().items()}
+        # an ignored layer keeps its width, and so does every config field that width follows
+        pinned = {module: widths[module] for module in roots if self._is_ignored_layer(module)}
+        fields = [field for field in width_fields(before, planned) if field.name not in self._frozen_fields()]
+        by_name = {self.DG._name(module): module for module in roots}
+        depends = dependencies(self.model, before, fields, lambda fresh: self._built_widths(fresh, by_name))
+        refusals: list = []
+        replans = 0
+        while replans < MAX_REPLANS:
+            learned = False
+            for candidate in candidates(self.model, planned, self._choices(fields, depends, pinned, widths, by_name),
+                                        refusals=refusals):
+                targets = self._candidate_targets(candidate.model, roots, widths, achieved, shapes, pinned)
+                if targets is None:
+                    continue
+                replans += 1
+                self._width_targets, self._fit_modules = targets, dict(candidate.model.named_modules())
+                try:
+                    fitted = self._step_balanced(optimizer, checkpoint)
+                finally:
+                    self._width_targets, self._fit_modules = None, None
+                if self._forward_error() is None and not config_mismatches(self.model):
+                    self._note_config_fit(candidate, refusals, achieved)
+                    return fitted
+                for module, target in targets.items():
+                    width = self.DG.get_out_channels(module)
+                    if width != target and width == widths[module] and module not in pinned:
+                        pinned[module] = width  # the graph cannot narrow it; later candidates keep its width
+                        learned = True
+                checkpoint.restore()
+                if learned or replans >= MAX_REPLANS:
+                    break
+            else:
+                break  # no candidate left
+        return self._unfitted_step(optimizer, checkpoint, refusals)
+
+    def _built_widths(self, fresh, by_name: dict) -> dict:
+        modules = dict(fresh.named_modules())
+        return {name: self._fresh_out(module, modules.get(name)) for name, module in by_name.items()}
+
+    def _choices(self, fields, depends, pinned, widths, by_name) -> list:
+        """(field, values nearest first) per field: held where a pinned width follows it, else free."""
+        held = {self.DG._name(module) for module, width in pinned.items() if widths.get(module) == width}
+        unit = self.round_to if isinstance(self.round_to, int) else 1
+        choices = []
+        for field in fields:
+            names = depends.get(field)
+            if names is not None and names & held:
+                choices.append((field, [field.before]))
+            elif names is not None and not names and field.planned == field.before:
+                continue  # shapes do not follow it
+            else:
+                choices.append((field, field_values(field, unit)))
+        return choices
+
+    def _unfitted_step(self, optimizer, checkpoint, refusals: list) -> list:
+        """No config near the plan could be reached: prune as planned, and say that save_pretrained refuses."""
+        plans = self._step_balanced(optimizer, checkpoint)
+        error = self._forward_error() if self.verify else None
+        if error is not None:
+            checkpoint.restore()
+            record = FallbackRecord(self.current_step, error)
+            self.fallback_history.append(record)
+            plans = self._step_verified(optimizer, record)
+        problems = config_mismatches(self.model)
+        if problems:
+            why = refusals[0] if refusals else problems[0]
+            self._config_notes = [f"no config near this step's widths describes the model ({why}); "
+                                  f"save_pretrained will refuse, tp.save_pruned saves it"]
+            warnings.warn(
+                f"uniform_config_widths: {type(self.model.config).__name__} describes none of the widths near this "
+                f"step's ({why}), so save_pretrained will refuse the model; save it with tp.save_pruned, or prune "
+                f"with other ratios. pruner.report() shows the step",
+                stacklevel=4,
+            )
+        return plans
+
+    # -- candidates ------------------------------------------------------------------------------------
+    def _fit_roots(self) -> list:
+        return [module for module in self.DG.module2node
+                if not isinstance(module, nn.Parameter) and isinstance(module, self.root_module_types)
+                and self.DG.get_out_channels(module) is not None]
+
+    def _is_ignored_layer(self, module) -> bool:
+        return any(item is module or (isinstance(item, type) and isinstance(module, item))
+                   for item in self.ignored_layers)
+
+    def _frozen_fields(self) -> frozenset:
+        """Fields the options forbid moving: head counts without prune_num_heads, stated head sizes without
+        prune_head_dims."""
+        frozen = set()
+        if not self.prune_num_heads:
+            frozen |= HEAD_COUNT_FIELDS
+        if not self.prune_head_dims:
+            frozen |= set(HEAD_SIZE_FIELDS)
+        return frozenset(frozen)
+
+    def _fresh_out(self, module, fresh) -> int | None:
+        if fresh is None:
+            return None
+        pruner = self.DG.get_pruner_of_module(module)
+        try:
+            return pruner.get_out_channels(fresh) if pruner is not None else None
+        except (AttributeError, NotImplementedError, TypeError):
+            return None
+
+    def _candidate_targets(self, fresh, roots, widths, achieved, shapes, pinned) -> dict | None:
+        """{root: out width} the candidate builds, or None when the graph cannot reach it from here: a tensor
+        wider than now, a layer of another shape than the model's, a pinned width moved."""
+        expected = {name: tuple(tensor.shape) for name, tensor in fresh.state_dict().items()}
+        if expected.keys() != shapes.keys():
+            return None
+        for name, shape in expected.items():
+            if len(shape) != len(shapes[name]) or any(new > old for new, old in zip(shape, shapes[name])):
+                return None
+        modules = dict(fresh.named_modules())
+        for name, module in self.model.named_modules():
+            if not _heads_fit(module, modules.get(name)):
+                return None
+        targets = {}
+        for module in roots:
+            target = self._fresh_out(module, modules.get(self.DG._name(module)))
+            if target is None:
+                target = achieved[module]  # a proxy of the graph (fused experts' width): as planned
+            if target > widths[module] or (module in pinned and target != pinned[module]):
+                return None
+            targets[module] = target
+        return targets
+
+    def _note_config_fit(self, candidate, refusals: list, achieved: dict) -> None:
+        moved = ", ".join(f"{field.label} {field.planned} -> {value}" for field, value in candidate.moved)
+        why = refusals[0] if refusals else "a model built from the planned config has other shapes"
+        self._config_notes = [f"config widths adjusted ({moved or 'same fields, layers brought to them'}): {why}"]
+        label = moved or type(candidate.config).__name__
+        for module, planned in achieved.items():
+            width = self.DG.get_out_channels(module)
+            if width is not None and planned is not None and width > planned:
+                self._note_refusal(module, f"uniform_config_widths: held to {width} so that the config describes "
+                                           f"the model ({label})")
+
+
+def _heads_fit(module, fresh) -> bool:
+    """Heads only go and only narrow: the built module has no more heads and no wider ones than now."""
+    if fresh is None:
+        return True
+    for names in (HEAD_COUNT_NAMES, KV_HEAD_NAMES, HEAD_SIZE_NAMES):
+        name, value = _int_attr(module, names)
+        if name is not None and isinstance(fresh.__dict__.get(name), int) and fresh.__dict__[name] > value:
+            return False
+    return True

@@ -33,12 +33,14 @@ class SideCost:
     steps: dict[int, float] = field(default_factory=dict)
 
     def at(self, width: float) -> float:
-        """Cost at ``width``, linear between grid widths (and towards zero cost at width 0 below them)."""
+        """Cost at ``width``, linear between grid widths (and along the first two below them, at least 0:
+        MACs and parameters are affine in a width, with a constant part a line through zero would drop)."""
         widths, costs = self.grid, self.grid_cost
-        if width >= widths[-1]:
-            return costs[-1]
+        if width >= widths[-1] or len(widths) == 1:
+            return costs[-1] * (1.0 if width >= widths[-1] else max(width, 0.0) / widths[-1])
         if width <= widths[0]:
-            return costs[0] * max(width, 0.0) / widths[0]
+            slope = (costs[1] - costs[0]) / (widths[1] - widths[0])
+            return max(0.0, costs[0] + slope * (width - widths[0]))
         right = bisect.bisect_left(widths, width)
         left = right - 1
         share = (width - widths[left]) / (widths[right] - widths[left])

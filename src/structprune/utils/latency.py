@@ -27,7 +27,7 @@ from .cost_profile import METRICS, CostProfile, LayerCost, SideCost, grid_widths
 from .nested import call_model, evaluating, flatten_as_list
 from .op_counter import count_ops_and_params, count_params
 
-__all__ = ["latency_profile", "cost_profile", "default_cache_dir"]
+__all__ = ["latency_profile", "cost_profile", "measure_cost", "default_cache_dir"]
 
 
 def default_cache_dir() -> Path:
@@ -84,6 +84,15 @@ def cost_profile(model: nn.Module, example_inputs: Any, metric: str = "latency_m
     finally:
         if moved:
             model.to(home)
+
+
+def measure_cost(model: nn.Module, example_inputs: Any, metric: str = "latency_ms", repeat: int = 5,
+                 warmup: int = 2) -> float:
+    """The whole model's cost now, on its device: median latency (ms) of ``repeat`` forwards after
+    ``warmup``, or its MACs or parameter count."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return _model_cost(model, example_inputs, metric, _model_device(model, example_inputs), repeat, warmup)
 
 
 # -- which layers, and what they were called with -----------------------------------------------------

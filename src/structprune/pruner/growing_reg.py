@@ -59,6 +59,8 @@ class GrowingRegPruner(BasePruner):
         prune_num_experts: bool = False,
         expert_pruning_ratio: float | None = None,
         uniform_config_widths: bool | None = None,
+        target: dict | None = None,
+        latency_profile=None,
         compensation=None,
         *,
         reg_types=EVERY_DECLARED_LAYER,

@@ -54,6 +54,8 @@ class BNScalePruner(BasePruner):
         prune_num_experts: bool = False,
         expert_pruning_ratio: float | None = None,
         uniform_config_widths: bool | None = None,
+        target: dict | None = None,
+        latency_profile=None,
         compensation=None,
     ):
         """``reg``: the L1 strength on BatchNorm gammas (``regularize(model, reg=...)`` changes it);
@@ -128,6 +130,8 @@ class GroupNormPruner(BasePruner):
         prune_num_experts: bool = False,
         expert_pruning_ratio: float | None = None,
         uniform_config_widths: bool | None = None,
+        target: dict | None = None,
+        latency_profile=None,
         compensation=None,
     ):
         """``reg``: the group-lasso strength; ``alpha``: how much harder weaker channels are pushed

@@ -1,5 +1,5 @@
 """Pruners: BasePruner (MetaPruner), MagnitudePruner and the sparse-training pruners."""
-from ..layers import functions as function  # torch_pruning users write tp.pruner.function.prune_conv_out_channels
+from .. import function  # tp.pruner.function is tp.function, as in torch_pruning
 from ..layers.base import BasePruningFunc
 from .base import BasePruner, MetaPruner
 from .compensation import Compensation

@@ -26,6 +26,7 @@ from .planning import PlanningMixin, _block_candidates, _refusal, _root_key, _si
 from .scheduling import ScheduleMixin
 from .signature import with_options_doc
 from .ties import unbalanced_ties
+from .config_fit import ConfigFit
 from .schedulers import linear_scheduler
 from .uniform import UniformWidths
 from .report import ReportMixin
@@ -35,7 +36,7 @@ _OPTION_NAMES = frozenset(PrunerOptions.names())
 
 
 class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, HeadPlanner, ExpertPlanner,
-                 UniformWidths, ReportMixin):
+                 UniformWidths, ConfigFit, ReportMixin):
     """Structural pruner driven by an importance criterion (also exported as MetaPruner).
 
     Assembled from one mixin per job: ``scheduling.py`` (ratios per step and scope), ``planning.py``
@@ -155,6 +156,7 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
             self._init_heads()
             self._init_uniform(model, options.uniform_config_widths)
             self._init_budget(options.target, options.latency_profile)  # profiles the model when asked to
+            self._init_config_fit()
             #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
             self.fallback_history: list[FallbackRecord] = []
             self._init_report()
@@ -220,6 +222,8 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
                     record = FallbackRecord(self.current_step, error)
                     self.fallback_history.append(record)
                     optimizer_plans = self._step_verified(optimizer, record)
+                # a Hugging Face config must describe what was pruned (pruner/config_fit.py)
+                optimizer_plans = self._fit_config(optimizer, checkpoint, optimizer_plans)
             except BaseException:
                 # a step that fails leaves the model, its config and the schedule as they were
                 checkpoint.restore()

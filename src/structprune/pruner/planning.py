@@ -92,7 +92,8 @@ class PlanningMixin:
         return min(current, max(unit, int(math.ceil(keep / unit)) * unit))
 
     def _plan(self) -> Iterator[Group]:
-        return self._plan_global() if self.global_pruning else self._plan_local()
+        # a step re-planned towards a config's widths (config_fit.py) gives each group its own target
+        return self._plan_global() if self.global_pruning and self._width_targets is None else self._plan_local()
 
     def _select(self, group: Group, imp: torch.Tensor, n_prune: int, channel_groups: int) -> torch.Tensor:
         """Lowest-importance root channels, the same local positions in each of ``channel_groups`` blocks."""
@@ -165,6 +166,7 @@ class PlanningMixin:
             capped = self._head_size_cap(group, n_prune, limits)
             if capped < n_prune:
                 n_prune = current - self._rounded_keep(current - capped, current, channel_groups, root)
+            n_prune = self._fitted_n_prune(group, n_prune)
             if n_prune <= 0:
                 continue
             imp = self._importance(group)

@@ -15,6 +15,7 @@ from ..layers.registry import LayerRole, layer_types
 from ..utils.gc_pause import gc_paused
 from ..utils.sharding import refuse_sharded
 from .budget import BudgetMixin
+from .compensation import Compensator, as_compensation, check_statistics_source
 from .experts import ExpertPlanner
 from .fallback import FallbackRecord
 from .heads import HeadPlanner
@@ -94,6 +95,7 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
         uniform_config_widths: bool | None = None,
         target: dict | None = None,
         latency_profile=None,
+        compensation=None,
     ):
         """``model`` is pruned in place; ``example_inputs`` are traced once to find the coupled channels
         (a tensor, a tuple of positional inputs or a dict of keyword inputs)."""
@@ -131,6 +133,7 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
         self.output_transform = task_outputs if options.output_transform is None and hf else options.output_transform
         self.verify = options.verify
         self.current_step = 0
+        self._compensator = _compensator(options.compensation, options.importance)
 
         self.ignored_layers, ignored_params = split_ignored(options.ignored_layers)
         self.in_channel_groups = dict(options.in_channel_groups or {})
@@ -208,6 +211,9 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
             self.current_step = self.iterative_steps
             return iter(()) if interactive else None
         if interactive:
+            if self._compensator is not None:
+                warnings.warn("compensation is applied by step() only: groups handed out by step(interactive=True) "
+                              "are pruned as they are; call step() to compensate", stacklevel=2)
             return self._interactive(self._plan(), optimizer)
         with gc_paused():
             checkpoint = self._checkpoint()
@@ -233,6 +239,8 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
                 apply_optimizer_plan(plan)
             self._warn_heads_refused()
             self._warn_held_back()
+            if self._compensator is not None:
+                self._compensator.warn()
             self._end_step_record(step_record)
         return None
 
@@ -263,12 +271,23 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
     def _prune_group(self, group: Group, optimizer=None) -> list:
         """Prune now; return the optimizer-state slicing to apply once the whole step is kept."""
         plan = plan_optimizer_state(optimizer, group) if optimizer is not None else []
+        if self._compensator is not None:
+            self._compensator.before_prune(group)
         group.prune()
+        follow = getattr(self.importance, "on_pruned", None)  # calibrated statistics drop the removed channels
+        if follow is not None:
+            follow(group)
         self._count_removed_heads(group)
         return plan
 
 
 MetaPruner = BasePruner
+
+
+def _compensator(option, importance) -> Compensator | None:
+    compensation = as_compensation(option)
+    check_statistics_source(importance, compensation)
+    return None if compensation is None else Compensator(compensation, importance)
 
 
 def is_loss(value) -> bool:

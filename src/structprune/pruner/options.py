@@ -88,6 +88,9 @@ class PrunerOptions:
     #: a ``tp.utils.latency_profile(...)`` to plan ``round_to="auto"`` and latency budgets on (None: measured on
     #: the model's device when needed, cached on disk)
     latency_profile: Any = None
+    #: None, ``"bias"`` or ``"refit"`` (or a ``tp.pruner.Compensation``): the layers reading removed channels
+    #: absorb their calibration contribution (needs an activation-aware importance; pruner/compensation.py)
+    compensation: Any = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

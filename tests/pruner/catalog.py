@@ -2,6 +2,8 @@
 one joins the tests that cover them all without editing them, and what each needs before a step."""
 import inspect
 
+import torch
+
 import structprune as tp
 
 #: the class count of the models these tests build (OBDC samples labels from the class scores)
@@ -18,14 +20,16 @@ def public_pruners() -> dict:
     return found
 
 
+#: public classes criteria derive from, which score nothing themselves (Importance is abstract, the others
+#: leave their per-element or per-channel score to subclasses); a new base must be named here
+CRITERION_BASES = ("Importance", "ElementwiseImportance", "CalibratedImportance")
+
+
 def public_criteria() -> dict:
-    """{name: class} of every importance criterion in tp.importance.__all__, without the two bases they
-    derive from (Importance is abstract, ElementwiseImportance leaves element_scores to subclasses)."""
-    bases = (tp.importance.Importance, tp.importance.ElementwiseImportance)
+    """{name: class} of every importance criterion in tp.importance.__all__ but the bases."""
     return {name: getattr(tp.importance, name) for name in tp.importance.__all__
             if isinstance(getattr(tp.importance, name), type)
-            and issubclass(getattr(tp.importance, name), tp.importance.Importance)
-            and getattr(tp.importance, name) not in bases}
+            and issubclass(getattr(tp.importance, name), tp.importance.Importance) and name not in CRITERION_BASES}
 
 
 def make_criterion(criterion_class):
@@ -37,13 +41,18 @@ def make_criterion(criterion_class):
 def calibrate(criterion, model, x) -> None:
     """What the criterion needs before scoring the model as it is now: gradients on every parameter
     (Taylor; the sparse pruners' penalties also act on them), per-sample squared gradients (Hessian),
-    K-FAC statistics gathered by hooks (OBDC). Statistics are tied to the shapes, so this runs every step."""
+    statistics gathered by hooks over a forward (activation criteria) and its backward (OBDC's K-FAC).
+    Statistics are tied to the shapes, so this runs every step."""
     if hasattr(criterion, "zero_grad"):
         criterion.zero_grad()
     if hasattr(criterion, "register"):
         criterion.register(model)
         model.zero_grad()
-        criterion.sample_loss(model(x)).backward()
+        if hasattr(criterion, "sample_loss"):
+            criterion.sample_loss(model(x)).backward()
+        else:
+            with torch.no_grad():
+                model(x)
         criterion.remove_hooks()
     if hasattr(criterion, "accumulate_grad"):
         for sample in x.split(1):

@@ -9,7 +9,7 @@ import torch
 
 import structprune as tp
 
-from catalog import CLASSES, calibrate, make_criterion, public_criteria, public_pruners, train_step
+from catalog import CLASSES, CRITERION_BASES, calibrate, make_criterion, public_criteria, public_pruners, train_step
 from nets import CatResidualNet
 
 WIDTH = 8
@@ -29,6 +29,7 @@ def test_the_matrix_covers_what_torch_pruning_users_reach_for():
     assert {"MagnitudeImportance", "GroupMagnitudeImportance", "BNScaleImportance", "LAMPImportance",
             "RandomImportance", "TaylorImportance", "GroupTaylorImportance", "HessianImportance",
             "GroupHessianImportance", "OBDCImportance"} <= set(CRITERIA)
+    assert not set(CRITERIA) & set(CRITERION_BASES)
 
 
 @pytest.mark.parametrize("steps", [1, 3], ids=lambda n: f"steps{n}")

@@ -66,7 +66,7 @@ class BudgetMixin:
         """The step's groups for its budget; for latency, then measured, and while the model is slower than
         the budget, planned again from there with the prediction scaled to the measurement (layers timed
         alone do not add up to the model exactly)."""
-        self._global_counts = {}
+        self._reset_shares()
         yield from self._plan_local()
         metric = next(iter(self.target))
         for _ in range(CORRECTIONS if metric == "latency_ms" else 0):
@@ -172,14 +172,12 @@ class BudgetMixin:
                                 entry["items"]) for key, entry in bundles.items()]
         counts, predicted = allocate(profile, candidates, self._layer_widths(profile), budget)
         planned = {_root_key(group): 0 for group in groups}
-        shares = getattr(self, "_global_counts", None) or {}  # a correction adds to the step's first plan
         for key, entry in bundles.items():
             for group in entry["groups"]:
                 planned[_root_key(group)] = counts[key]
                 if counts[key]:
-                    name = group[0].dep.target.name
-                    shares[name] = shares.get(name, 0) + counts[key]
-        self._global_counts = shares  # each group is held to its share in the report, as under global pruning
+                    # held to its share in the report, as under global pruning; a correction adds to the first plan
+                    self._add_share(group[0].dep.target.name, counts[key])
         self._budget_plan = {"metric": metric, "budget": self._budget_schedule[step],
                              "predicted": predicted * (self._calibration if metric == "latency_ms" else 1.0)}
         return planned

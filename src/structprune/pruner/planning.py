@@ -257,7 +257,7 @@ class PlanningMixin:
         yield from self._plan_whole_heads()
         self._note_pinned_heads()
         entries = []
-        self._global_counts = {}
+        self._reset_shares()
         for group in self._groups():
             imp = self._importance(group)
             if self._unscored(group, imp):
@@ -309,7 +309,7 @@ class PlanningMixin:
             n = current - self._rounded_keep(current - wanted, current, blocks, group[0].dep.target.module)
             if n <= 0:
                 continue
-            self._global_counts[group[0].dep.target.name] = n  # this group's share, which the report checks
+            self._add_share(group[0].dep.target.name, n)  # the report checks the group against it
             fresh = self._as_now(group)
             if fresh is not group:
                 # an earlier group of this step already took some of this root's channels

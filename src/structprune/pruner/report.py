@@ -100,6 +100,9 @@ class ReportMixin:
         self._step_records: list[StepRecord] = []
         self._step_refusals: dict = {}
         self._step_fallback: list = []
+        #: {group root path: channels} a ranking over all groups gave each (global pruning, a budget); None
+        #: while no such ranking planned a step
+        self._group_shares: dict | None = None
         # whole heads are tried on head groups whatever refuses their channels one by one
         if not any(all(subset_may_pass(reason) for reason in group.blocked)
                    or (self.prune_num_heads and self._is_head_group(group)) for group in self._root_groups(heads=True)):
@@ -142,7 +145,7 @@ class ReportMixin:
             original = sum(self.layer_init_out_ch.get(entry[0].module) or entry[2] for entry in entries)
             record.global_target = max(0, current - int(original * (1 - ratio)))
         # a budget allocates shares as the global ranking does
-        shares = getattr(self, "_global_counts", None) if self.global_pruning or self.target else None
+        shares = self._group_shares if self.global_pruning or self.target else None
         for root, side, before, target, hard in entries:
             if shares is not None:
                 # one total for all groups: each is held to the share the global ranking gave it
@@ -168,6 +171,17 @@ class ReportMixin:
         is the group's root node, its module or its path."""
         name = root if isinstance(root, str) else root.name if hasattr(root, "name") else self.DG._name(root)
         self._step_refusals[name] = refusal
+
+    def _reset_shares(self) -> None:
+        """A ranking over all groups starts planning the step: forget the last one's shares."""
+        self._group_shares = {}
+
+    def _add_share(self, root_name: str, channels: int) -> None:
+        """The ranking gave this group ``channels`` more to lose: the report holds it to its share instead of
+        its own ratio (a later correction of the same step adds to it)."""
+        shares = self._group_shares if self._group_shares is not None else {}
+        shares[root_name] = shares.get(root_name, 0) + channels
+        self._group_shares = shares
 
     def _note_fallback(self, skipped: list[str]) -> None:
         """The groups this step's verified fallback left unpruned, as "root (error)" (kept for the report)."""

@@ -5,6 +5,12 @@ as (num_heads, 2 * key_dim + head_dim, N) and split into key_dim, key_dim and he
 C2PSA / C2f split their first conv's output with ``split((self.c, self.c))``. Those sizes are formulas of
 conv widths (``derives``), so the graph evaluates them exactly for any removal and the adapters rewrite
 them from the convs after each prune.
+
+RT-DETR's ``MSDeformAttn`` views its value projection as (n_heads, d_model // n_heads) and its sampling
+offsets and attention weights as (n_heads, n_levels * n_points[, 2]); deriving ``n_heads`` from the
+attention weights' width and ``d_model`` from the value projection's lets the graph narrow the head dim
+(value_proj / output_proj) or remove whole heads (with their offsets and weights, which ``grid_sample``
+ties to the values of the same head), and refuse anything else exactly.
 """
 from __future__ import annotations
 
@@ -29,6 +35,19 @@ def _psa_attention(module) -> None:
     module.scale = module.key_dim ** -0.5
 
 
+DEFORMABLE_SIZES = (
+    ("n_heads", lambda module: module.attention_weights.out_features // (module.n_levels * module.n_points)),
+    ("d_model", lambda module: module.value_proj.out_features),
+)
+
+
+def _rtdetr_decoder(module) -> None:
+    """``hidden_dim`` and ``nhead`` only describe the head (its forward reads the layers): keep them true."""
+    width = module.enc_output[0].out_features
+    module.hidden_dim = module.decoder.hidden_dim = width
+    module.nhead = module.decoder.layers[0].self_attn.num_heads
+
+
 ULTRALYTICS_ADAPTERS = [
     Adapter("ultralytics PSA Attention (head_dim, key_dim, scale)",
             lambda module: _from("ultralytics", module) and _class_named("Attention")(module)
@@ -38,4 +57,12 @@ ULTRALYTICS_ADAPTERS = [
             lambda module: _from("ultralytics", module) and isinstance(getattr(module, "c", None), int)
             and hasattr(module, "cv1") and hasattr(module, "cv2"),
             lambda module: sync_derived(module, SPLIT_SIZES), derives=SPLIT_SIZES),
+    Adapter("ultralytics RT-DETR MSDeformAttn (n_heads, d_model)",
+            lambda module: _from("ultralytics", module) and _class_named("MSDeformAttn")(module)
+            and hasattr(module, "value_proj") and hasattr(module, "attention_weights"),
+            lambda module: sync_derived(module, DEFORMABLE_SIZES), derives=DEFORMABLE_SIZES),
+    Adapter("ultralytics RTDETRDecoder (hidden_dim, nhead)",
+            lambda module: _from("ultralytics", module) and _class_named("RTDETRDecoder")(module)
+            and hasattr(module, "enc_output") and hasattr(module, "decoder"),
+            _rtdetr_decoder),
 ]

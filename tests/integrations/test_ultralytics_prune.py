@@ -12,14 +12,15 @@ from structprune.integrations import ultralytics as tpu
 IMGSZ = 64
 DECLARED = (torch.nn.Conv2d, torch.nn.Linear)
 
-# yaml, fraction of parameters left at most after ratio 0.5, a layer that must be left whole with a warning
+# yaml, fraction of parameters left at most after ratio 0.5 (YOLO11's and YOLOv10's PSA attention is pruned
+# too: tests/integrations/test_ultralytics_attention.py)
 FAMILIES = [
-    ("yolov8n.yaml", 0.30, None),
-    ("yolov8n-seg.yaml", 0.30, None),
-    ("yolov8n-pose.yaml", 0.30, None),
-    ("yolov8n-cls.yaml", 0.40, None),
-    ("yolo11n.yaml", 0.32, "model.10.m.0.attn.qkv.conv"),
-    ("yolov10n.yaml", 0.32, "model.10.attn.qkv.conv"),
+    ("yolov8n.yaml", 0.30),
+    ("yolov8n-seg.yaml", 0.30),
+    ("yolov8n-pose.yaml", 0.30),
+    ("yolov8n-cls.yaml", 0.40),
+    ("yolo11n.yaml", 0.30),
+    ("yolov10n.yaml", 0.30),
 ]
 
 
@@ -37,8 +38,8 @@ def _decoded(model, inputs):
     return output[0] if isinstance(output, tuple) else output
 
 
-@pytest.mark.parametrize("name,most_left,warned", FAMILIES)
-def test_prune_keeps_predictions_and_shrinks_the_model(name, most_left, warned):
+@pytest.mark.parametrize("name,most_left", FAMILIES)
+def test_prune_keeps_predictions_and_shrinks_the_model(name, most_left):
     yolo = _yolo(name)
     model = yolo.model
     inputs = tpu.make_example_inputs(model, IMGSZ)
@@ -57,12 +58,8 @@ def test_prune_keeps_predictions_and_shrinks_the_model(name, most_left, warned):
     decoded = _decoded(model, inputs)
     assert ([t.shape for t in decoded] if isinstance(decoded, tuple) else decoded.shape) == decoded_shape
     ours = [str(w.message) for w in caught if "structprune.integrations.ultralytics" in str(w.message)]
-    if warned is None:
-        assert ours == []
-        assert all(reason == tpu.HEAD_REASON for reason in summary.kept.values())
-    else:
-        assert len(ours) == 1 and warned in ours[0] and "left unpruned" in ours[0]
-        assert summary.kept[warned] == tpu.ATTENTION_REASON
+    assert ours == []
+    assert all(reason == tpu.HEAD_REASON for reason in summary.kept.values())
     # the head's prediction layers keep their outputs (classes, 4 x reg_max box bins...)
     heads = [path for path, reason in summary.kept.items() if reason == tpu.HEAD_REASON]
     assert len(heads) >= 1 and all(out_channels[path] == model.get_submodule(path).weight.shape[0] for path in heads)
@@ -91,29 +88,6 @@ def test_every_pruned_group_is_lossless_once_its_channels_are_silenced(name):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         pruned += 1
     assert pruned > 20
-
-
-def test_rtdetr_prunes_backbone_and_encoder_and_names_the_decoder_it_keeps():
-    yolo = _yolo("rtdetr-l.yaml")
-    model = yolo.model
-    head = model.model[-1]
-    hidden = head.hidden_dim
-    decoder_params = sum(p.numel() for p in head.parameters())
-    inputs = tpu.make_example_inputs(model, IMGSZ)
-    shapes = [t.shape for t in tpu.head_outputs(model.eval(), inputs)]
-    with pytest.warns(UserWarning, match=r"left unpruned: model\.28 \(RTDETRDecoder, \d+ layers\) \(RT-DETR decoder"):
-        _, summary = tpu.prune(yolo, ratio=0.5, imgsz=IMGSZ)
-    assert summary.params_after < 0.5 * summary.params_before
-    assert [t.shape for t in tpu.head_outputs(model.eval(), inputs)] == shapes
-    # the decoder keeps its width; only input_proj's input channels follow the pruned backbone
-    assert all(layer.out_channels == hidden for layer in (seq[0] for seq in head.input_proj))
-    assert any(seq[0].in_channels < 256 for seq in head.input_proj)
-    assert sum(p.numel() for p in head.parameters()) < decoder_params
-    # training mode (auxiliary decoder heads) still runs
-    model.train()
-    with torch.no_grad():
-        dec_bboxes, dec_scores = model(inputs)[:2]
-    assert dec_scores.shape[0] == head.num_decoder_layers
 
 
 def test_unknown_head_error_names_the_layer_and_what_to_pass():

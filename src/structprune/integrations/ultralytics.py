@@ -24,6 +24,7 @@ from torch import nn
 
 from ..adapters import Adapter, register_adapter
 from ..utils.nested import evaluating
+from ._rtdetr import is_rtdetr_head, training_branches
 
 INSTALL_HINT = "pip install 'structprune[yolo]'"
 
@@ -31,8 +32,6 @@ INSTALL_HINT = "pip install 'structprune[yolo]'"
 HEAD_REASON = "the head's prediction layer (its outputs are the model's predictions)"
 ATTENTION_REASON = ("attention q/k/v projection: its forward reshapes with num_heads/key_dim/head_dim "
                     "attributes that pruning does not rewrite yet")
-RTDETR_REASON = ("RT-DETR decoder: its training-only denoising and auxiliary heads never run in the traced "
-                 "eval forward, so its hidden width stays; the backbone and encoder are pruned")
 
 
 def require_ultralytics():
@@ -91,15 +90,21 @@ def head_outputs(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, 
 
     Every branch a loss reads is kept (boxes, scores, mask coefficients and prototypes, keypoints,
     angles, both one-to-many and one-to-one branches of end-to-end heads, RT-DETR's decoder and encoder
-    outputs, class logits); the decoded predictions are dropped (they derive from these) and so are the
-    feature maps (``feats``) the head hands on to its loss: they are internal, so they pin no channels.
+    outputs, class logits; in eval mode also the outputs of its training-only layers, see ``_rtdetr``);
+    the decoded predictions are dropped (they derive from these) and so are the feature maps (``feats``)
+    the head hands on to its loss: they are internal, so they pin no channels.
     """
-    output = model(inputs)
     head = head_of(model)
+    if is_rtdetr_head(head):
+        with training_branches(head) as training_only:
+            output = model(inputs)
+    else:
+        training_only = []
+        output = model(inputs)
     # in eval mode Ultralytics heads return (decoded, raw); in training mode (and export mode) one value
     if not head.training and isinstance(output, tuple) and len(output) == 2:
         output = output[1]
-    return tuple(_prediction_tensors(output, []))
+    return tuple(_prediction_tensors(output, [])) + tuple(training_only)
 
 
 def _prediction_tensors(value, found: list) -> list:
@@ -152,6 +157,15 @@ def _detect_final_layers(head: nn.Module) -> list[nn.Module]:
     return final
 
 
+def _rtdetr_final_layers(head: nn.Module) -> list[nn.Module]:
+    """The encoder's and every decoder layer's class scores and last box layer (the rest of the decoder
+    is pruned: self-attention, deformable cross-attention, FFN and the hidden width)."""
+    final = _declared(head.enc_score_head) + _declared(head.enc_bbox_head.layers[-1])
+    for scores, boxes in zip(head.dec_score_head, head.dec_bbox_head):
+        final.extend(_declared(scores) + _declared(boxes.layers[-1]))
+    return final
+
+
 def protected_layers(model: nn.Module) -> dict[nn.Module, str]:
     """{layer: why it is left whole} for the head of a known Ultralytics model, else a ValueError that
     names the head and what to pass."""
@@ -164,8 +178,7 @@ def protected_layers(model: nn.Module) -> dict[nn.Module, str]:
     if isinstance(head, Classify):
         return {layer: HEAD_REASON for layer in _declared(head.linear)}
     if isinstance(head, RTDETRDecoder):
-        # ignoring keeps output channels only: input_proj's input channels still follow the pruned backbone
-        return {layer: RTDETR_REASON for layer in _declared(head)}
+        return {layer: HEAD_REASON for layer in _rtdetr_final_layers(head)}
     raise ValueError(
         f"{name} ({type(head).__name__}) is a head structprune.integrations.ultralytics does not know; pass "
         f"ignored_layers=[...] with its final prediction layers (e.g. model.model[-1].<branch>[-1]) so that "
@@ -174,16 +187,26 @@ def protected_layers(model: nn.Module) -> dict[nn.Module, str]:
 
 
 def unsupported_layers(model: nn.Module) -> dict[nn.Module, str]:
-    """{layer: why} for layers the graph cannot prune exactly yet (PSA / area attention q/k/v)."""
+    """{layer: why} for layers the graph cannot prune exactly yet (YOLO12's area attention q/k/v; PSA's
+    ``Attention`` has an adapter)."""
     from ultralytics.nn.modules import block
 
-    attention_types = tuple(getattr(block, name) for name in ("Attention", "AAttn") if hasattr(block, name))
+    attention_types = tuple(getattr(block, name) for name in ("AAttn",) if hasattr(block, name))
     found = {}
     for module in model.modules():
         if isinstance(module, attention_types):
             for layer in _declared(module.qkv):
                 found[layer] = ATTENTION_REASON
     return found
+
+
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """{projection: heads} for attention whose head size no attribute names, so that ``prune_num_heads``
+    finds its heads: RT-DETR's deformable cross-attention (``value_proj``, n_heads blocks of
+    d_model // n_heads; its sampling offsets and attention weights go with each head)."""
+    return {module.value_proj: module.n_heads for module in model.modules()
+            if type(module).__name__ == "MSDeformAttn" and isinstance(getattr(module, "value_proj", None), nn.Linear)
+            and isinstance(getattr(module, "n_heads", None), int)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,6 +301,8 @@ def build_pruner(yolo_or_model, pruner_class=None, importance=None, *, imgsz: in
     pruner_class = pruner_class or BasePruner
     importance = importance if importance is not None else MagnitudeImportance(p=2)
     ignored = list(kept) + list(unsupported) + list(ignored_layers or [])
+    if pruner_kwargs.get("prune_num_heads"):
+        pruner_kwargs["num_heads"] = {**attention_heads(model), **(pruner_kwargs.get("num_heads") or {})}
     pruner = pruner_class(model, inputs, importance, ignored_layers=ignored, forward_fn=head_outputs,
                           **pruner_kwargs)
     pruner.structprune_kept = {**kept, **unsupported}

@@ -20,7 +20,7 @@ from torch import nn
 from ..graph.side import Side
 from ..hf.attention import HEAD_COUNT_NAMES, HEAD_SIZE_NAMES, KV_HEAD_NAMES, _int_attr
 from ..hf.config import HEAD_SIZE_FIELDS, sync_config
-from ..hf.fit import HEAD_COUNT_FIELDS, candidates, dependencies, field_values, width_fields
+from ..hf.fit import HEAD_COUNT_FIELDS, build_from, candidates, dependencies, field_values, width_fields
 from ..hf.rebuild import config_mismatches
 from .fallback import FallbackRecord
 
@@ -38,6 +38,8 @@ class ConfigFit:
         self._fit_modules: dict | None = None
         #: what the last step adjusted, for report()
         self._config_notes: list = []
+        self._narrow_with_heads = True
+        self._last_fresh: dict = {}
 
     # -- hooks the planners call --------------------------------------------------------------------
     def _fitted_n_prune(self, group, n_prune: int) -> int:
@@ -73,7 +75,9 @@ class ConfigFit:
         sync_config(self.model)
         planned = self.model.config.to_dict()
         roots = self._fit_roots()
+        by_name = {self.DG._name(module): module for module in roots}
         achieved = {module: self.DG.get_out_channels(module) for module in roots}
+        mismatched = self._mismatched_roots(planned, by_name, achieved)
         checkpoint.restore()
         before = self.model.config.to_dict()
         widths = {module: self.DG.get_out_channels(module) for module in roots}
@@ -81,19 +85,20 @@ class ConfigFit:
         # an ignored layer keeps its width, and so does every config field that width follows
         pinned = {module: widths[module] for module in roots if self._is_ignored_layer(module)}
         fields = [field for field in width_fields(before, planned) if field.name not in self._frozen_fields()]
-        by_name = {self.DG._name(module): module for module in roots}
         depends = dependencies(self.model, before, fields, lambda fresh: self._built_widths(fresh, by_name))
         refusals: list = []
         replans = 0
+        self._narrow_with_heads = True  # whether heads may lose whole heads and narrow in one step
         while replans < MAX_REPLANS:
             learned = False
-            for candidate in candidates(self.model, planned, self._choices(fields, depends, pinned, widths, by_name),
+            for candidate in candidates(self.model, planned, self._choices(fields, depends, pinned, widths, mismatched),
                                         refusals=refusals):
                 targets = self._candidate_targets(candidate.model, roots, widths, achieved, shapes, pinned)
                 if targets is None:
                     continue
                 replans += 1
-                self._width_targets, self._fit_modules = targets, dict(candidate.model.named_modules())
+                self._last_fresh = dict(candidate.model.named_modules())
+                self._width_targets, self._fit_modules = targets, self._last_fresh
                 try:
                     fitted = self._step_balanced(optimizer, checkpoint)
                 finally:
@@ -106,6 +111,9 @@ class ConfigFit:
                     if width != target and width == widths[module] and module not in pinned:
                         pinned[module] = width  # the graph cannot narrow it; later candidates keep its width
                         learned = True
+                if self._narrow_with_heads and _heads_stayed_wide(self.model, self._last_fresh):
+                    # the graph traced the old head count: heads that lost whole heads in this step keep their width
+                    self._narrow_with_heads, learned = False, True
                 checkpoint.restore()
                 if learned or replans >= MAX_REPLANS:
                     break
@@ -117,8 +125,10 @@ class ConfigFit:
         modules = dict(fresh.named_modules())
         return {name: self._fresh_out(module, modules.get(name)) for name, module in by_name.items()}
 
-    def _choices(self, fields, depends, pinned, widths, by_name) -> list:
-        """(field, values nearest first) per field: held where a pinned width follows it, else free."""
+    def _choices(self, fields, depends, pinned, widths, mismatched) -> list:
+        """(field, values nearest first) per field: held where a pinned width follows it, free where a layer
+        the planned config builds wrong follows it (or the class refuses it alone, or only attributes follow
+        it), else left as planned."""
         held = {self.DG._name(module) for module, width in pinned.items() if widths.get(module) == width}
         unit = self.round_to if isinstance(self.round_to, int) else 1
         choices = []
@@ -126,11 +136,18 @@ class ConfigFit:
             names = depends.get(field)
             if names is not None and names & held:
                 choices.append((field, [field.before]))
-            elif names is not None and not names and field.planned == field.before:
-                continue  # shapes do not follow it
-            else:
+            elif names is None or (mismatched is None and (names or field.planned != field.before)) \
+                    or (names & (mismatched or set())) or (not names and field.planned != field.before):
                 choices.append((field, field_values(field, unit)))
         return choices
+
+    def _mismatched_roots(self, planned: dict, by_name: dict, achieved: dict) -> set | None:
+        """Roots the planned config builds at another width than the step left them; None if it builds nothing."""
+        try:
+            built = self._built_widths(build_from(self.model, type(self.model.config).from_dict(planned)), by_name)
+        except Exception:  # noqa: BLE001 - the class refuses the plan: every field it knows may have to move
+            return None
+        return {name for name, module in by_name.items() if built.get(name) not in (None, achieved[module])}
 
     def _unfitted_step(self, optimizer, checkpoint, refusals: list) -> list:
         """No config near the plan could be reached: prune as planned, and say that save_pretrained refuses."""
@@ -194,7 +211,7 @@ class ConfigFit:
                 return None
         modules = dict(fresh.named_modules())
         for name, module in self.model.named_modules():
-            if not _heads_fit(module, modules.get(name)):
+            if not _heads_fit(module, modules.get(name), self._narrow_with_heads):
                 return None
         targets = {}
         for module in roots:
@@ -218,12 +235,31 @@ class ConfigFit:
                                            f"the model ({label})")
 
 
-def _heads_fit(module, fresh) -> bool:
-    """Heads only go and only narrow: the built module has no more heads and no wider ones than now."""
+def _heads_fit(module, fresh, narrow_with_heads: bool = True) -> bool:
+    """Heads only go and only narrow: the built module has no more heads and no wider ones than now (and,
+    once the graph showed it cannot, does not lose whole heads and narrow the rest in the same step)."""
     if fresh is None:
         return True
+    counts = []
     for names in (HEAD_COUNT_NAMES, KV_HEAD_NAMES, HEAD_SIZE_NAMES):
         name, value = _int_attr(module, names)
-        if name is not None and isinstance(fresh.__dict__.get(name), int) and fresh.__dict__[name] > value:
+        built = fresh.__dict__.get(name) if name is not None else None
+        if isinstance(built, int) and built > value:
             return False
-    return True
+        counts.append(isinstance(built, int) and built < value)
+    return narrow_with_heads or not ((counts[0] or counts[1]) and counts[2])
+
+
+def _heads_stayed_wide(model, fresh_modules: dict) -> bool:
+    """Whether an attention module lost the heads the config builds but kept wider heads than it builds."""
+    for name, module in model.named_modules():
+        fresh = fresh_modules.get(name)
+        if fresh is None:
+            continue
+        _, heads = _int_attr(module, HEAD_COUNT_NAMES)
+        size_name, size = _int_attr(module, HEAD_SIZE_NAMES)
+        built_size = fresh.__dict__.get(size_name) if size_name is not None else None
+        built_heads = _int_attr(fresh, HEAD_COUNT_NAMES)[1]
+        if heads is not None and heads == built_heads and isinstance(built_size, int) and size > built_size:
+            return True
+    return False

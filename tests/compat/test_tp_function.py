@@ -72,6 +72,24 @@ def test_functions_and_call_form_prune_one_layer():
     assert linear.in_features == 4 and torch.equal(linear.weight.detach(), weight[:, 1:5])
 
 
+def test_conv_functions_prune_a_transposed_conv_along_its_own_layout():
+    """torch_pruning's ConvPruner takes transposed convs too; a ConvTranspose keeps its weight as [in, out, ...],
+    so its outputs are dim 1 (slicing dim 0 broke the layer, without an error)."""
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(4, 6, 2, stride=2)
+    x = torch.randn(1, 4, 3, 3)
+    expected = layer(x).detach()
+    tp.function.prune_conv_out_channels(layer, [0, 4])
+    assert (layer.in_channels, layer.out_channels) == (4, 4) and layer.weight.shape == (4, 4, 2, 2)
+    assert torch.allclose(layer(x), expected[:, [1, 2, 3, 5]], atol=1e-6)
+    weight = layer.weight.detach().clone()
+    tp.function.ConvPruner()(layer, [2], to_output=False)
+    assert layer.in_channels == 3 and torch.equal(layer.weight.detach(), weight[[0, 1, 3]])
+    conv = nn.Conv2d(4, 6, 3)
+    tp.function.prune_transposed_conv_out_channels(conv, [5])
+    assert conv.out_channels == 5 and conv.weight.shape == (5, 4, 3, 3)
+
+
 class ScaledLinear(nn.Module):
     """A linear layer written its own way: ``in_dim``/``out_dim`` attributes and a scale per output."""
 

@@ -62,9 +62,18 @@ class ConvPruner(BasePruningFunc):
     channel_inputs = (0,)
     #: which side of a grouped layer needs identical positions in every group (the other: equal counts)
     symmetric_side = "input"
+    #: the weight layout this declaration describes ([out, in/groups, ...]; transposed: [in, out/groups, ...])
+    transposed = False
+
+    def _layout(self, layer) -> "ConvPruner":
+        """The declaration of the layer's own weight layout. torch_pruning's ConvPruner prunes transposed convs
+        too, so ``tp.prune_conv_out_channels(conv_transpose, idxs)`` must slice dim 1, not the input dim 0."""
+        if bool(getattr(layer, "transposed", False)) is self.transposed:
+            return self
+        return _CONV_T if layer.transposed else _CONV
 
     def check_structure(self, layer, idxs, side: str) -> None:
-        _check_grouped(layer, idxs, side, symmetric=side == self.symmetric_side)
+        _check_grouped(layer, idxs, side, symmetric=side == self._layout(layer).symmetric_side)
 
     def prune_out_channels(self, layer, idxs):
         self.check_structure(layer, idxs, "output")
@@ -79,9 +88,13 @@ class ConvPruner(BasePruningFunc):
         return _is_depthwise(layer)
 
     def out_axes(self, layer):
+        if self._layout(layer) is not self:
+            return self._layout(layer).out_axes(layer)
         return [Axis("weight", 0), Axis("bias", 0)] + _per_output_extras(layer, layer.out_channels)
 
     def in_axes(self, layer):
+        if self._layout(layer) is not self:
+            return self._layout(layer).in_axes(layer)
         if self.is_coupled(layer):
             return self.out_axes(layer)
         return [Axis("weight", 1)]
@@ -99,6 +112,8 @@ class ConvPruner(BasePruningFunc):
         return 1 if self.is_coupled(layer) else layer.groups
 
     def update_attrs(self, layer):
+        if self._layout(layer) is not self:
+            return self._layout(layer).update_attrs(layer)
         # attributes still describe the layer before pruning here, so is_coupled sees the old layout
         depthwise = self.is_coupled(layer)
         layer.out_channels = layer.weight.shape[0]
@@ -116,18 +131,25 @@ class ConvTransposePruner(ConvPruner):
     """ConvTranspose stores weight as [in, out/groups, ...]: its output channels are dim 1."""
 
     symmetric_side = "output"
+    transposed = True
 
     def out_axes(self, layer):
+        if self._layout(layer) is not self:
+            return self._layout(layer).out_axes(layer)
         if self.is_coupled(layer):
             return [Axis("weight", 0), Axis("bias", 0)]
         return [Axis("weight", 1), Axis("bias", 0)]
 
     def in_axes(self, layer):
+        if self._layout(layer) is not self:
+            return self._layout(layer).in_axes(layer)
         if self.is_coupled(layer):
             return self.out_axes(layer)
         return [Axis("weight", 0)]
 
     def update_attrs(self, layer):
+        if self._layout(layer) is not self:
+            return self._layout(layer).update_attrs(layer)
         depthwise = self.is_coupled(layer)
         layer.in_channels = layer.weight.shape[0]
         if depthwise:

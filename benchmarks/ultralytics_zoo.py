@@ -3,7 +3,8 @@
 Prints a table; run with `.venv/bin/python benchmarks/ultralytics_zoo.py [--models yolov8n.yaml,rtdetr-l.yaml]`.
 Each model is built from Ultralytics' yaml with 2 classes (random init), pruned at ratio 0.5 on 64x64 images,
 saved, reloaded with YOLO(path), and run through predict, val and 1 training epoch (trainer=tpu.trainer) on
-a synthetic 4-image dataset, and exported to ONNX; nothing is downloaded. A cell says ok or the error.
+a synthetic 4-image dataset, and exported to ONNX; nothing is downloaded. A cell says ok or the error;
+"kept" is params after / before, "refused by the graph" the groups step() could not cut as planned.
 """
 from __future__ import annotations
 
@@ -65,9 +66,12 @@ def measure(name: str, task: str, root: Path) -> dict:
 
     kept = sorted({str(w.message).split("(", 1)[0].replace("structprune.integrations.ultralytics: left unpruned: ", "")
                    for w in caught if "left unpruned" in str(w.message)})
+    # groups the graph refused, named by the step's shortfall warning ("...asked for: LAYER (0 of N: why). ...")
+    short = sorted({str(w.message).split("asked for: ", 1)[1].split(". pruner.report()", 1)[0]
+                    for w in caught if "channels its schedule asked for: " in str(w.message)})
     return {
         "before": summary.params_before, "after": summary.params_after, "seconds": seconds,
-        "kept": "; ".join(k.strip() for k in kept) or "-",
+        "kept": "; ".join(k.strip() for k in kept) or "-", "short": "; ".join(short) or "-",
         "predict": _attempt(lambda: load(path).predict(image, imgsz=64, verbose=False)),
         "val": _attempt(lambda: load(path).val(data=str(data), project=str(root / "runs"), name="val", **RUN)),
         "train": _attempt(train), "onnx": _attempt(export),
@@ -83,12 +87,14 @@ def main() -> None:
         rows = []
         for name in args.models.split(","):
             result = measure(name, DEFAULT.get(name, "detect"), Path(folder) / name)
-            rows.append(f"| {name} | {result['before']:,} | {result['after']:,} | {result['seconds']:.1f} | "
-                        f"{result['kept']} | {result['predict']} | {result['val']} | {result['train']} | "
+            rows.append(f"| {name} | {result['before']:,} | {result['after']:,} | "
+                        f"{result['after'] / result['before']:.2f} | {result['seconds']:.1f} | {result['kept']} | "
+                        f"{result['short']} | {result['predict']} | {result['val']} | {result['train']} | "
                         f"{result['onnx']} |")
             print(rows[-1], flush=True)
-    print("\n| model | params before | params after | prune s | left whole (warned) | predict | val | train | onnx |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | params before | params after | kept | prune s | left whole (warned) | refused by the graph "
+          "| predict | val | train | onnx |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -307,3 +307,29 @@ def test_a_pruned_llama_with_refit_compensation_round_trips(tmp_path):
     reloaded = type(model).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_magnitude_on_a_trained_transformers_model_warns_and_names_the_criterion_that_works():
+    import warnings
+
+    model = tiny_llama()
+    ids = {"input_ids": torch.randint(0, 64, (1, 8))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # random init: norms all ones, nothing to warn about
+        tp.pruner.BasePruner(model, ids, tp.importance.MagnitudeImportance(), pruning_ratio=0.25)
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 2.0)  # what training leaves
+    with pytest.warns(UserWarning, match="WandaImportance.*compensation='refit'"):
+        tp.pruner.BasePruner(model, ids, tp.importance.MagnitudeImportance(), pruning_ratio=0.25)
+    imp = calibrated(tp.importance.WandaImportance, model, [ids["input_ids"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tp.pruner.BasePruner(model, ids, imp, pruning_ratio=0.25)

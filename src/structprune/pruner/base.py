@@ -14,8 +14,9 @@ from ..hf.config import restore_configs, snapshot_configs, task_outputs, uses_tr
 from ..layers.registry import LayerRole, layer_types
 from ..utils.gc_pause import gc_paused
 from ..utils.sharding import refuse_sharded
-from .budget import BudgetMixin
+from .advice import warn_weight_only_criterion
 from .compensation import Compensator, as_compensation, check_statistics_source
+from .budget import BudgetMixin
 from .experts import ExpertPlanner
 from .fallback import FallbackRecord
 from .heads import HeadPlanner
@@ -134,6 +135,7 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
         self.verify = options.verify
         self.current_step = 0
         self._compensator = _compensator(options.compensation, options.importance)
+        warn_weight_only_criterion(model, options.importance)
 
         self.ignored_layers, ignored_params = split_ignored(options.ignored_layers)
         self.in_channel_groups = dict(options.in_channel_groups or {})

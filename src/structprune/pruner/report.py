@@ -157,10 +157,10 @@ class ReportMixin:
                 reason = next((entry for entry in record.fallback if entry.startswith(root.name + " ")), None)
             record.groups.append(GroupRecord(root.name, side.name.lower(), before, after, target, reason))
         record.notes += [f"uniform config widths held back {note}" for note in getattr(self, "_held_back", [])]
+        record.notes += list(getattr(self, "_config_notes", []))
         compensator = getattr(self, "_compensator", None)
         if compensator is not None:
             record.notes += compensator.step_notes()
-        record.notes += list(getattr(self, "_config_notes", []))
         record.budget = self._budget_outcome()
         self._step_records.append(record)
         if warn:

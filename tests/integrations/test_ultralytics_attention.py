@@ -103,6 +103,56 @@ def test_psa_narrowing_is_lossless_once_the_removed_channels_are_silenced():
         torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
 
 
+class _DeformableAttention(torch.nn.Module):
+    """RT-DETR's MSDeformAttn (4 heads of 8 value dims, 2 levels x 2 points) over fixed boxes and levels."""
+
+    def __init__(self):
+        super().__init__()
+        from ultralytics.nn.modules.transformer import MSDeformAttn
+
+        self.attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+        torch.nn.init.normal_(self.attn.sampling_offsets.weight, std=0.1)  # the init zeroes them
+        torch.nn.init.normal_(self.attn.attention_weights.weight, std=0.5)
+        self.register_buffer("boxes", torch.rand(1, 5, 1, 4) * 0.5 + 0.25)
+
+    def forward(self, query, value):
+        return self.attn(query, self.boxes, value, [(4, 4), (2, 2)])
+
+
+@pytest.mark.parametrize("case", ["head dims", "whole heads"])
+def test_deformable_attention_removal_is_lossless_with_offsets_and_weights_per_head(case):
+    from oracle import assert_lossless
+
+    torch.manual_seed(0)
+    net = _DeformableAttention().eval()
+    attn = net.attn
+    inputs = (torch.randn(1, 5, 32), torch.randn(1, 20, 32))
+    # value_proj: head h holds dims 8h..8h+7; dim 2 of every head, or all of head 1
+    idxs = [8 * head + 2 for head in range(4)] if case == "head dims" else list(range(8, 16))
+    group = assert_lossless(net, inputs, attn.value_proj, idxs)
+    layers = {(item.dep.target.module, item.side.name): len(item.idxs) for item in group}
+    if case == "head dims":
+        assert (attn.n_heads, attn.d_model) == (4, 28)
+        assert (attn.sampling_offsets, "OUT") not in layers and attn.sampling_offsets.out_features == 32
+    else:
+        # the head's sampling offsets (2 levels x 2 points x xy) and attention weights go with its values
+        assert layers[(attn.sampling_offsets, "OUT")] == 8 and layers[(attn.attention_weights, "OUT")] == 4
+        assert (attn.n_heads, attn.d_model) == (3, 24)
+        assert attn.sampling_offsets.out_features == 24 and attn.attention_weights.out_features == 12
+    assert attn.value_proj.out_features == attn.output_proj.in_features == attn.d_model
+
+
+def test_deformable_attention_refuses_uneven_heads_and_single_coordinates():
+    net = _DeformableAttention().eval()
+    attn = net.attn
+    graph = tp.DependencyGraph().build_dependency(net, (torch.randn(1, 5, 32), torch.randn(1, 20, 32)))
+    # one value dim of one head: the heads would differ in size
+    assert not graph.check_pruning_group(graph.get_pruning_group(attn.value_proj, tp.prune_linear_out_channels, [2]))
+    # the x offset of a sampling point without its y (nor its weight, nor its head)
+    assert not graph.check_pruning_group(
+        graph.get_pruning_group(attn.sampling_offsets, tp.prune_linear_out_channels, [0]))
+
+
 def test_rtdetr_decoder_layers_narrow_and_its_training_forward_runs():
     yolo = _load("rtdetr-l.yaml")
     model = yolo.model

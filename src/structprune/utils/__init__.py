@@ -1,8 +1,10 @@
-"""Utilities: MAC/parameter counting, speed and memory benchmarks, pruning reports."""
+"""Utilities: MAC/parameter counting, speed and memory benchmarks, latency profiles, pruning reports."""
 
-from . import benchmark, nested, op_counter, print_tool
+from . import benchmark, latency, nested, op_counter, print_tool
 from .benchmark import measure_fps, measure_latency, measure_memory, measure_throughput
+from .cost_profile import CostProfile
 from .draw import draw_computational_graph, draw_dependency_graph, draw_groups
+from .latency import cost_profile, latency_profile, measure_cost
 from .nested import flatten_as_list
 from .op_counter import count_ops_and_params, count_params
 
@@ -18,4 +20,9 @@ __all__ = [
     "measure_memory",
     "measure_fps",
     "measure_throughput",
+    "latency",
+    "latency_profile",
+    "cost_profile",
+    "measure_cost",
+    "CostProfile",
 ]

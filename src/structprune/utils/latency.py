@@ -2,8 +2,11 @@
 
 One forward records every declared layer's input shapes. Each layer is then copied, narrowed with its own
 pruning function (output side, then input side, at the few widths of :func:`~.cost_profile.grid_widths`)
-and timed alone on random inputs of the recorded shapes: all widths of a layer in interleaved rounds, the
-median of each, so a machine that slows down for a moment slows every width alike. Layers, not the whole
+and timed alone on random inputs of the recorded shapes: all widths of a layer in interleaved rounds, so a
+machine that slows down for a moment slows every width alike, and the fastest round of each by default
+(``statistic="min"``): other processes only ever add time, and on a loaded machine (four developers on two
+cores) more than half the rounds are slowed, which moves a median by 2x; ``statistic="median"`` is there
+for quiet machines. Layers, not the whole
 model, because a model with one layer narrowed costs a full forward per width, and layers are where the
 width shows. The same tables can hold MACs or parameter counts (``metric``), which the budget planner
 uses the same way.
@@ -29,6 +32,9 @@ from .op_counter import count_ops_and_params, count_params
 
 __all__ = ["latency_profile", "cost_profile", "measure_cost", "default_cache_dir"]
 
+#: how the rounds of one timing are reduced to one number
+STATISTICS = {"min": min, "median": statistics.median}
+
 
 def default_cache_dir() -> Path:
     """``$STRUCTPRUNE_CACHE`` or ``~/.cache/structprune``: where profiles are kept between runs."""
@@ -36,27 +42,30 @@ def default_cache_dir() -> Path:
 
 
 def latency_profile(model: nn.Module, example_inputs: Any, device: torch.device | str | None = None, *,
-                    units: dict | None = None, repeat: int = 5, warmup: int = 2,
+                    units: dict | None = None, repeat: int = 5, warmup: int = 1, statistic: str = "min",
                     cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> CostProfile:
     """Per-layer latency (ms) as a function of width, on ``device`` (default: the model's).
 
     Each declared layer (conv, linear, norm, embedding...) is timed alone on its recorded input shape at a
-    few widths per side (see :mod:`.cost_profile`), ``warmup`` + ``repeat`` interleaved rounds, medians;
-    the whole model is timed too. ``units`` maps ``(layer name, "out" | "in")`` to the multiple that side's
+    few widths per side (see :mod:`.cost_profile`), ``warmup`` + ``repeat`` interleaved rounds reduced by
+    ``statistic`` (``"min"`` or ``"median"``); the whole model is timed too. ``units`` maps ``(layer name, "out" | "in")`` to the multiple that side's
     width must stay (channel groups, heads; default: the layer's declared groups). The result is cached
     under ``cache_dir`` (default :func:`default_cache_dir`) by model structure, device, dtype, threads,
     input shapes and these settings; ``refresh`` measures again.
     """
     return cost_profile(model, example_inputs, "latency_ms", device, units=units, repeat=repeat, warmup=warmup,
-                        cache_dir=cache_dir, refresh=refresh)
+                        statistic=statistic, cache_dir=cache_dir, refresh=refresh)
 
 
 def cost_profile(model: nn.Module, example_inputs: Any, metric: str = "latency_ms",
                  device: torch.device | str | None = None, *, units: dict | None = None, repeat: int = 5,
-                 warmup: int = 2, cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> CostProfile:
+                 warmup: int = 1, statistic: str = "min", cache_dir: str | os.PathLike | None = None,
+                 refresh: bool = False) -> CostProfile:
     """:func:`latency_profile` for any of ``METRICS``; MACs and parameters are counted, not cached."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {tuple(STATISTICS)}, got {statistic!r}")
     if repeat < 1 or warmup < 0:
         raise ValueError(f"repeat must be >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
     home = _model_device(model, example_inputs)
@@ -69,12 +78,13 @@ def cost_profile(model: nn.Module, example_inputs: Any, metric: str = "latency_m
         layers = _profiled_layers(model)
         records = _record_inputs(model, example_inputs, layers)
         units = dict(units or {})
-        key = _cache_key(model, example_inputs, metric, target, units, repeat, warmup)
+        key = _cache_key(model, example_inputs, metric, target, units, repeat, warmup, statistic)
         path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         cached = path / f"{key}.json"
         if metric == "latency_ms" and not refresh and cached.exists():
             return CostProfile.from_json(cached.read_text())
-        profile = _measure(model, example_inputs, layers, records, units, metric, target, key, repeat, warmup)
+        profile = _measure(model, example_inputs, layers, records, units, metric, target, key, repeat, warmup,
+                           STATISTICS[statistic])
         if metric == "latency_ms":
             path.mkdir(parents=True, exist_ok=True)
             partial = cached.with_suffix(".tmp")
@@ -87,12 +97,13 @@ def cost_profile(model: nn.Module, example_inputs: Any, metric: str = "latency_m
 
 
 def measure_cost(model: nn.Module, example_inputs: Any, metric: str = "latency_ms", repeat: int = 5,
-                 warmup: int = 2) -> float:
-    """The whole model's cost now, on its device: median latency (ms) of ``repeat`` forwards after
-    ``warmup``, or its MACs or parameter count."""
+                 warmup: int = 1, statistic: str = "min") -> float:
+    """The whole model's cost now, on its device: the latency (ms) of ``repeat`` forwards after ``warmup``
+    reduced by ``statistic`` (as :func:`latency_profile` times), or its MACs or parameter count."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return _model_cost(model, example_inputs, metric, _model_device(model, example_inputs), repeat, warmup)
+    return _model_cost(model, example_inputs, metric, _model_device(model, example_inputs), repeat, warmup,
+                       STATISTICS[statistic])
 
 
 # -- which layers, and what they were called with -----------------------------------------------------
@@ -158,22 +169,23 @@ def _materialise(specs: list, channel_dim: int | None = None, width: int | None 
 
 
 # -- measuring --------------------------------------------------------------------------------------
-def _measure(model, example_inputs, layers, records, units, metric, device, key, repeat, warmup) -> CostProfile:
+def _measure(model, example_inputs, layers, records, units, metric, device, key, repeat, warmup,
+             reduce) -> CostProfile:
     tables, skipped = {}, {}
     for name, (module, pruner) in layers.items():
         record = records.get(name)
         if record is None:
             continue  # not called in forward: it costs nothing
         try:
-            tables[name] = _layer_cost(name, module, pruner, record, units, metric, device, repeat, warmup)
+            tables[name] = _layer_cost(name, module, pruner, record, units, metric, device, repeat, warmup, reduce)
         except Exception as error:  # noqa: BLE001 - a layer that cannot run alone stays in the total
             skipped[name] = f"{type(error).__name__}: {error}"
-    total = _model_cost(model, example_inputs, metric, device, repeat, warmup)
+    total = _model_cost(model, example_inputs, metric, device, repeat, warmup, reduce)
     dtype = next((str(p.dtype) for p in model.parameters()), "none")
     return CostProfile(metric, str(device), dtype, torch.get_num_threads(), key, total, tables, skipped)
 
 
-def _layer_cost(name, module, pruner, record, units, metric, device, repeat, warmup) -> LayerCost:
+def _layer_cost(name, module, pruner, record, units, metric, device, repeat, warmup, reduce) -> LayerCost:
     coupled = pruner.is_coupled(module)
     out_width = pruner.get_out_channels(module)
     in_width = None if coupled else pruner.get_in_channels(module)
@@ -196,7 +208,7 @@ def _layer_cost(name, module, pruner, record, units, metric, device, repeat, war
             layer = _narrowed(module, pruner, side, width, narrow, unit)
             inputs = _materialise(specs, dim, narrow) if reads_channels else configs[0][3]
             configs.append((side, narrow, layer, inputs))
-    costs = _costs(configs, metric, device, repeat, warmup)
+    costs = _costs(configs, metric, device, repeat, warmup, reduce)
     full = costs[0]
     tables = {}
     for side, (width, grid, anchor, steps) in plans.items():
@@ -250,7 +262,7 @@ def _channel_dim(module, pruner, specs, width, side, unit) -> int | None:
     return None
 
 
-def _costs(configs: list, metric: str, device: torch.device, repeat: int, warmup: int) -> list[float]:
+def _costs(configs: list, metric: str, device: torch.device, repeat: int, warmup: int, reduce) -> list[float]:
     if metric == "params":
         return [float(count_params(layer)) for _, _, layer, _ in configs]
     if metric == "macs":
@@ -265,21 +277,21 @@ def _costs(configs: list, metric: str, device: torch.device, repeat: int, warmup
                 duration = _per_call_ms(layer, inputs, 1, device)[0]
                 if round_index >= warmup:
                     times[index].append(duration)
-    return [statistics.median(values) for values in times]
+    return [reduce(values) for values in times]
 
 
-def _model_cost(model, example_inputs, metric, device, repeat, warmup) -> float:
+def _model_cost(model, example_inputs, metric, device, repeat, warmup, reduce) -> float:
     if metric == "params":
         return float(count_params(model))
     if metric == "macs":
         return float(count_ops_and_params(model, example_inputs)[0])
     with evaluating(model), torch.no_grad():
         _warm_up(model, example_inputs, warmup)
-        return statistics.median(_per_call_ms(model, example_inputs, max(repeat, 5), device))
+        return reduce(_per_call_ms(model, example_inputs, max(repeat, 5), device))
 
 
 # -- the cache key --------------------------------------------------------------------------------------
-def _cache_key(model, example_inputs, metric, device, units, repeat, warmup) -> str:
+def _cache_key(model, example_inputs, metric, device, units, repeat, warmup, statistic) -> str:
     structure = [(name, type(module).__qualname__,
                   [tuple(p.shape) for p in module.parameters(recurse=False)])
                  for name, module in model.named_modules()]
@@ -289,7 +301,7 @@ def _cache_key(model, example_inputs, metric, device, units, repeat, warmup) -> 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     payload = json.dumps([type(model).__qualname__, structure, shapes, metric, str(device), name, dtype,
                           torch.get_num_threads(), sorted((list(k), v) for k, v in units.items()), repeat,
-                          warmup, torch.__version__], default=str)
+                          warmup, statistic, torch.__version__], default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

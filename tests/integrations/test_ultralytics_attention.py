@@ -52,6 +52,15 @@ def test_psa_attention_narrows_its_heads_with_the_qkv_split_pe_and_proj(name, pa
         assert attn.eval()(x).shape == (2, attn.proj.conv.out_channels, 4, 4)
 
 
+def test_prune_num_heads_says_psa_keeps_its_heads_and_narrows_them():
+    yolo = _load("yolov10n.yaml")
+    attn = yolo.model.get_submodule("model.10.attn")
+    heads, head_dim = attn.num_heads, attn.head_dim
+    with pytest.warns(UserWarning, match=r"prune_num_heads keeps the heads of model\.10\.attn \(PSA attention"):
+        tpu.prune(yolo, ratio=0.5, imgsz=IMGSZ, prune_num_heads=True, head_pruning_ratio=0.5)
+    assert (attn.num_heads, attn.head_dim) == (heads, head_dim // 2)
+
+
 def _psa_net():
     """in conv -> PSABlock (2 heads: q/k 16, v 32 per head) -> out conv, so the residual width can follow v."""
     from ultralytics.nn.modules.block import PSABlock

@@ -303,6 +303,8 @@ def build_pruner(yolo_or_model, pruner_class=None, importance=None, *, imgsz: in
     ignored = list(kept) + list(unsupported) + list(ignored_layers or [])
     if pruner_kwargs.get("prune_num_heads"):
         pruner_kwargs["num_heads"] = {**attention_heads(model), **(pruner_kwargs.get("num_heads") or {})}
+        if warn:
+            _warn_psa_heads(model)
     pruner = pruner_class(model, inputs, importance, ignored_layers=ignored, forward_fn=head_outputs,
                           **pruner_kwargs)
     pruner.structprune_kept = {**kept, **unsupported}
@@ -331,6 +333,17 @@ def _warn_kept(model: nn.Module, kept: dict) -> None:
         shown = f"{head} ({type(head_of(model)).__name__}, {len(paths)} layers)" if inside and len(paths) > 6 \
             else _shorten(paths)
         warnings.warn(f"structprune.integrations.ultralytics: left unpruned: {shown} ({reason})", stacklevel=3)
+
+
+def _warn_psa_heads(model: nn.Module) -> None:
+    """PSA attention keeps its head count under prune_num_heads: say so instead of leaving it to the pruner's
+    generic advice (passing num_heads would not help)."""
+    paths = [name for name, module in model.named_modules() if type(module).__name__ == "Attention"
+             and type(module).__module__.startswith("ultralytics") and hasattr(module, "key_dim")]
+    if paths:
+        warnings.warn(f"structprune.integrations.ultralytics: prune_num_heads keeps the heads of {_shorten(paths)} "
+                      f"(PSA attention: no layer's width counts its heads, so a new head count cannot be checked); "
+                      f"their heads narrow instead, see pruner.report()", stacklevel=4)
 
 
 def _shorten(paths: list, limit: int = 6) -> str:

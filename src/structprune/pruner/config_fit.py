@@ -20,10 +20,12 @@ from torch import nn
 from ..graph.side import Side
 from ..hf.attention import HEAD_COUNT_NAMES, HEAD_SIZE_NAMES, KV_HEAD_NAMES, _int_attr
 from ..hf.config import HEAD_SIZE_FIELDS, sync_config
-from ..hf.fit import HEAD_COUNT_FIELDS, build_from, candidates, dependencies, field_values, width_fields
+from ..hf.fit import HEAD_COUNT_FIELDS, candidates, dependencies, field_values, width_fields
 from ..hf.rebuild import config_mismatches
 from .fallback import FallbackRecord
 
+#: suffix of the names that stand for an attention module's head count in field dependencies
+HEADS = "#heads"
 #: re-planned steps tried before giving up (each costs one planning pass and a meta-device build)
 MAX_REPLANS = 5
 
@@ -38,7 +40,7 @@ class ConfigFit:
         self._fit_modules: dict | None = None
         #: what the last step adjusted, for report()
         self._config_notes: list = []
-        self._narrow_with_heads = True
+        self._wide_heads: set = set()
         self._last_fresh: dict = {}
 
     # -- hooks the planners call --------------------------------------------------------------------
@@ -77,7 +79,6 @@ class ConfigFit:
         roots = self._fit_roots()
         by_name = {self.DG._name(module): module for module in roots}
         achieved = {module: self.DG.get_out_channels(module) for module in roots}
-        mismatched = self._mismatched_roots(planned, by_name, achieved)
         checkpoint.restore()
         before = self.model.config.to_dict()
         widths = {module: self.DG.get_out_channels(module) for module in roots}
@@ -86,12 +87,13 @@ class ConfigFit:
         pinned = {module: widths[module] for module in roots if self._is_ignored_layer(module)}
         fields = [field for field in width_fields(before, planned) if field.name not in self._frozen_fields()]
         depends = dependencies(self.model, before, fields, lambda fresh: self._built_widths(fresh, by_name))
+        mismatched, moved = self._mismatched_roots(planned, fields, by_name, achieved)
         refusals: list = []
         replans = 0
-        self._narrow_with_heads = True  # whether heads may lose whole heads and narrow in one step
+        self._wide_heads: set = set()  # attention modules that cannot lose whole heads and narrow in one step
         while replans < MAX_REPLANS:
             learned = False
-            for candidate in candidates(self.model, planned, self._choices(fields, depends, pinned, widths, mismatched),
+            for candidate in candidates(self.model, planned, self._choices(fields, depends, pinned, widths, mismatched, moved),
                                         refusals=refusals):
                 targets = self._candidate_targets(candidate.model, roots, widths, achieved, shapes, pinned)
                 if targets is None:
@@ -111,9 +113,11 @@ class ConfigFit:
                     if width != target and width == widths[module] and module not in pinned:
                         pinned[module] = width  # the graph cannot narrow it; later candidates keep its width
                         learned = True
-                if self._narrow_with_heads and _heads_stayed_wide(self.model, self._last_fresh):
-                    # the graph traced the old head count: heads that lost whole heads in this step keep their width
-                    self._narrow_with_heads, learned = False, True
+                wide = _heads_stayed_wide(self.model, self._last_fresh) - self._wide_heads
+                if wide:
+                    # the graph traced the old head count: these lost whole heads and could not narrow the rest
+                    self._wide_heads |= wide
+                    learned = True
                 checkpoint.restore()
                 if learned or replans >= MAX_REPLANS:
                     break
@@ -122,32 +126,43 @@ class ConfigFit:
         return self._unfitted_step(optimizer, checkpoint, refusals)
 
     def _built_widths(self, fresh, by_name: dict) -> dict:
+        """{root name: out width} of a built model, and {attention name + "#heads": head count}, so that a
+        field's dependencies say which head counts follow it."""
         modules = dict(fresh.named_modules())
-        return {name: self._fresh_out(module, modules.get(name)) for name, module in by_name.items()}
+        found = {name: self._fresh_out(module, modules.get(name)) for name, module in by_name.items()}
+        for name, module in modules.items():
+            heads = _int_attr(module, HEAD_COUNT_NAMES)[1]
+            if heads is not None:
+                found[name + HEADS] = heads
+        return found
 
-    def _choices(self, fields, depends, pinned, widths, mismatched) -> list:
-        """(field, values nearest first) per field: held where a pinned width follows it, free where a layer
-        the planned config builds wrong follows it (or the class refuses it alone, or only attributes follow
-        it), else left as planned."""
+    def _choices(self, fields, depends, pinned, widths, mismatched: set, moved: set) -> list:
+        """(field, values nearest first) per field: held where a pinned width follows it; free where a layer
+        the nearest buildable config builds wrong follows it, where that config had to move it, and for head
+        counts the step changed (a few values, and another hidden width may need another); else as planned."""
         held = {self.DG._name(module) for module, width in pinned.items() if widths.get(module) == width}
+        held |= {name + HEADS for name in self._wide_heads}  # they keep their heads and narrow instead
         unit = self.round_to if isinstance(self.round_to, int) else 1
         choices = []
         for field in fields:
             names = depends.get(field)
             if names is not None and names & held:
                 choices.append((field, [field.before]))
-            elif names is None or (mismatched is None and (names or field.planned != field.before)) \
-                    or (names & (mismatched or set())) or (not names and field.planned != field.before):
+            elif names is None or field.label in moved or names & mismatched or (
+                    field.name in HEAD_COUNT_FIELDS and field.planned != field.before):
                 choices.append((field, field_values(field, unit)))
         return choices
 
-    def _mismatched_roots(self, planned: dict, by_name: dict, achieved: dict) -> set | None:
-        """Roots the planned config builds at another width than the step left them; None if it builds nothing."""
-        try:
-            built = self._built_widths(build_from(self.model, type(self.model.config).from_dict(planned)), by_name)
-        except Exception:  # noqa: BLE001 - the class refuses the plan: every field it knows may have to move
-            return None
-        return {name for name, module in by_name.items() if built.get(name) not in (None, achieved[module])}
+    def _mismatched_roots(self, planned: dict, fields: list, by_name: dict, achieved: dict) -> tuple[set, set]:
+        """(roots built at another width than the step left them, fields moved) by the planned config, or, when
+        the class refuses it, by the nearest config it accepts."""
+        every = [(field, field_values(field)) for field in fields]
+        nearest = next(iter(candidates(self.model, planned, every, max_configs=200)), None)
+        if nearest is None:
+            return set(by_name), {field.label for field in fields}
+        built = self._built_widths(nearest.model, by_name)
+        mismatched = {name for name, module in by_name.items() if built.get(name) not in (None, achieved[module])}
+        return mismatched, {field.label for field, _ in nearest.moved}
 
     def _unfitted_step(self, optimizer, checkpoint, refusals: list) -> list:
         """No config near the plan could be reached: prune as planned, and say that save_pretrained refuses."""
@@ -211,7 +226,7 @@ class ConfigFit:
                 return None
         modules = dict(fresh.named_modules())
         for name, module in self.model.named_modules():
-            if not _heads_fit(module, modules.get(name), self._narrow_with_heads):
+            if not _heads_fit(module, modules.get(name), name not in self._wide_heads):
                 return None
         targets = {}
         for module in roots:
@@ -250,8 +265,9 @@ def _heads_fit(module, fresh, narrow_with_heads: bool = True) -> bool:
     return narrow_with_heads or not ((counts[0] or counts[1]) and counts[2])
 
 
-def _heads_stayed_wide(model, fresh_modules: dict) -> bool:
-    """Whether an attention module lost the heads the config builds but kept wider heads than it builds."""
+def _heads_stayed_wide(model, fresh_modules: dict) -> set:
+    """Names of attention modules that lost the heads the config builds but kept wider heads than it builds."""
+    found = set()
     for name, module in model.named_modules():
         fresh = fresh_modules.get(name)
         if fresh is None:
@@ -261,5 +277,5 @@ def _heads_stayed_wide(model, fresh_modules: dict) -> bool:
         built_size = fresh.__dict__.get(size_name) if size_name is not None else None
         built_heads = _int_attr(fresh, HEAD_COUNT_NAMES)[1]
         if heads is not None and heads == built_heads and isinstance(built_size, int) and size > built_size:
-            return True
-    return False
+            found.add(name)
+    return found

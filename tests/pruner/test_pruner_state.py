@@ -76,7 +76,10 @@ def test_each_attribute_has_one_owner_among_the_parts_and_none_is_a_method(prune
     assert not {name for name in owners if name in methods}, \
         {name: owners[name] for name in owners if name in methods}
     shared = {name: classes for name, classes in owners.items() if len(classes) > 1}
-    assert set(shared) <= SHARED_PUBLIC_STATE, shared
+    assert set(shared) <= SHARED_PUBLIC_STATE, (
+        f"attributes assigned by more than one part of {pruner_name}: "
+        f"{ {name: classes for name, classes in shared.items() if name not in SHARED_PUBLIC_STATE} }; let one part "
+        f"own each and the others call a method of it (as verify.py calls ReportMixin._note_refusal)")
 
 
 def test_the_source_check_sees_a_shadowing_assignment():

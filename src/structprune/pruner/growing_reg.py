@@ -73,7 +73,7 @@ class GrowingRegPruner(BasePruner):
         ``delta_reg``: what ``update_reg()`` adds, scaled by standardized importance (least important
         channel: the whole ``delta_reg``); :func:`structprune.pruner.delta_reg_for` derives it from the
         learning rate and the number of iterations. Both as the seed documents them; then BasePruner's
-        keywords (listed below), then ours, keyword-only:
+        keywords (each documented on PrunerOptions; help() lists them below), then ours, keyword-only:
 
         ``schedule`` picks how reg grows on each ``update_reg()``:
 

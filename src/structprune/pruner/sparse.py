@@ -60,7 +60,7 @@ class BNScalePruner(BasePruner):
     ):
         """``reg``: the L1 strength on BatchNorm gammas (``regularize(model, reg=...)`` changes it);
         ``group_lasso``: the group lasso of each group's gammas instead. Both as torch_pruning orders them,
-        before BasePruner's keywords (listed below)."""
+        before BasePruner's keywords (each documented on PrunerOptions; help() lists them below)."""
         super().__init__(model, example_inputs, **option_values(locals()))
         self.reg = reg
         self.group_lasso = group_lasso
@@ -136,7 +136,7 @@ class GroupNormPruner(BasePruner):
     ):
         """``reg``: the group-lasso strength; ``alpha``: how much harder weaker channels are pushed
         (``gamma = 2 ** (alpha * s)``, 0: plain group lasso). Both as torch_pruning orders them, before
-        BasePruner's keywords (listed below)."""
+        BasePruner's keywords (each documented on PrunerOptions; help() lists them below)."""
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         super().__init__(model, example_inputs, **option_values(locals()))

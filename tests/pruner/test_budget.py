@@ -183,3 +183,18 @@ def test_a_budget_above_the_current_cost_is_refused_and_the_model_untouched():
     with pytest.raises(ValueError, match=r"target macs=2.4\d+e\+07 is not below SmallCNN's current macs \(1.21\d+e\+07"):
         tp.pruner.BasePruner(model, x, magnitude, target={"macs": macs * 2})
     assert count_ops_and_params(model, x)[0] == macs
+
+
+def test_growing_reg_greg1_plans_ahead_to_the_budget_and_removes_what_it_planned():
+    model, x = small()
+    macs = count_ops_and_params(model, x)[0]
+    pruner = tp.pruner.GrowingRegPruner(model, x, magnitude, target={"macs": macs // 2}, schedule="greg1",
+                                        global_pruning=True)
+    pruner.update_reg()
+    planned = {key: len(idxs) for key, idxs in pruner._selected.items()}
+    assert sum(planned.values()) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.step()
+    assert count_ops_and_params(model, x)[0] <= macs // 2
+    assert pruner.report().steps[0].removed == sum(planned.values())

@@ -162,7 +162,8 @@ class GrowingRegPruner(BasePruner):
         saved = self.current_step
         self.current_step = min(saved + 1, self.iterative_steps)
         try:
-            plan = list(self._plan_global() if self.global_pruning else self._plan_local())
+            # a budget plans locally (pruner/budget.py), without the measuring a real step does
+            plan = list(self._plan_global() if self.global_pruning and not self.target else self._plan_local())
         finally:
             self.current_step = saved
         return {self._group_key(group): torch.tensor(group[0].idxs, dtype=torch.long) for group in _as_applied(plan)}

@@ -107,14 +107,15 @@ def test_a_layer_pruned_less_holds_back_the_other_layers_of_its_field_with_a_war
 
 def test_config_check_names_a_width_the_family_ties_to_hidden_size():
     """BERT derives its attention width from hidden_size: heads pruned while the hidden size stays (the
-    hidden state is BertModel's output) cannot be described, and the error says what the layers hold."""
+    hidden state is BertModel's output) cannot be described, and the error says what the layers hold.
+    (With uniform_config_widths, the default, the step keeps those heads instead: test_hf_config_fit.py.)"""
     config = transformers.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, max_position_embeddings=64)
     torch.manual_seed(0)
     model = transformers.BertModel(config).eval()
     ids = torch.randint(0, 128, (1, 8))
     tp.pruner.BasePruner(model, {"input_ids": ids}, tp.importance.MagnitudeImportance(), pruning_ratio=0.5,
-                         prune_num_heads=True, head_pruning_ratio=0.5).step()
+                         prune_num_heads=True, head_pruning_ratio=0.5, uniform_config_widths=False).step()
     assert model.encoder.layer[0].attention.self.num_attention_heads == 2
     with pytest.raises(ConfigMismatchError, match=r"(?s)query\.weight is \[32, 64\] but the config builds "
                                                   r"\[64, 64\].*BertConfig.num_attention_heads 2.*tied to hidden_size"):
@@ -214,8 +215,11 @@ def test_bert_heads_are_found_from_attention_head_size_without_num_heads():
     ids = torch.randint(0, 128, (1, 8))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "prune_num_heads: ... Their heads stay"
+        # the hidden size stays, so BertConfig (head size = hidden / heads) could not describe 2 heads: the
+        # default uniform_config_widths would keep them (test_hf_config_fit.py); here only the graph is asked
         tp.pruner.BasePruner(model, {"input_ids": ids}, tp.importance.MagnitudeImportance(), pruning_ratio=0.0,
-                             prune_num_heads=True, head_pruning_ratio=0.5, ignored_layers=[model.classifier]).step()
+                             prune_num_heads=True, head_pruning_ratio=0.5, ignored_layers=[model.classifier],
+                             uniform_config_widths=False).step()
     attention = model.bert.encoder.layer[0].attention.self
     assert (attention.num_attention_heads, attention.attention_head_size, attention.query.out_features) == (2, 16, 32)
 

@@ -76,6 +76,7 @@ class ConfigFit:
             return plans
         sync_config(self.model)
         planned = self.model.config.to_dict()
+        heads_refused, narrow_refused = list(self._heads_refused), list(self._heads_narrow_refused)
         roots = self._fit_roots()
         by_name = {self.DG._name(module): module for module in roots}
         achieved = {module: self.DG.get_out_channels(module) for module in roots}
@@ -107,6 +108,10 @@ class ConfigFit:
                     self._width_targets, self._fit_modules = None, None
                 if self._forward_error() is None and not config_mismatches(self.model):
                     self._note_config_fit(candidate, refusals, achieved)
+                    # what the graph refused while planning still holds; targets of its width were not tried
+                    self._heads_refused += [entry for entry in heads_refused if entry not in self._heads_refused]
+                    self._heads_narrow_refused += [entry for entry in narrow_refused
+                                                   if entry not in self._heads_narrow_refused]
                     return fitted
                 for module, target in targets.items():
                     width = self.DG.get_out_channels(module)
@@ -197,10 +202,11 @@ class ConfigFit:
                    for item in self.ignored_layers)
 
     def _frozen_fields(self) -> frozenset:
-        """Fields the options forbid moving: head counts without prune_num_heads, stated head sizes without
-        prune_head_dims."""
+        """Fields the options forbid moving: head counts without prune_num_heads or where the caller counts the
+        heads itself (torch_pruning's ``num_heads=``, whose examples then set the head attributes by hand),
+        stated head sizes without prune_head_dims."""
         frozen = set()
-        if not self.prune_num_heads:
+        if not self.prune_num_heads or self.options.num_heads:
             frozen |= HEAD_COUNT_FIELDS
         if not self.prune_head_dims:
             frozen |= set(HEAD_SIZE_FIELDS)
@@ -243,12 +249,21 @@ class ConfigFit:
         why = refusals[0] if refusals else "a model built from the planned config has other shapes"
         self._config_notes = [f"config widths adjusted ({moved or 'same fields, layers brought to them'}): {why}"]
         label = moved or type(candidate.config).__name__
+        kept = []
         for module, planned in achieved.items():
             width = self.DG.get_out_channels(module)
             if width is not None and planned is not None and width > planned:
+                kept.append(f"{self.DG._name(module)} ({planned} -> {width})")
                 self._note_refusal(module, f"uniform_config_widths: held to {width} so that the config describes "
                                            f"the model ({label})")
-
+        if kept:
+            warnings.warn(
+                f"uniform_config_widths: kept more channels than planned so that {type(candidate.config).__name__} "
+                f"describes the pruned model ({label}; {why}): " + "; ".join(kept[:6])
+                + (f"; and {len(kept) - 6} more" if len(kept) > 6 else "") + ". pruner.report() shows the step; "
+                "pass uniform_config_widths=False to prune as planned and save with tp.save_pruned",
+                stacklevel=4,
+            )
 
 def _heads_fit(module, fresh, narrow_with_heads: bool = True) -> bool:
     """Heads only go and only narrow: the built module has no more heads and no wider ones than now (and,

@@ -334,6 +334,21 @@ def fewest_experts(router: nn.Module, wanted: int, total: int) -> int:
     return min(keep, total)
 
 
+#: grouped matrix multiplications (torch._grouped_mm, which transformers runs fused experts through) need
+#: every row of their operands to start on a 16-byte boundary
+ROW_ALIGNMENT_BYTES = 16
+
+
+def row_alignment(module: nn.Module) -> int | None:
+    """Channels the hidden or inner width of fused experts must stay a multiple of (16 bytes of their dtype:
+    4 in float32, 8 in bfloat16); None for other layers and for the expert count, which is no row."""
+    experts = module.experts if isinstance(module, ExpertWidth) else module
+    if not is_fused_experts(experts):
+        return None
+    weight = _first_weight(experts)
+    return max(1, ROW_ALIGNMENT_BYTES // weight.element_size()) if weight is not None else None
+
+
 EXPERTS = ExpertsPruner()
 ROUTER = RouterPruner()
 

@@ -29,6 +29,7 @@ from .scheduling import ScheduleMixin
 from .signature import with_options_doc
 from .ties import unbalanced_ties
 from .config_fit import ConfigFit
+from .alignment import KernelAlignment
 from .schedulers import linear_scheduler
 from .uniform import UniformWidths
 from .report import ReportMixin
@@ -38,7 +39,7 @@ _OPTION_NAMES = frozenset(PrunerOptions.names())
 
 
 class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualPruningMixin, HeadPlanner, ExpertPlanner,
-                 UniformWidths, ConfigFit, ReportMixin):
+                 UniformWidths, ConfigFit, KernelAlignment, ReportMixin):
     """Structural pruner driven by an importance criterion (also exported as MetaPruner).
 
     Assembled from one mixin per job: ``scheduling.py`` (ratios per step and scope), ``planning.py``
@@ -162,6 +163,7 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
             self._init_uniform(model, options.uniform_config_widths)
             self._init_budget(options.target, options.latency_profile)  # profiles the model when asked to
             self._init_config_fit()
+            self._init_alignment()
             #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
             self.fallback_history: list[FallbackRecord] = []
             self._init_report()

@@ -241,6 +241,8 @@ class ConfigFit:
                 target = achieved[module]  # a proxy of the graph (fused experts' width): as planned
             if target > widths[module] or (module in pinned and target != pinned[module]):
                 return None
+            if target != widths[module] and target % self._alignment(module):
+                return None  # a kernel needs this width aligned (pruner/alignment.py)
             targets[module] = target
         return targets
 

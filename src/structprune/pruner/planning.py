@@ -89,6 +89,7 @@ class PlanningMixin:
         step = self._width_step(root)
         if step:
             unit = unit * step // math.gcd(unit, step)
+        unit = math.lcm(unit, self._alignment(root))  # kernels that need aligned rows (pruner/alignment.py)
         return min(current, max(unit, int(math.ceil(keep / unit)) * unit))
 
     def _plan(self) -> Iterator[Group]:

@@ -128,7 +128,8 @@ def test_snapshot_records_each_module_once_and_restores():
     modules = list(model.modules())
     snapshot = Snapshot(modules)  # the pruner's checkpoint passes every module of the model
     params = list(model.parameters())
-    assert len(snapshot.entries) == 2 * len(modules) + len(params)
+    # per module: its parameter table, its buffers and its attributes; per parameter: its data
+    assert len(snapshot.entries) == 3 * len(modules) + len(params)
     assert len(Snapshot([model]).entries) == len(snapshot.entries)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model[0][0].weight.data = torch.zeros(2, 3)

@@ -105,7 +105,7 @@ class Compensator:
             if self.compensation.mode == "refit":
                 self.notes[name] = ("bias compensation instead of refit (convs and layers wider than max_gram_size "
                                     "have no Gram matrix)")
-            if layer.bias is None:
+            if layer.bias is None and name not in self.created_biases:  # a re-planned step creates it again
                 self.created_biases.append(name)
             add_mean_contribution(layer, record, removed)
 

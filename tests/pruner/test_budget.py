@@ -55,6 +55,22 @@ def test_knapsack_stops_at_the_floors_when_the_budget_cannot_be_met():
     assert counts == {"cheap": 2} and predicted == 80.0
 
 
+def test_knapsack_passes_over_a_width_that_saves_nothing_to_the_next_that_does():
+    # a staircase: 6 channels cost what 8 do, 4 cost half
+    side = SideCost(8, [2, 4, 6, 8], [20.0, 40.0, 80.0, 80.0])
+    profile = CostProfile("latency_ms", "cpu", "torch.float32", 1, "k", 80.0,
+                          {"conv": LayerCost("conv", 80.0, out=side)})
+    candidates = [Candidate("conv", 8, 2, 2, [1.0] * 8, [("conv", "out", 1.0)])]
+    counts, predicted = allocate(profile, candidates, {"conv": [None, 8]}, budget=50.0)
+    assert counts == {"conv": 4} and predicted == 40.0
+
+
+def test_a_noisy_grid_never_prices_a_narrower_width_above_a_wider_one():
+    side = SideCost(64, [16, 32, 48, 64], [30.0, 20.0, 50.0, 40.0])
+    assert side.at(16) == side.at(32) == 20.0 and side.at(48) == side.at(64) == 40.0
+    assert side.at(40) == 30.0
+
+
 @pytest.mark.parametrize("metric", ["macs", "params"])
 def test_mac_and_parameter_budgets_are_met_exactly_on_a_small_cnn(metric):
     model, x = small()

@@ -28,7 +28,7 @@ NOISE = 0.02
 #: times a latency step is measured and planned again while it is slower than its budget
 CORRECTIONS = 2
 #: a measurement this many times the prediction means the profile does not describe the model: no correction
-TRUSTED = 1.25
+TRUSTED = 1.5
 
 
 class BudgetMixin:

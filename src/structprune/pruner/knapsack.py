@@ -70,10 +70,23 @@ def allocate(profile: CostProfile, candidates: list[Candidate], widths: dict, bu
 
 
 def _move(profile: CostProfile, candidate: Candidate, kept: int, widths: dict, scale: float):
-    """``(importance per saved cost, saved cost, new root width, new layer widths)`` of the next step down."""
+    """``(importance per saved cost, saved cost, new root width, new layer widths)`` of the next step down
+    that saves something: a width the table prices no cheaper than the current one (a staircase, or timing
+    noise) is passed over to the next, so the candidate does not drop out of the allocation."""
     target = (kept - 1) // candidate.step * candidate.step
-    if target < candidate.floor or target <= 0:
-        return None
+    fallback = None
+    while target >= max(candidate.floor, 1):
+        move = _priced(profile, candidate, kept, target, widths, scale)
+        if move[1] > 0:
+            return move
+        fallback = fallback or move
+        target -= candidate.step
+    if fallback is not None and fallback[1] == 0:
+        return fallback  # costs nothing to remove: taken last, cheapest importance first
+    return None
+
+
+def _priced(profile: CostProfile, candidate: Candidate, kept: int, target: int, widths: dict, scale: float):
     removed_before = candidate.width - kept
     removed_after = candidate.width - target
     lost = sum(candidate.scores[removed_before:removed_after])
@@ -93,8 +106,7 @@ def _move(profile: CostProfile, candidate: Candidate, kept: int, widths: dict, s
         new_widths[name] = after
         saving += (layer.at(*now) - layer.at(*after)) * layer.calls * scale
     if saving <= 0:
-        # removing channels that cost nothing: last resort, cheapest importance first
-        return (math.inf if lost > 0 else 0.0, saving, target, new_widths) if saving == 0 else None
+        return (math.inf if lost > 0 else 0.0, saving, target, new_widths)
     return (lost / saving, saving, target, new_widths)
 
 

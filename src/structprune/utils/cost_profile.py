@@ -34,8 +34,11 @@ class SideCost:
 
     def at(self, width: float) -> float:
         """Cost at ``width``, linear between grid widths (and along the first two below them, at least 0:
-        MACs and parameters are affine in a width, with a constant part a line through zero would drop)."""
-        widths, costs = self.grid, self.grid_cost
+        MACs and parameters are affine in a width, with a constant part a line through zero would drop).
+
+        A grid width is never priced above a wider one: on the grid (multiples of the largest step) a
+        narrower layer does no more work, so a timing that says otherwise is noise."""
+        widths, costs = self.grid, _non_decreasing(self.grid_cost)
         if width >= widths[-1] or len(widths) == 1:
             return costs[-1] * (1.0 if width >= widths[-1] else max(width, 0.0) / widths[-1])
         if width <= widths[0]:
@@ -127,6 +130,13 @@ class CostProfile:
                     layer[side] = SideCost(**table)
             layers[name] = LayerCost(**layer)
         return cls(layers=layers, **data)
+
+
+def _non_decreasing(costs: list[float]) -> list[float]:
+    result = list(costs)
+    for index in range(len(result) - 2, -1, -1):
+        result[index] = min(result[index], result[index + 1])
+    return result
 
 
 def grid_widths(width: int, unit: int = 1, max_steps: int = 6) -> tuple[list[int], int | None, list[int]]:

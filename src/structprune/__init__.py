@@ -1,5 +1,5 @@
 """structprune: structural pruning for PyTorch."""
-from . import adapters, adapters_moe, function, importance, integrations, layers, pruner, utils
+from . import adapters, function, importance, integrations, layers, pruner, utils
 from .graph import Dependency, DependencyGraph, Group, Node
 from .layers import *  # noqa: F401,F403  (prune_* functions and BasePruningFunc)
 from .layers import BasePruningFunc

@@ -48,7 +48,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .adapters import sync_attributes
+from .adapters.core import sync_attributes
 from .layers.axes import swap_data
 from .graph.snapshot import Snapshot
 from .layers.registry import RECORDED_SIZE_NAMES

@@ -13,7 +13,8 @@ import transformers
 from torch import nn
 
 import structprune as tp
-from structprune.adapters import ADAPTERS, head_layout, matching_modules, removed_outputs, sync_attributes
+from structprune.adapters import ADAPTERS, MODEL, head_layout, matching_modules, sync_attributes
+from structprune.graph.hooks import removed_outputs
 
 
 # -- head_layout -------------------------------------------------------------------------------------------
@@ -48,13 +49,16 @@ def test_head_layout_without_removed_keeps_what_the_forward_spells_out():
     assert head_layout(30, 4, 16, fixed="num_heads") == (4, 16)
 
 
-def test_late_adapters_run_after_module_adapters():
+def test_adapters_run_by_order_and_the_config_adapter_waits_for_the_end_of_a_step():
     config = transformers.BertConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=4, max_position_embeddings=16)
-    pairs = matching_modules(transformers.BertModel(config))
-    late = [adapter.late for _, adapter in pairs]
-    assert late == sorted(late) and late[-1] and not late[0]
-    assert [a for a in ADAPTERS if a.late]
+    model = transformers.BertModel(config)
+    pairs = matching_modules(model)
+    orders = [adapter.order for _, adapter in pairs]
+    assert orders == sorted(orders)
+    assert [adapter.deferred for _, adapter in pairs] == [order >= MODEL for order in orders]
+    assert pairs[-1] == (model, next(a for a in ADAPTERS if a.name.startswith("Hugging Face model config")))
+    assert not pairs[0][1].deferred
 
 
 # -- GPT-2: a whole head out of the fused c_attn -------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Hugging Face transformers support: attention and config adapters, and the save_pretrained check.
+"""Hugging Face transformers support: configs that follow the layers, and the save_pretrained check.
 
 After a pruning step the config of a transformers model describes every pruned layer (``sync_config``),
 so ``model.save_pretrained(path)`` / ``AutoModel*.from_pretrained(path)`` round-trip. The pruners put

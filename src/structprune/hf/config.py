@@ -23,7 +23,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..adapters import _from, _linear_out
+from ..adapters.layout import from_library, out_width
 from .attention import (
     FUSED_NAMES,
     HEAD_SIZE_NAMES,
@@ -35,10 +35,10 @@ from .attention import (
     is_bert_attention,
     is_generic_attention,
     is_gpt2_attention,
+    is_mla_attention,
     is_vit_attention,
     read_layout,
 )
-from .mla import is_mla_attention
 
 #: config fields that may hold each role, the first one the config class has wins
 ROLE_FIELDS = {
@@ -147,7 +147,7 @@ def _mlp_roles(module, name: str) -> dict | None:
             continue
         if isinstance(inner, nn.Conv2d) or isinstance(back, nn.Conv2d):
             continue
-        return {"intermediate": _linear_out(inner) // per_unit, "hidden": _linear_out(back)}
+        return {"intermediate": out_width(inner) // per_unit, "hidden": out_width(back)}
     return None
 
 
@@ -161,7 +161,7 @@ def _projection_roles(module, name: str) -> dict | None:
 
 def _mamba_roles(module) -> dict | None:
     if type(module).__name__.endswith("Mixer") and hasattr(module, "conv1d") and hasattr(module, "out_proj"):
-        return {"intermediate": module.conv1d.out_channels, "hidden": _linear_out(module.out_proj)}
+        return {"intermediate": module.conv1d.out_channels, "hidden": out_width(module.out_proj)}
     return None
 
 
@@ -235,7 +235,7 @@ def collect_roles(model) -> dict:
                     # whose MLPs are mixture-of-experts blocks (no plain MLP says it)
                     output = _child(module, OUTPUT_NAMES)
                     if output is not None and hasattr(output, "weight"):
-                        reading["hidden"] = _linear_out(output)
+                        reading["hidden"] = out_width(output)
                 for role, value in reading.items():
                     roles.setdefault((role, prefix), []).append((name, value))
                 if head_dim_name:
@@ -309,9 +309,9 @@ def head_size_ties(model) -> dict:
         if query is None or hidden is None:
             continue
         width = getattr(config, hidden, None)
-        if not isinstance(width, int) or width <= 0 or _linear_out(query) % width:
+        if not isinstance(width, int) or width <= 0 or out_width(query) % width:
             continue  # per-stage widths (Swin) or an attention narrower than the hidden size by design
-        ties[query] = ((id(config), hidden, None), _linear_out(query) // width)
+        ties[query] = ((id(config), hidden, None), out_width(query) // width)
     return ties
 
 
@@ -525,7 +525,7 @@ def layer_roles_summary(model) -> dict:
 
 
 def uses_transformers(model) -> bool:
-    return _from("transformers", model) and is_config(model.__dict__.get("config"))
+    return from_library("transformers", model) and is_config(model.__dict__.get("config"))
 
 
 

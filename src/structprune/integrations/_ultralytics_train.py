@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .ultralytics import build_pruner, head_name, head_of, is_pruned, make_example_inputs, require_ultralytics
+from ._ultralytics_prune import build_pruner, head_name, head_of, is_pruned, make_example_inputs, require_ultralytics
 
 UPDATE_EVERY = ("epoch", "batch")
 

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from ..adapters import deferred_late_sync
+from ..adapters.core import deferred_late_sync
 from ..graph.snapshot import Checkpoint
 from ..hf.config import restore_configs, snapshot_configs
 from ..utils.nested import call_model, evaluating

@@ -1,11 +1,11 @@
-"""Mixture-of-experts adapters: expert modules, routers and Hugging Face config fields follow pruned shapes.
+"""Mixture of experts: expert modules, routers and Hugging Face config fields follow pruned shapes.
 
 Fused experts and routers read their sizes from attributes (``num_experts`` sizes one-hot masks and
 ``grouped_mm`` histograms, ``hidden_dim`` reshapes the router input); their pruning functions keep them in
 step, and the adapters here do it again after a reload (``load_pruned`` resizes tensors, then syncs).
 
-The config adapter runs after the general one (``late``, registered later) and writes what it does not
-know: the experts' intermediate width (``moe_intermediate_size``, or ``intermediate_size`` in families
+The config adapter runs after the Hugging Face config adapter (order ``MODEL + 20`` against ``MODEL``) and writes
+what that one does not know: the experts' intermediate width (``moe_intermediate_size``, or ``intermediate_size`` in families
 such as Mixtral whose experts read that), the expert count under every name the config answers to
 (``num_experts``, ``num_local_experts``, ``n_routed_experts``...), and the shared experts' width
 (Qwen2-MoE's ``shared_expert_intermediate_size``; DeepSeek's shared experts are
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import Adapter, _from, register_adapter
-from .layers.moe import hidden_width, intermediate_width, is_fused_experts, is_router, sync_experts, sync_router
+from ..layers.moe import hidden_width, intermediate_width, is_fused_experts, is_router, sync_experts, sync_router
+from .core import MODEL, adapter
+from .layout import from_library
 
 #: config fields (and model attributes) holding the number of routed experts, across families
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -25,7 +26,7 @@ EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "
 
 def _is_hf_moe_model(module: nn.Module) -> bool:
     config = getattr(module, "config", None)
-    return (config is not None and _from("transformers", module) and hasattr(module, "get_input_embeddings")
+    return (config is not None and from_library("transformers", module) and hasattr(module, "get_input_embeddings")
             and any(isinstance(getattr(config, name, None), int) for name in EXPERT_COUNT_FIELDS))
 
 
@@ -46,7 +47,9 @@ def _set_present(owner, names, value: int) -> None:
             setattr(owner, name, value)
 
 
-def _hf_moe_config(model: nn.Module) -> None:
+@adapter("Hugging Face MoE config (moe_intermediate_size, num_experts, shared expert sizes)", _is_hf_moe_model,
+         order=MODEL + 20)
+def hf_moe_config(model: nn.Module) -> None:
     found = _first_moe_block(model)
     if found is None:
         return
@@ -70,22 +73,15 @@ def _holds_experts(module: nn.Module) -> bool:
     return any(is_fused_experts(child, sized=False) for child in module.children())
 
 
-def _moe_block(block: nn.Module) -> None:
+@adapter("MoE block around fused experts (num_experts, hidden_dim, input_size)", _holds_experts,
+         follows=("input_size",))
+def moe_block(block: nn.Module) -> None:
     """The module around fused experts: Granite-MoE views its output with ``input_size``."""
     experts = next(child for child in block.children() if is_fused_experts(child, sized=False))
     _set_present(block, ("num_experts",), experts.down_proj.shape[0])
     _set_present(block, ("hidden_dim", "input_size"), hidden_width(experts))
 
 
-ADAPTERS = [
-    Adapter("MoE block around fused experts (num_experts, hidden_dim, input_size)", _holds_experts, _moe_block,
-            follows=("input_size",)),
-    Adapter("fused MoE experts (num_experts, hidden_dim, intermediate_dim)",
-            lambda module: is_fused_experts(module, sized=False), sync_experts),
-    Adapter("MoE router (num_experts, hidden_dim)", lambda module: is_router(module, sized=False), sync_router),
-    Adapter("Hugging Face MoE config (moe_intermediate_size, num_experts, shared expert sizes)", _is_hf_moe_model,
-            _hf_moe_config, late=True),
-]
-
-for _adapter in ADAPTERS:
-    register_adapter(_adapter)
+adapter("fused MoE experts (num_experts, hidden_dim, intermediate_dim)",
+        lambda module: is_fused_experts(module, sized=False))(sync_experts)
+adapter("MoE router (num_experts, hidden_dim)", lambda module: is_router(module, sized=False))(sync_router)

@@ -35,7 +35,6 @@ def test_roles_add_imported_linear_like_layers_only_to_their_defaults():
     assert Conv1D in RegularizerEngine(DEFAULT_REG_TYPES).target_types
     assert RegularizerEngine((nn.Linear,)).target_types == (nn.Linear,)
     assert Conv1D in tp.layers.default_root_types()
-    # the older import path of the group roots still answers
-    from structprune.layers.declarations import ROOT_TYPES, default_root_types
+    from structprune.layers.registry import ROOT_TYPES, default_root_types
 
     assert default_root_types() == layer_types(LayerRole.ROOT) and ROOT_TYPES == (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM, tp.layers.ExpertWidth)

@@ -561,6 +561,8 @@ _LSTM = LSTMPruner()
 _CONV1D = Conv1DPruner()
 
 #: Layer type -> pruning function. Lookup walks the MRO, so subclasses (timm's LayerNorm2d...) match.
+#: The torch layers and the proxies of MoE experts' inner layers are declared here, at once; the layers
+#: of optional libraries join in ``register_optional_layers`` (called when a graph is built).
 DEFAULT_PRUNERS: dict[type, BasePruningFunc] = {
     nn.Conv1d: _CONV,
     nn.Conv2d: _CONV,
@@ -578,6 +580,7 @@ DEFAULT_PRUNERS: dict[type, BasePruningFunc] = {
     nn.Embedding: _EMBED,
     nn.MultiheadAttention: _MHA,
     nn.LSTM: _LSTM,
+    **INNER,  # the proxies' own declarations (our types: registered like nn.Linear's)
 }
 
 
@@ -614,8 +617,6 @@ _MATCHED_TYPES: set = set()
 #: expert count roots no group by default: experts go only with ``prune_num_experts``).
 SCORED_TYPES: tuple[type, ...] = (ExpertWidth, ExpertCount)
 
-DEFAULT_PRUNERS.update(INNER)
-
 
 def register_optional_layers(model: nn.Module | None = None) -> tuple[type, ...]:
     """Declare the ``OPTIONAL_PRUNERS`` types whose library is already imported, and the types of ``model``'s
@@ -651,10 +652,9 @@ def register_optional_layers(model: nn.Module | None = None) -> tuple[type, ...]
 
 def optional_linear_types() -> tuple[type, ...]:
     """The imported optional types that act like Linear (transformers Conv1D, fused MoE experts and
-    routers met so far), registered on the way."""
+    routers met so far). Reads only: ``register_optional_layers`` declares them."""
     import sys
 
-    register_optional_layers()
     found = []
     for module_name, class_name in sorted(OPTIONAL_LINEAR_LIKE):
         layer_type = getattr(sys.modules.get(module_name), class_name, None)
@@ -666,12 +666,3 @@ def optional_linear_types() -> tuple[type, ...]:
 def scored_types() -> tuple[type, ...]:
     """Types whose weights default importance criteria and regularizers read beyond the built-in ones."""
     return optional_linear_types() + SCORED_TYPES
-
-
-def __getattr__(name: str):
-    # layer roles moved to layers/registry.py; the old import path keeps working
-    if name in ("ROOT_TYPES", "default_root_types"):
-        from . import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

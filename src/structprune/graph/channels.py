@@ -15,7 +15,6 @@ import torch
 
 from .blocks import parts_of, ravel, reduced, reduced_with_siblings, unravel
 from .pointwise import not_pointwise, undecided
-from .refusal import Blocked  # noqa: F401  (raised by the index maps; imported from here by older code)
 
 
 @dataclass

@@ -11,12 +11,12 @@ from types import MappingProxyType
 from ..layers.base import BasePruningFunc
 from ..layers.declarations import DEFAULT_PRUNERS
 from .apply import GraphApplier
-from .build import GraphBuilder, _describe_inputs, _guess_parameter_dim, _model_device, _normalise_unwrapped, _Value  # noqa: F401
-from .discovery import IN, OUT, GroupFinder  # noqa: F401
-from .group import Group, Node, is_in_channel_pruning_fn, is_out_channel_pruning_fn, item_axes  # noqa: F401
-from .queries import GraphQueries, _is_ignored  # noqa: F401
+from .build import GraphBuilder
+from .discovery import GroupFinder
+# torch_pruning's dependency module holds these too
+from .group import Group, Node, is_in_channel_pruning_fn, is_out_channel_pruning_fn  # noqa: F401
+from .queries import GraphQueries
 from .renumber import GraphRenumbering
-from .snapshot import Checkpoint, Snapshot  # noqa: F401
 
 
 class DependencyGraph(GraphBuilder, GraphQueries, GraphApplier, GraphRenumbering, GroupFinder):

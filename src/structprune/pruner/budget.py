@@ -44,6 +44,7 @@ class BudgetMixin:
             self._profiles["latency_ms"] = profile
         self._auto_steps: dict | None = None  # picked once a latency profile exists
         self._calibration = 1.0  # measured / predicted latency after the last budget step
+        self._pass_calibration = 1.0  # the same within this planning pass, corrections included
         self._budget_plan: dict | None = None
         self._budget_schedule: list | None = None
         if self.round_to == "auto":
@@ -56,7 +57,7 @@ class BudgetMixin:
             # a cached profile may come from a quieter or busier moment (or another process's threads): its
             # layers' shares still hold, its level is re-anchored on the model timed now
             current = measure_cost(self.model, self.example_inputs, metric)
-            self._calibration = current / self._profile(metric).total
+            self._calibration = self._pass_calibration = current / self._profile(metric).total
         if value >= current:
             raise ValueError(
                 f"target {metric}={value:g} is not below {type(self.model).__name__}'s current {metric} "
@@ -75,6 +76,9 @@ class BudgetMixin:
         the budget, planned again from there with the prediction scaled to the measurement (layers timed
         alone do not add up to the model exactly)."""
         self._reset_shares()
+        # a planning pass may be redone (a size tie left unbalanced, the verified fallback): each pass starts
+        # from the calibration the last step left, or the redo would compound this pass's corrections
+        self._pass_calibration = self._calibration
         yield from self._plan_local()
         metric = next(iter(self.target))
         for _ in range(CORRECTIONS if metric == "latency_ms" else 0):
@@ -87,7 +91,7 @@ class BudgetMixin:
                 return
             if measured > plan["predicted"] * TRUSTED:
                 return  # the timings alone are no guide for this model (overheads dominate): warned at the end
-            self._calibration *= _bounded(measured / plan["predicted"])
+            self._pass_calibration *= _bounded(measured / plan["predicted"])
             yield from self._plan_local()
 
     # -- profiles ----------------------------------------------------------------------------------------
@@ -151,8 +155,8 @@ class BudgetMixin:
         profile = self._profile(metric)
         step = min(self.current_step, self.iterative_steps)
         budget = self._budget_schedule[step]
-        if metric == "latency_ms":
-            budget /= self._calibration  # the profile predicted this much less (more) than was measured
+        calibration = self._pass_calibration if metric == "latency_ms" else 1.0
+        budget /= calibration  # the profile predicted this much less (more) than was measured
         bundles: dict = {}
         for group in groups:
             current = len(group[0].idxs)
@@ -187,7 +191,7 @@ class BudgetMixin:
                     # held to its share in the report, as under global pruning; a correction adds to the first plan
                     self._add_share(group[0].dep.target.name, counts[key])
         self._budget_plan = {"metric": metric, "budget": self._budget_schedule[step],
-                             "predicted": predicted * (self._calibration if metric == "latency_ms" else 1.0)}
+                             "predicted": predicted * calibration}
         return planned
 
     def _layer_widths(self, profile: CostProfile) -> dict:
@@ -211,7 +215,7 @@ class BudgetMixin:
         metric = outcome["metric"]
         outcome["measured"] = measure_cost(self.model, self.example_inputs, metric)
         if metric == "latency_ms" and outcome["predicted"] > 0:
-            self._calibration *= _bounded(outcome["measured"] / outcome["predicted"])
+            self._calibration = self._pass_calibration * _bounded(outcome["measured"] / outcome["predicted"])
         final = self.current_step >= self.iterative_steps
         # MACs and parameters are counted exactly; a latency within timing noise of its budget is met
         if final and outcome["measured"] > outcome["budget"] * (1.1 if metric == "latency_ms" else 1.0):

@@ -88,16 +88,24 @@ class ConfigFit:
         pinned = {module: widths[module] for module in roots if self._is_ignored_layer(module)}
         fields = [field for field in width_fields(before, planned) if field.name not in self._frozen_fields()]
         depends = dependencies(self.model, before, fields, lambda fresh: self._built_widths(fresh, by_name))
-        mismatched, moved = self._mismatched_roots(planned, fields, by_name, achieved)
         refusals: list = []
+        mismatched, moved = self._mismatched_roots(planned, fields, by_name, achieved, refusals)
         replans = 0
         self._wide_heads: set = set()  # attention modules that cannot lose whole heads and narrow in one step
         while replans < MAX_REPLANS:
             learned = False
-            for candidate in candidates(self.model, planned, self._choices(fields, depends, pinned, widths, mismatched, moved),
-                                        refusals=refusals):
+            choices = self._choices(fields, depends, pinned, widths, mismatched, moved)
+            reach = lambda candidate: self._violations(candidate.model, roots, widths, achieved, shapes, pinned)[1]  # noqa: E731
+            for candidate in self._per_config(planned, choices, depends, reach):
                 targets = self._candidate_targets(candidate.model, roots, widths, achieved, shapes, pinned)
                 if targets is None:
+                    # a layer this config builds or leaves out (ELECTRA's embeddings_project when the embedding
+                    # width equals the hidden one): the fields it follows may move too
+                    unlike = _layers_built_otherwise(candidate.model, shapes, by_name) - mismatched
+                    if unlike:
+                        mismatched |= unlike
+                        learned = True
+                        break
                     continue
                 replans += 1
                 self._last_fresh = dict(candidate.model.named_modules())
@@ -158,11 +166,12 @@ class ConfigFit:
                 choices.append((field, field_values(field, unit)))
         return choices
 
-    def _mismatched_roots(self, planned: dict, fields: list, by_name: dict, achieved: dict) -> tuple[set, set]:
+    def _mismatched_roots(self, planned: dict, fields: list, by_name: dict, achieved: dict,
+                          refusals: list) -> tuple[set, set]:
         """(roots built at another width than the step left them, fields moved) by the planned config, or, when
         the class refuses it, by the nearest config it accepts."""
         every = [(field, field_values(field)) for field in fields]
-        nearest = next(iter(candidates(self.model, planned, every, max_configs=200)), None)
+        nearest = next(iter(candidates(self.model, planned, every, max_configs=200, refusals=refusals)), None)
         if nearest is None:
             return set(by_name), {field.label for field in fields}
         built = self._built_widths(nearest.model, by_name)
@@ -222,29 +231,57 @@ class ConfigFit:
             return None
 
     def _candidate_targets(self, fresh, roots, widths, achieved, shapes, pinned) -> dict | None:
-        """{root: out width} the candidate builds, or None when the graph cannot reach it from here: a tensor
-        wider than now, a layer of another shape than the model's, a pinned width moved."""
+        """{root: out width} the candidate builds, or None when the graph cannot reach it from here."""
+        targets, unreachable = self._violations(fresh, roots, widths, achieved, shapes, pinned)
+        return None if unreachable else targets
+
+    def _violations(self, fresh, roots, widths, achieved, shapes, pinned) -> tuple[dict, set]:
+        """({root: out width} the candidate builds, names of what the graph cannot reach from here): a layer
+        only one of the models has, a tensor wider than now, heads wider or more than now, a pinned width
+        moved, a width a kernel needs aligned that is not (names of layers; attention + HEADS for heads)."""
+        unreachable = set()
         expected = {name: tuple(tensor.shape) for name, tensor in fresh.state_dict().items()}
-        if expected.keys() != shapes.keys():
-            return None
+        for name in expected.keys() ^ shapes.keys():
+            unreachable.add(name.rsplit(".", 1)[0])
         for name, shape in expected.items():
-            if len(shape) != len(shapes[name]) or any(new > old for new, old in zip(shape, shapes[name])):
-                return None
+            old = shapes.get(name)
+            if old is not None and (len(shape) != len(old) or any(new > was for new, was in zip(shape, old))):
+                unreachable.add(name.rsplit(".", 1)[0])
         modules = dict(fresh.named_modules())
         for name, module in self.model.named_modules():
             if not _heads_fit(module, modules.get(name), name not in self._wide_heads):
-                return None
+                unreachable.add(name + HEADS)
         targets = {}
         for module in roots:
-            target = self._fresh_out(module, modules.get(self.DG._name(module)))
+            name = self.DG._name(module)
+            target = self._fresh_out(module, modules.get(name))
             if target is None:
                 target = achieved[module]  # a proxy of the graph (fused experts' width): as planned
-            if target > widths[module] or (module in pinned and target != pinned[module]):
-                return None
-            if target != widths[module] and target % self._alignment(module):
-                return None  # a kernel needs this width aligned (pruner/alignment.py)
+            if target > widths[module] or (module in pinned and target != pinned[module]) or (
+                    target != widths[module] and target % self._alignment(module)):  # pruner/alignment.py
+                unreachable.add(name)
             targets[module] = target
-        return targets
+        return targets, unreachable
+
+    def _per_config(self, planned: dict, choices: list, depends: dict, reach):
+        """Candidates for a model with sub-configs (SigLIP's text and vision towers): each sub-config's fields
+        moved on their own, the others held, until no layer they reach is unreachable; then every
+        combination as one search. ``reach(candidate)`` gives the names the graph cannot reach."""
+        paths = sorted({field.path for field, _ in choices})
+        if len(paths) > 1:
+            current = {field: values[0] for field, values in choices}
+            for path in paths:
+                names = set().union(*(depends.get(field) or set() for field, _ in choices if field.path == path))
+                held = [(field, values if field.path == path else [current[field]]) for field, values in choices]
+                for candidate in candidates(self.model, planned, held, max_configs=150):
+                    if not any(_claims(names, name) for name in reach(candidate)):
+                        moved = dict(candidate.moved)
+                        for field, _ in choices:
+                            if field.path == path:
+                                current[field] = moved.get(field, field.planned)
+                        break
+            yield from candidates(self.model, planned, [(field, [current[field]]) for field, _ in choices])
+        yield from candidates(self.model, planned, choices)
 
     def _note_config_fit(self, candidate, refusals: list, achieved: dict) -> None:
         moved = ", ".join(f"{field.label} {field.planned} -> {value}" for field, value in candidate.moved)
@@ -266,6 +303,19 @@ class ConfigFit:
                 "pass uniform_config_widths=False to prune as planned and save with tp.save_pruned",
                 stacklevel=4,
             )
+
+def _claims(names: set, name: str) -> bool:
+    """Whether an unreachable ``name`` (a layer, or attention + HEADS) lies among the layers ``names`` reach."""
+    base = name.split(HEADS)[0]
+    return any(other == name or other.startswith(base + ".") or base.startswith(other + ".") or other == base
+               for other in names)
+
+
+def _layers_built_otherwise(fresh, shapes: dict, by_name: dict) -> set:
+    """Root names with a tensor that only one of the built model and the model has."""
+    keys = set(fresh.state_dict()) ^ set(shapes)
+    return {key.rsplit(".", 1)[0] for key in keys} & set(by_name)
+
 
 def _heads_fit(module, fresh, narrow_with_heads: bool = True) -> bool:
     """Heads only go and only narrow: the built module has no more heads and no wider ones than now (and,

@@ -337,3 +337,58 @@ def test_a_step_no_config_near_it_describes_is_kept_as_asked_with_a_warning():
     assert pruner.report().steps[0].notes[-1].startswith("no config near this step's widths describes the model")
     with pytest.raises(ConfigMismatchError):
         model.save_pretrained("never-written")
+
+
+# -- ViT: head sizes the config carries ------------------------------------------------------------------
+def vit_attention_modules(model):
+    from transformers.models.vit.modeling_vit import ViTAttention
+
+    return [module for module in model.modules() if isinstance(module, ViTAttention)]
+
+
+def test_torch_pruning_vit_recipe_narrows_head_dims_and_the_checkpoint_reloads(tmp_path):
+    """torch_pruning's ViT example: num_heads for q/k/v, prune_head_dims without whole heads, then head
+    attributes set from pruner.num_heads. ViTAttention views q/k/v as (-1, head_dim); its adapter rewrites
+    head_dim, so the heads narrow with the hidden size (64 -> 32: 4 heads of 8) and ViTConfig says so."""
+    config = transformers.ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=32, patch_size=8, num_labels=10)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    attention = vit_attention_modules(model)
+    num_heads = {layer: module.num_attention_heads for module in attention
+                 for layer in (module.q_proj, module.k_proj, module.v_proj)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "prune_head_dims: the graph refused to narrow the heads"
+        pruner = tp.pruner.MetaPruner(model, pixels, global_pruning=False, importance=tp.importance.MagnitudeImportance(),
+                                      pruning_ratio=0.5, ignored_layers=[model.classifier],
+                                      output_transform=lambda out: out.logits.sum(), num_heads=num_heads,
+                                      prune_head_dims=True, prune_num_heads=False, head_pruning_ratio=0.5)
+        pruner.step()
+    for module in attention:  # the recipe's own update, which must agree with what the adapter wrote
+        module.num_attention_heads = pruner.num_heads[module.q_proj]
+        module.head_dim = module.q_proj.out_features // module.num_attention_heads
+        assert (module.q_proj.out_features, module.num_attention_heads, module.head_dim) == (32, 4, 8)
+        assert module.scaling == pytest.approx(8 ** -0.5)
+    assert model.config.hidden_size == 32 and model.config.num_attention_heads == 4
+    round_trip(model, {"pixel_values": pixels}, tmp_path)
+
+
+def test_vit_heads_narrow_while_the_hidden_size_stays_and_the_config_carries_head_dim(tmp_path):
+    """ViTModel returns its hidden states, so the hidden size stays 64 while the heads narrow to 8: the
+    config states head_dim (ViTAttention reads it) and from_pretrained builds the same model."""
+    config = transformers.ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                    image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = transformers.ViTModel(config).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the hidden groups reach the output: refused, as they should be
+        tp.pruner.BasePruner(model, pixels, tp.importance.MagnitudeImportance(), pruning_ratio=0.5).step()
+    [attention] = vit_attention_modules(model)
+    assert (attention.q_proj.out_features, attention.num_attention_heads, attention.head_dim) == (32, 4, 8)
+    assert model.config.hidden_size == 64 and model.config.head_dim == 8
+    expected = model(pixel_values=pixels).last_hidden_state
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.ViTModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(pixel_values=pixels).last_hidden_state, expected, atol=1e-5, rtol=1e-5)

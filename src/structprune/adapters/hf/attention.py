@@ -54,8 +54,11 @@ def bert_attention(module: nn.Module, removed=None) -> None:
 
 
 @adapter("Hugging Face ViT attention (num_attention_heads, head_dim, scaling)", is_vit_attention,
-         order=MODULE + 1, claim=ATTENTION, uses_removed=True)
+         order=MODULE + 1, claim=ATTENTION, uses_removed=True, follows=("head_dim",))
 def vit_attention(module: nn.Module, removed=None) -> None:
+    """ViT-style attention viewed as (-1, head_dim): narrower heads rewrite head_dim, which ViTConfig carries
+    too (ViTAttention reads ``config.head_dim`` when it is set), so torch_pruning's ViT recipe (head dims
+    narrowed with prune_head_dims) prunes and the checkpoint reloads."""
     heads, dim = head_layout(module.q_proj.out_features, module.num_attention_heads, module.head_dim,
                              removed_of(removed, module.q_proj, module.k_proj, module.v_proj))
     module.num_attention_heads, module.head_dim = heads, dim

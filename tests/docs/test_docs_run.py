@@ -5,8 +5,8 @@ A page's blocks run in order in one namespace, as a reader pastes them. What a p
 example allows. Where a block spells out a size only a real job can afford (`epochs=50`, 640 px images,
 `prune_at_step=2000`), `replace` swaps that literal text for a small one; every swap must match the page, so
 an edited page fails here instead of running something else. `torch` and `tp` are there already, as after
-the README's quickstart. The first test counts the blocks of every
-page against BLOCKS, so a new block cannot go untested.
+the README's quickstart. The first test counts the blocks of every page against BLOCKS, so a new block cannot
+go untested.
 """
 from __future__ import annotations
 
@@ -185,25 +185,27 @@ def test_graph_page_prunes_by_hand_then_interactively_and_report_reads_as_writte
     import torchvision
 
     model = torchvision.models.resnet18()
-    graph_namespace = {"tp": tp, "model": model, "example_inputs": torch.randn(1, 3, 64, 64)}
-    blocks = python_blocks("docs/graph.md")
-    assert len(blocks) == BLOCKS["docs/graph.md"]
-    exec(compile(blocks[0], "docs/graph.md block 1", "exec"), graph_namespace)
-    assert model.conv1.out_channels < 61 and model.bn1.num_features == model.conv1.out_channels
-    assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
-    printed = capsys.readouterr().out
-    assert "conv1" in printed and "bn1" in printed
-
     torch.manual_seed(0)
     toy = TwoConvs()
-    report_namespace = {"tp": tp, "pruner": tp.pruner.BasePruner(toy, torch.randn(1, 3, 16, 16),
-                                                                 tp.importance.MagnitudeImportance(),
-                                                                 pruning_ratio=0.5)}
+    printed_by_block_1 = []
+
+    def report_pruner(namespace: dict) -> None:  # block 2 shows report() on a pruner whose b is refused
+        printed_by_block_1.append(capsys.readouterr().out)
+        namespace["pruner"] = tp.pruner.BasePruner(toy, torch.randn(1, 3, 16, 16),
+                                                   tp.importance.MagnitudeImportance(), pruning_ratio=0.5)
+
     with pytest.warns(UserWarning, match=re.escape("step() removed 4 of the 8 channels its schedule asked for: "
                                                    "b (0 of 4: reaches a model output)")):
-        exec(compile(blocks[1], "docs/graph.md block 2", "exec"), report_namespace)
+        run_page("docs/graph.md", {"model": model, "example_inputs": torch.randn(1, 3, 64, 64)},
+                 before={1: report_pruner})
+    # block 1: conv1 lost 3 channels by hand, then half of the rest interactively, with bn1 in step
+    assert model.conv1.out_channels < 61 and model.bn1.num_features == model.conv1.out_channels
+    assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    assert "conv1" in printed_by_block_1[0] and "bn1" in printed_by_block_1[0]
+    # block 2 prints what its comment shows, line for line
     printed = capsys.readouterr().out.strip().splitlines()
-    commented = [line.split("# ", 1)[1] for line in blocks[1].splitlines() if line.startswith("# ")]
+    block = python_blocks("docs/graph.md")[1]
+    commented = [line.split("# ", 1)[1] for line in block.splitlines() if line.startswith("# ")]
     assert [line.rstrip() for line in printed] == [line.rstrip() for line in commented]
     assert (toy.a.out_channels, toy.b.out_channels) == (4, 8)
 
@@ -279,14 +281,14 @@ TRAIN = 'imgsz=64, batch=2, workers=0, plots=False, amp=False, device="cpu", pro
 
 @pytest.fixture
 def offline_ultralytics_in(tmp_path, monkeypatch):
+    """Ultralytics offline, in tmp_path: a synthetic 2-class dataset as data.yaml, an image as image.jpg."""
     import socket
+    import sys
 
     def refuse(*args, **kwargs):
         raise OSError("the docs tests must not reach the network")
 
     monkeypatch.setattr(socket, "getaddrinfo", refuse)  # a download attempt fails the test
-    """Ultralytics offline, in tmp_path: a synthetic 2-class dataset as data.yaml, an image as image.jpg."""
-    import sys
 
     sys.path.insert(0, str(ROOT / "tests" / "integrations"))
     try:

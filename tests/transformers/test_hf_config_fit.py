@@ -392,3 +392,33 @@ def test_vit_heads_narrow_while_the_hidden_size_stays_and_the_config_carries_hea
     model.save_pretrained(tmp_path)
     reloaded = transformers.ViTModel.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded(pixel_values=pixels).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+
+
+# -- the candidate search on its own (structprune/hf/fit.py) ---------------------------------------------
+def test_field_values_go_nearest_first_wider_on_ties_and_keep_round_to():
+    from structprune.hf.fit import WidthField, field_values
+
+    hidden = WidthField((), "hidden_size", before=64, planned=38)
+    assert field_values(hidden)[:5] == [38, 39, 37, 40, 36]
+    assert field_values(hidden, unit=4)[:4] == [38, 40, 36, 44]  # the planned value itself stays first
+    assert max(field_values(hidden)) == 64 and min(field_values(hidden)) == 30  # never wider than before
+    heads = WidthField((), "num_attention_heads", before=4, planned=2)
+    assert field_values(heads) == [2, 3, 1, 4]
+
+
+def test_candidates_are_configs_the_class_accepts_nearest_first_and_say_why_the_plan_was_refused():
+    from structprune.hf.fit import candidates, field_values, width_fields
+
+    model = llama()
+    before = model.config.to_dict()
+    planned = dict(before, hidden_size=38)  # what a 40% step on 64 channels writes
+    fields = [field for field in width_fields(before, planned) if field.name == "hidden_size"]
+    assert [(field.before, field.planned) for field in fields] == [(64, 38)]
+    refusals: list = []
+    found = candidates(model, planned, [(fields[0], field_values(fields[0]))], refusals=refusals)
+    first, second = next(found), next(found)
+    assert [value for _, value in first.moved] == [40] and [value for _, value in second.moved] == [36]
+    assert first.config.hidden_size == 40 and first.model.model.embed_tokens.weight.is_meta
+    assert tuple(first.model.model.layers[0].self_attn.o_proj.weight.shape) == (40, 64)
+    [reason] = refusals
+    assert reason.startswith("LlamaConfig refuses the planned widths: ") and "(38)" in reason

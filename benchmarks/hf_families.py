@@ -1,4 +1,4 @@
-"""Print the Hugging Face family table of the README: params kept and the four checks per family.
+"""Print the Hugging Face family table of docs/huggingface.md: params kept and the four checks per family.
 
     PYTHONPATH=src python benchmarks/hf_families.py [Family ...]
 

@@ -22,9 +22,9 @@ AdamW's step) with delta_reg from ``tp.pruner.delta_reg_for`` (--target-shrink).
 --lr, loss ``1 - cosine`` to the unpruned model's embedding plus the squared difference of the in-batch
 cosine-similarity matrices (``structprune.demo.minilm.distillation_loss``).
 
-Run (the defaults are the README's settings; every (ratio, scope, method) run costs --reg-steps +
+Run (the defaults are docs/growing_regularization.md's settings; every (ratio, scope, method) run costs --reg-steps +
 --distill-steps training steps of --batch-size sentences plus building a pruner, about a minute on 2
-shared CPU cores, so the README's table, at 50% only, takes about 15 minutes):
+shared CPU cores, so that page's table, at 50% only, takes about 15 minutes):
     PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/minilm_prune.py --ratios 0.5 --cache /tmp/minilm.pt
 All three ratios (about 45 minutes):  ... benchmarks/minilm_prune.py
 """

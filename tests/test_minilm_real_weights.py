@@ -5,7 +5,7 @@ itself costs nothing (the chosen channels are exactly zero when they go).
 
 GReg-1 picks what to remove by Taylor importance on the distillation loss, as benchmarks/minilm_prune.py
 does: with L2 magnitude it lands 0.14-0.16 above one-shot L2 depending on the dropout seed. Whether it
-beats prune-then-distill at an equal number of steps is the benchmark's question (README), not this test's."""
+beats prune-then-distill at an equal number of steps is the benchmark's question (docs/growing_regularization.md), not this test's."""
 import copy
 
 import pytest

@@ -78,7 +78,7 @@ def test_bad_requests_say_what_to_change():
 
 
 def test_first_try_on_digits_with_a_shorter_schedule():
-    """The seed schedule for 4 epochs of batch 32: the README's 7e-3 (tuned for 10 epochs of 22
+    """The seed schedule for 4 epochs of batch 32: docs/growing_regularization.md's 7e-3 (tuned for 10 epochs of 22
     iterations) leaves the channels large and pruning 75% wrecks the network; the derived value works.
 
     Averaged over three shuffling seeds: after such a cut one run's accuracy swings by 0.2-0.4 with the

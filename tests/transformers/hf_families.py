@@ -10,7 +10,7 @@ projections to a fixed output space) and the Auto class that reloads it. ``run_c
 3. models that generate do so (``generate(ids, max_new_tokens=5)``),
 4. ``save_pretrained`` then ``AutoModel*.from_pretrained`` gives the same outputs (atol 1e-5).
 
-Shared by tests/transformers/test_hf_families.py and benchmarks/hf_families.py (the README table).
+Shared by tests/transformers/test_hf_families.py and benchmarks/hf_families.py (the table in docs/huggingface.md).
 """
 from __future__ import annotations
 

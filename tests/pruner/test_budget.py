@@ -234,3 +234,15 @@ def test_a_redone_planning_pass_starts_from_the_steps_calibration(tmp_path, monk
     list(pruner._plan())
     assert first == pytest.approx(1.2 ** 2) and pruner._pass_calibration == pytest.approx(first)
     assert pruner._calibration == 1.0
+
+
+def test_a_budget_below_what_the_floors_reach_is_refused():
+    model, x = small()
+    macs = count_ops_and_params(model, x)[0]
+    # every conv down to one channel still leaves conv1's input side, fc and the pooling
+    with pytest.raises(ValueError, match=r"target macs=1000 is below the \S+ the profile predicts for SmallCNN with "
+                                         r"every group at its floor \(max_pruning_ratio=1\)"):
+        tp.pruner.BasePruner(model, x, magnitude, target={"macs": 1000})
+    with pytest.raises(ValueError, match=r"max_pruning_ratio=0.5"):
+        tp.pruner.BasePruner(model, x, magnitude, target={"macs": macs * 0.2}, max_pruning_ratio=0.5)
+    assert count_ops_and_params(model, x)[0] == macs

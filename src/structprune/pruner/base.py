@@ -160,9 +160,10 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
             self._init_planning()
             self._init_heads()
             self._init_uniform(model, options.uniform_config_widths)
-            self._init_budget(options.target, options.latency_profile)  # profiles the model when asked to
             self._init_config_fit()
             self._init_alignment()
+            # after the parts that round widths: a budget's floors are kept counts (profiles the model when asked)
+            self._init_budget(options.target, options.latency_profile)
             #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
             self.fallback_history: list[FallbackRecord] = []
             self._init_report()

@@ -63,6 +63,14 @@ class BudgetMixin:
                 f"target {metric}={value:g} is not below {type(self.model).__name__}'s current {metric} "
                 f"({current:.6g}, measured on {self._profile(metric).device}); nothing to prune: pass a smaller "
                 f"budget, or no target")
+        floor = self._floor_cost(metric)
+        if value < floor * (1 - NOISE):
+            # the greedy would cut every group to its floor and still miss: say so instead of doing it
+            raise ValueError(
+                f"target {metric}={value:g} is below the {floor:.6g} the profile predicts for "
+                f"{type(self.model).__name__} with every group at its floor (max_pruning_ratio="
+                f"{self.max_pruning_ratio:g}): layers no group narrows, and the ops between layers, keep their cost; "
+                f"pass a budget above it or a higher max_pruning_ratio")
         reduction = 1.0 - value / current
         schedule = self.iterative_pruning_ratio_scheduler(reduction, self.iterative_steps)
         self._budget_schedule = [current * (1.0 - share) for share in schedule]
@@ -147,6 +155,27 @@ class BudgetMixin:
         return steps
 
     # -- budgets -----------------------------------------------------------------------------------------
+    def _floor_cost(self, metric: str) -> float:
+        """The cost the profile predicts with every group cut to its floor (max_pruning_ratio, one channel
+        group): no budget below it can be met."""
+        profile = self._profile(metric)
+        widths = self._layer_widths(profile)
+        for group in self._groups():
+            current = len(group[0].idxs)
+            blocks = self._channel_groups(group)
+            if current % blocks:
+                continue
+            floor = self._n_keep(group[0].dep.target.module, current, self.max_pruning_ratio, blocks)
+            for name, side, per_root in self._group_items(group):
+                layer = profile.layers.get(name)
+                if layer is None:
+                    continue
+                position = 1 if side == "out" or layer.coupled else 0
+                if widths[name][position] is not None:
+                    widths[name][position] = max(0.0, widths[name][position] - per_root * (current - floor))
+        calibration = self._pass_calibration if metric == "latency_ms" else 1.0
+        return profile.predict({name: tuple(width) for name, width in widths.items()}) * calibration
+
     def _budget_counts(self, groups: list) -> dict:
         """{group root key: channels to remove this step} from the knapsack over this step's budget."""
         from .planning import _root_key

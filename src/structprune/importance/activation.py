@@ -46,6 +46,7 @@ from torch import nn
 from ..graph.group import Group, GroupItem
 from ..graph.side import Side
 from .elementwise import ElementwiseImportance
+from .hooks import HookedStatistics
 
 #: Layers whose input/output channels the hooks can tell apart (channels on dim 1 for convs, last for Linear).
 CALIBRATED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -122,7 +123,7 @@ def _input_widths(layer: nn.Module) -> tuple[int, int]:
     return layer.in_channels, layer.out_channels
 
 
-class CalibratedImportance(ElementwiseImportance):
+class CalibratedImportance(HookedStatistics, ElementwiseImportance):
     """Base of the activation-aware criteria: hooks, statistics, and the group pipeline of
     :class:`ElementwiseImportance` (``group_reduction`` over the coupled layers, then ``normalizer``).
 
@@ -151,34 +152,10 @@ class CalibratedImportance(ElementwiseImportance):
         self.side = side
         self.gram = gram
         self.max_gram_size = max_gram_size
-        self._stats: dict = {}  # layer -> LayerStatistics
-        self._names: dict = {}  # layer -> module path, for errors
-        self._hooks: list = []
+        self._init_hooks()  # self._stats: layer -> LayerStatistics
         self._fallback_to_out = False
 
-    # -- gathering statistics -------------------------------------------------------------------------
-    def register(self, model: nn.Module) -> None:
-        """Hook every ``target_types`` layer of ``model`` (replacing hooks of an earlier call)."""
-        self.remove_hooks()
-        for name, module in model.named_modules():
-            if isinstance(module, self.target_types):
-                self._names[module] = name
-                self._hooks.append(module.register_forward_hook(self._on_forward))
-        if not self._hooks:
-            raise ValueError(f"{type(self).__name__}.register: no layer of {self.target_types} in the model")
-
-    def remove_hooks(self) -> None:
-        """Detach the hooks; the statistics gathered so far stay."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-
-    def zero_grad(self) -> None:
-        """Forget every statistic (torch_pruning's name for clearing a calibrated criterion)."""
-        self._stats = {}
-
-    reset = zero_grad
-
+    # -- gathering statistics (register, remove_hooks, zero_grad and torch_pruning's forms: hooks.py) -----
     @contextlib.contextmanager
     def calibrating(self, model: nn.Module):
         """``with imp.calibrating(model): model(batch)...``: hooks on inside, no autograd graph kept."""
@@ -188,21 +165,6 @@ class CalibratedImportance(ElementwiseImportance):
                 yield self
         finally:
             self.remove_hooks()
-
-    # torch_pruning's spelling of the same steps (OBDCImportance offers them too)
-    def _prepare_model(self, model: nn.Module, pruner=None) -> None:
-        self.register(model)
-
-    def step(self) -> None:
-        if not self._hooks:
-            raise RuntimeError(f"{type(self).__name__}.step(): no hooks are attached; call register(model) "
-                               f"before the calibration forward passes")
-
-    def _rm_hooks(self, model: nn.Module | None = None) -> None:
-        self.remove_hooks()
-
-    def _clear_buffer(self) -> None:
-        self.zero_grad()
 
     @property
     def calibrated_layers(self) -> int:
@@ -230,7 +192,7 @@ class CalibratedImportance(ElementwiseImportance):
                 return
             if len(record.in_sum) != in_width or len(record.out_sum) != out_width:
                 raise RuntimeError(
-                    f"{type(self).__name__}: statistics of {self._names.get(layer, type(layer).__name__)} have "
+                    f"{type(self).__name__}: statistics of {self._name(layer)} have "
                     f"{len(record.in_sum)} inputs / {len(record.out_sum)} outputs but the layer now has "
                     f"{in_width} / {out_width} (pruned outside a pruner's step?); call zero_grad() and calibrate again"
                 )

@@ -16,13 +16,14 @@ from torch import nn
 from ..graph.group import GroupItem, item_axes
 from ..graph.side import Side
 from .elementwise import ElementwiseImportance
+from .hooks import HookedStatistics
 from .slices import channel_sums, is_bias, parameter_of
 
 #: Layers whose inputs and output gradients OBDC can turn into K-FAC factors.
 OBDC_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-class OBDCImportance(ElementwiseImportance):
+class OBDCImportance(HookedStatistics, ElementwiseImportance):
     """Per item and channel: the loss increase of removing it under the K-FAC curvature ``A ⊗ G``.
 
     With ``w_i`` row ``i`` of the weight matrix (a conv's weight flattened to ``[out, in*kh*kw]``,
@@ -88,52 +89,9 @@ class OBDCImportance(ElementwiseImportance):
         super().__init__(group_reduction, normalizer, bias, target_types)
         self.num_classes = num_classes
         self.max_factor_size = max_factor_size
-        self._stats: dict = {}  # layer -> [A sum, G sum, number of locations, number of samples]
-        self._names: dict = {}  # layer -> module path, for errors raised inside hooks
-        self._hooks: list = []
+        self._init_hooks()  # self._stats: layer -> [A sum, G sum, number of locations, number of samples]
 
     # -- gathering statistics -------------------------------------------------------------------------
-    def register(self, model: nn.Module) -> None:
-        """Hook every ``target_types`` layer of ``model`` (replacing hooks of an earlier call)."""
-        self.remove_hooks()
-        self._names = {}
-        for name, module in model.named_modules():
-            if isinstance(module, self.target_types):
-                self._names[module] = name
-                self._hooks.append(module.register_forward_hook(self._on_forward))
-        if not self._hooks:
-            raise ValueError(f"OBDCImportance.register: no layer of {self.target_types} in the model")
-
-    def remove_hooks(self) -> None:
-        """Detach the hooks; the statistics gathered so far stay."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-
-    def zero_grad(self) -> None:
-        """Forget every accumulated statistic."""
-        self._stats = {}
-
-    reset = zero_grad
-
-    # -- torch_pruning's spelling of the same steps -----------------------------------------------------
-    def _prepare_model(self, model: nn.Module, pruner=None) -> None:
-        """``register(model)``; ``pruner`` is accepted for torch_pruning's call form."""
-        self.register(model)
-
-    def step(self) -> None:
-        """torch_pruning calls this after each backward; here the hooks already folded that backward's
-        statistics in, so it only checks that hooks are attached (statistics would silently be missing)."""
-        if not self._hooks:
-            raise RuntimeError("OBDCImportance.step(): no hooks are attached; call register(model) (torch_pruning: "
-                               "_prepare_model(model, pruner)) before the forward/backward passes")
-
-    def _rm_hooks(self, model: nn.Module | None = None) -> None:
-        self.remove_hooks()
-
-    def _clear_buffer(self) -> None:
-        self.zero_grad()
-
     def sample_loss(self, logits: torch.Tensor) -> torch.Tensor:
         """Cross-entropy summed over samples, against labels drawn from ``softmax(logits)``.
 
@@ -189,9 +147,6 @@ class OBDCImportance(ElementwiseImportance):
     def _diagonal(self, layer: nn.Module, inputs: int, outputs: int) -> bool:
         # a factor is (width x width) floats: a VGG classifier's 25088 inputs would need 2.5 GB for A
         return getattr(layer, "groups", 1) > 1 or max(inputs, outputs) > self.max_factor_size
-
-    def _name(self, layer: nn.Module) -> str:
-        return self._names.get(layer, type(layer).__name__)
 
     def _stale(self, layer: nn.Module, name: str, a: torch.Tensor, g: torch.Tensor) -> RuntimeError:
         return RuntimeError(

@@ -6,8 +6,11 @@ Setup per model, random init, nothing downloaded: batch 8 (224 px images; 128 to
 - ``ratio``: ``round_to=None`` (the plain 50%)
 - ``round_to=8``
 - ``auto``: ``round_to="auto"`` (per group, the finest width step at which the profiled timings drop)
-- ``budget``: ``target={"latency_ms": L * m}``, L the unpruned model's latency in the profile and m the MACs
-  ratio of ``ratio``: "as fast as the MACs of a plain 50% step promise" (auto widths by default)
+- ``budget``: ``target={"latency_ms": t}``, t the latency of ``ratio`` timed right after it was pruned: as
+  fast as the plain 50% step, with the channels chosen by importance per millisecond (auto widths by
+  default). A budget of the MACs ratio itself ("as fast as the MACs promise") was tried first: on this
+  machine it lies below what the profile predicts with every group at one channel, which the pruner
+  refuses
 
 ``tp.utils.latency_profile`` is measured once per model (cached on disk) and shared by ``auto`` and
 ``budget``. Latency: the unpruned model and the four variants timed in interleaved rounds (each round runs
@@ -110,15 +113,19 @@ def _run_one(name: str, args) -> dict:
         copy_ = copy.deepcopy(model)
         kwargs = {"round_to": {"ratio": None, "round_to=8": 8, "auto": "auto", "budget": None}[variant]}
         if variant == "budget":
-            # the unpruned model timed now (the profile may be cached from a busier moment), as the pruner does
-            kwargs["target"] = {"latency_ms": measure_cost(model, x) * rows["ratio"]["macs"]}
+            # the plain step's latency, timed as the pruner times (the fastest of 5 forwards)
+            kwargs["target"] = {"latency_ms": measure_cost(pruned["ratio"], x)}
         kwargs["latency_profile"] = profile
         head = _classifier(copy_)
         started = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pruner = tp.pruner.BasePruner(copy_, x, tp.importance.MagnitudeImportance(), pruning_ratio=0.5,
-                                          ignored_layers=[head], **kwargs)
+            try:
+                pruner = tp.pruner.BasePruner(copy_, x, tp.importance.MagnitudeImportance(), pruning_ratio=0.5,
+                                              ignored_layers=[head], **kwargs)
+            except ValueError as error:  # a budget the pruner refuses: reported
+                rows[variant] = {"error": str(error)[:200]}
+                continue
             pruner.step()
         seconds = time.perf_counter() - started
         variant_macs, variant_params = count_ops_and_params(copy_, x)
@@ -135,9 +142,10 @@ def _run_one(name: str, args) -> dict:
             row["step_measured_ms"] = budget["measured"]
         rows[variant] = row
         pruned[variant] = copy_
-    times, fastest = _interleaved([model] + [pruned[v] for v in VARIANTS], x, args.rounds, device)
+    done = [v for v in VARIANTS if v in pruned]
+    times, fastest = _interleaved([model] + [pruned[v] for v in done], x, args.rounds, device)
     base = times[0]
-    for variant, median, best in zip(VARIANTS, times[1:], fastest[1:]):
+    for variant, median, best in zip(done, times[1:], fastest[1:]):
         rows[variant]["lat"] = median / base
         rows[variant]["ms"] = median
         rows[variant]["lat_min"] = best / fastest[0]
@@ -147,7 +155,8 @@ def _run_one(name: str, args) -> dict:
     if args.compile:
         result["compile"] = _compiled(model, pruned["auto"], x, args.rounds, device)
     if args.onnx:
-        result["onnx"] = {variant: _exports(_Logits(pruned[variant]), x) for variant in ("auto", "budget")}
+        result["onnx"] = {variant: _exports(_Logits(pruned[variant]), x) for variant in ("auto", "budget")
+                          if variant in pruned}
     return result
 
 
@@ -223,12 +232,15 @@ def _table(results: list[dict]) -> None:
         print(f"{result['model']:<20} {'unpruned':<11} {1:>6.3f} {1:>6.3f} {'':>9} {1:>8.3f} {'':>9} {1:>7.3f} "
               f"{1:>7.3f} {1:>6.3f} {result['base_ms']:>8.1f} {result['base_min_ms']:>8.1f}")
         for variant, row in result["rows"].items():
+            if "error" in row:
+                print(f"{'':<20} {variant:<11} refused: {row['error']}")
+                continue
             budget = ""
             if "budget_ms" in row and variant == "budget":
                 # met: the budget's share of the unpruned model against the fastest interleaved rounds' ratio
-                share = result["rows"]["ratio"]["macs"]
-                budget = (f"{row['budget_ms']:>10.1f} (step measured {row['step_measured_ms']:.1f}; asked "
-                          f"{share:.3f} of unpruned, got {row['lat_min']:.3f})")
+                share = result["rows"]["ratio"]["lat_min"]
+                budget = (f"{row['budget_ms']:>10.1f} (step measured {row['step_measured_ms']:.1f}; ratio's "
+                          f"fastest round {share:.3f} of unpruned, budget's {row['lat_min']:.3f})")
             print(f"{'':<20} {variant:<11} {row['macs']:>6.3f} {row['lat']:>6.3f} {row['lat'] / row['macs']:>9.2f} "
                   f"{row['lat_min']:>8.3f} {row['lat_min'] / row['macs']:>9.2f} {row['params']:>7.3f} "
                   f"{row['kept']:>7.3f} {row['cos']:>6.3f} {row['ms']:>8.1f} {row['min_ms']:>8.1f} {budget}")

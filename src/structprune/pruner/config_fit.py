@@ -117,9 +117,7 @@ class ConfigFit:
                 if self._forward_error() is None and not config_mismatches(self.model):
                     self._note_config_fit(candidate, refusals, achieved)
                     # what the graph refused while planning still holds; targets of its width were not tried
-                    self._heads_refused += [entry for entry in heads_refused if entry not in self._heads_refused]
-                    self._heads_narrow_refused += [entry for entry in narrow_refused
-                                                   if entry not in self._heads_narrow_refused]
+                    self._merge_head_notes(heads_refused, narrow_refused)
                     return fitted
                 for module, target in targets.items():
                     width = self.DG.get_out_channels(module)

@@ -33,6 +33,11 @@ class HeadPlanner:
         #: head groups the graph refused to narrow: (root path, the refusal)
         self._heads_narrow_refused: list[tuple[str, Refusal]] = []
 
+    def _merge_head_notes(self, heads_refused: list, narrow_refused: list) -> None:
+        """Add what an earlier planning of this step noted (a re-planned step keeps what the graph refused)."""
+        self._heads_refused += [entry for entry in heads_refused if entry not in self._heads_refused]
+        self._heads_narrow_refused += [entry for entry in narrow_refused if entry not in self._heads_narrow_refused]
+
     def _is_head_group(self, group: Group) -> bool:
         """Channels that attention splits into heads: rooted under a module with heads, and either blocked
         at full width (a head count or head_dim is spelled out) or split into blocks by a reshape (BERT's

@@ -22,6 +22,7 @@ from ..hf.attention import HEAD_COUNT_NAMES, HEAD_SIZE_NAMES, KV_HEAD_NAMES, _in
 from ..hf.config import HEAD_SIZE_FIELDS, sync_config
 from ..hf.fit import HEAD_COUNT_FIELDS, candidates, dependencies, field_values, width_fields
 from ..hf.rebuild import config_mismatches
+from ..layers.moe import ExpertCount, ExpertWidth
 from .fallback import FallbackRecord
 
 #: suffix of the names that stand for an attention module's head count in field dependencies
@@ -42,6 +43,7 @@ class ConfigFit:
         self._config_notes: list = []
         self._wide_heads: set = set()
         self._last_fresh: dict = {}
+        self._module_names: dict | None = None  # id(layer) -> its name in the model, built on first use
 
     # -- hooks the planners call --------------------------------------------------------------------
     def _fitted_n_prune(self, group, n_prune: int) -> int:
@@ -140,7 +142,7 @@ class ConfigFit:
         """{root name: out width} of a built model, and {attention name + "#heads": head count}, so that a
         field's dependencies say which head counts follow it."""
         modules = dict(fresh.named_modules())
-        found = {name: self._fresh_out(module, modules.get(name)) for name, module in by_name.items()}
+        found = {name: self._fresh_out(module, self._counterpart(module, modules)) for name, module in by_name.items()}
         for name, module in modules.items():
             heads = _int_attr(module, HEAD_COUNT_NAMES)[1]
             if heads is not None:
@@ -219,6 +221,20 @@ class ConfigFit:
             frozen |= set(HEAD_SIZE_FIELDS)
         return frozenset(frozen)
 
+    def _counterpart(self, module, fresh_modules: dict):
+        """The layer of the built model that stands where ``module`` stands: by name, or for the graph's
+        proxies of fused experts (their inner width, their count) the same proxy around the built experts."""
+        if isinstance(module, ExpertWidth):
+            experts = self._counterpart(module.experts, fresh_modules)
+            return ExpertWidth(experts) if experts is not None else None
+        if isinstance(module, ExpertCount):
+            experts, router = (self._counterpart(part, fresh_modules) for part in (module.experts, module.router))
+            return ExpertCount(experts, router) if experts is not None and router is not None else None
+        if self._module_names is None:
+            self._module_names = {id(layer): name for name, layer in self.model.named_modules()}
+        name = self._module_names.get(id(module))
+        return fresh_modules.get(name) if name is not None else None
+
     def _fresh_out(self, module, fresh) -> int | None:
         if fresh is None:
             return None
@@ -252,7 +268,7 @@ class ConfigFit:
         targets = {}
         for module in roots:
             name = self.DG._name(module)
-            target = self._fresh_out(module, modules.get(name))
+            target = self._fresh_out(module, self._counterpart(module, modules))
             if target is None:
                 target = achieved[module]  # a proxy of the graph (fused experts' width): as planned
             if target > widths[module] or (module in pinned and target != pinned[module]) or (

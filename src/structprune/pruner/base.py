@@ -109,18 +109,6 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
 
         self.model = model
         self.example_inputs = example_inputs
-        self.importance = options.importance
-        self.global_pruning = options.global_pruning
-        self.pruning_ratio = options.pruning_ratio
-        self.max_pruning_ratio = options.max_pruning_ratio
-        self.iterative_steps = options.iterative_steps
-        self.iterative_pruning_ratio_scheduler = options.iterative_pruning_ratio_scheduler
-        self.round_to = options.round_to
-        self.isomorphic = options.isomorphic
-        self.prune_num_heads = options.prune_num_heads
-        self.prune_head_dims = options.prune_head_dims
-        self.head_pruning_ratio = options.head_pruning_ratio
-        self.prune_num_experts = options.prune_num_experts
         self.expert_pruning_ratio = (options.pruning_ratio if options.expert_pruning_ratio is None
                                      else options.expert_pruning_ratio)
         roots = options.root_module_types
@@ -129,10 +117,8 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
         if not roots and hf:
             # ALBERT/ELECTRA embeddings narrower than the hidden size form a group of their own
             self.root_module_types += (nn.Embedding,)
-        self.forward_fn = options.forward_fn
         # Hugging Face models: logits keep their shape; hidden states may shrink
         self.output_transform = task_outputs if options.output_transform is None and hf else options.output_transform
-        self.verify = options.verify
         self.current_step = 0
         self._compensator = _compensator(options.compensation, options.importance)
         warn_weight_only_criterion(model, options.importance)
@@ -284,6 +270,23 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
         self._count_removed_heads(group)
         return plan
 
+
+def _option_attribute(name: str) -> property:
+    def read(self):
+        return getattr(self.options, name)
+
+    def write(self, value):
+        setattr(self.options, name, value)
+
+    return property(read, write, doc=f"``self.options.{name}`` under torch_pruning's attribute name")
+
+
+#: options torch_pruning's pruners keep as attributes: here they read and write ``self.options``, the one copy
+OPTION_ATTRIBUTES = ("importance", "global_pruning", "pruning_ratio", "max_pruning_ratio", "iterative_steps",
+                     "iterative_pruning_ratio_scheduler", "round_to", "isomorphic", "prune_num_heads",
+                     "prune_head_dims", "head_pruning_ratio", "prune_num_experts", "forward_fn", "verify")
+for _name in OPTION_ATTRIBUTES:
+    setattr(BasePruner, _name, _option_attribute(_name))
 
 MetaPruner = BasePruner
 

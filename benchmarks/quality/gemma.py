@@ -20,7 +20,7 @@ every non-embedding parameter, the same N steps for every method:
                             penalty while distilling for --reg-steps, then exactly they are removed and the
                             remaining N - reg-steps distillation steps follow
 
-Run (defaults: the README's table; a few minutes per recovery run on 2 CPU cores, much faster on a GPU):
+Run (the defaults give docs/benchmarks.md's table; a few minutes per recovery run on 2 CPU cores, much faster on a GPU):
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/gemma.py --ratios 0.2 --scopes mlp
 """
 from __future__ import annotations

@@ -238,7 +238,7 @@ class GrowingRegPruner(BasePruner):
         With ``decoupled=True`` the penalty skips the gradient and shrinks the weights directly,
         ``w *= 1 - lr * gamma`` (AdamW's decoupled weight decay, per channel), with ``lr`` the optimizer's
         current learning rate: use it with Adam/AdamW, whose normalisation of the gradient otherwise
-        cancels most of the gradient penalty (see the README). ``regularize(model, loss)`` (BasePruner's
+        cancels most of the gradient penalty (see docs/growing_regularization.md). ``regularize(model, loss)`` (BasePruner's
         torch_pruning call form) is accepted: the loss is not needed.
         """
         bias = False if is_loss(bias) else bool(bias)

@@ -24,5 +24,5 @@ def refuse_sharded(model, action: str) -> None:
                 f"{action}: {name} is a sharded DTensor (the model went through FSDP2's fully_shard), and this "
                 f"needs whole layers. Build the pruner on the unsharded model before fully_shard and train a sharded "
                 f"copy: regularize(sharded) follows its parameters by name; before update_reg() and step(), gather "
-                f"the full state into the unsharded model (README: FSDP2)"
+                f"the full state into the unsharded model (docs/distributed.md, FSDP2)"
             )

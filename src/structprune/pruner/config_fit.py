@@ -41,7 +41,9 @@ class ConfigFit:
         self._fit_modules: dict | None = None
         #: what the last step adjusted, for report()
         self._config_notes: list = []
+        #: attention modules a re-planned step showed cannot lose whole heads and narrow the rest at once
         self._wide_heads: set = set()
+        #: {name: module} of the model the last re-planned candidate builds
         self._last_fresh: dict = {}
         self._module_names: dict | None = None  # id(layer) -> its name in the model, built on first use
 
@@ -93,12 +95,15 @@ class ConfigFit:
         refusals: list = []
         mismatched, moved = self._mismatched_roots(planned, fields, by_name, achieved, refusals)
         replans = 0
-        self._wide_heads: set = set()  # attention modules that cannot lose whole heads and narrow in one step
+        self._wide_heads = set()  # attention modules that cannot lose whole heads and narrow in one step
+
+        def unreachable(candidate) -> set:
+            return self._violations(candidate.model, roots, widths, achieved, shapes, pinned)[1]
+
         while replans < MAX_REPLANS:
             learned = False
             choices = self._choices(fields, depends, pinned, widths, mismatched, moved)
-            reach = lambda candidate: self._violations(candidate.model, roots, widths, achieved, shapes, pinned)[1]  # noqa: E731
-            for candidate in self._per_config(planned, choices, depends, reach):
+            for candidate in self._per_config(planned, choices, depends, unreachable):
                 targets = self._candidate_targets(candidate.model, roots, widths, achieved, shapes, pinned)
                 if targets is None:
                     # a layer this config builds or leaves out (ELECTRA's embeddings_project when the embedding

@@ -148,7 +148,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=6, help="epochs after the unpruned network, every method")
     parser.add_argument("--reg-epochs", type=int, default=2, help="GReg's penalty phase, part of --budget")
     parser.add_argument("--ratio", type=float, default=0.62, help="fraction of each inner conv's channels removed")
-    parser.add_argument("--target-shrink", type=float, default=1e-2)
+    parser.add_argument("--target-shrink", type=float, default=0.1,
+                        help="norm left to the penalised channels at the end of the phase (0.01 over 2 epochs: after-reg accuracy 0.78)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", help="folder keeping the trained unpruned networks between runs")
     args = parser.parse_args()

@@ -3,14 +3,12 @@ import pytest
 import torch
 
 from blocks import python_blocks
+from test_docs_run import tiny_llama
 
 
 def test_the_llm_recipe_runs_and_prunes_the_mlp_with_refit(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    model = tiny_llama()
     batches = [torch.randint(0, 64, (4, 16)) for _ in range(3)]
     namespace = {"model": model, "calibration_batches": batches}
     (block,) = python_blocks("docs/llm.md")

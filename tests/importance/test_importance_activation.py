@@ -282,12 +282,16 @@ def test_torch_pruning_calibration_call_forms():
     assert imp.calibrated_layers == 0
 
 
-def test_a_pruned_llama_with_refit_compensation_round_trips(tmp_path):
+def tiny_llama(layers: int):
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_a_pruned_llama_with_refit_compensation_round_trips(tmp_path):
+    model = tiny_llama(layers=2)
     reference = copy.deepcopy(model)
     ids = torch.randint(0, 64, (8, 16))
     errors = {}
@@ -309,18 +313,10 @@ def test_a_pruned_llama_with_refit_compensation_round_trips(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
 
 
-def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def test_magnitude_on_a_trained_transformers_model_warns_and_names_the_criterion_that_works():
     import warnings
 
-    model = tiny_llama()
+    model = tiny_llama(layers=1)
     ids = {"input_ids": torch.randint(0, 64, (1, 8))}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # random init: norms all ones, nothing to warn about

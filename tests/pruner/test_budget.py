@@ -106,20 +106,22 @@ def test_growing_reg_pruner_reaches_a_mac_budget():
     assert count_ops_and_params(model, x)[0] <= macs // 3 and model(x).shape == (2, 10)
 
 
-def test_latency_budget_step_reports_prediction_and_measurement(tmp_path):
-    model, x = small()
+def test_latency_budget_step_times_the_model_as_its_profile_did_and_reports_it(tmp_path):
+    torch.manual_seed(0)
+    # 32 px so that the convs, not call overheads, dominate: half the latency lies well above the floors
+    model, x = SmallCNN(), torch.randn(4, 3, 32, 32)
     profile = latency_profile(model, x, repeat=1, warmup=0, cache_dir=tmp_path)
-    # the pruner times the model again and checks the budget against that; a third of it leaves room for noise
-    budget = tp.utils.measure_cost(model, x) * 0.3
+    budget = tp.utils.measure_cost(model, x) * 0.5
     pruner = tp.pruner.BasePruner(model, x, magnitude, target={"latency_ms": budget}, latency_profile=profile)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # timings of a tiny model on a shared machine: no claim on them here
+        warnings.simplefilter("ignore")  # timings on a shared machine: no claim on how close they land here
         pruner.step()
     record = pruner.report().steps[0].budget
     assert record["metric"] == "latency_ms" and record["budget"] == pytest.approx(budget)
-    assert record["predicted"] > 0 and record["measured"] > 0
+    assert record["predicted"] > 0 and record["calibrated"] > 0 and record["measured"] > 0
+    assert record["passes"] and all(entry["measured"] > 0 for entry in record["passes"])
     assert sum(m.out_channels for m in (model.conv1, model.conv2, model.conv3)) < 112
-    assert model(x).shape == (2, 10)
+    assert model(x).shape == (4, 10)
 
 
 def test_pick_step_takes_the_finest_step_at_which_timings_drop():
@@ -215,25 +217,6 @@ def test_growing_reg_greg1_plans_ahead_to_the_budget_and_removes_what_it_planned
         pruner.step()
     assert count_ops_and_params(model, x)[0] <= macs // 2
     assert pruner.report().steps[0].removed == sum(planned.values())
-
-
-def test_a_redone_planning_pass_starts_from_the_steps_calibration(tmp_path, monkeypatch):
-    import structprune.pruner.budget as budget_module
-
-    model, x = small()
-    profile = latency_profile(model, x, repeat=1, warmup=0, cache_dir=tmp_path)
-    monkeypatch.setattr(budget_module, "measure_cost", lambda *args, **kwargs: profile.total)
-    pruner = tp.pruner.BasePruner(model, x, magnitude, target={"latency_ms": profile.total * 0.6},
-                                  latency_profile=profile)
-    assert pruner._calibration == 1.0
-    # every measurement says 1.4x the plan's prediction (trusted up to 1.5x): each correction scales by its bound
-    monkeypatch.setattr(budget_module, "measure_cost", lambda *args, **kwargs: 1.4 * pruner._budget_plan["predicted"])
-    pruner.current_step = 1
-    list(pruner._plan())  # nothing pruned: a pass the step would redo
-    first = pruner._pass_calibration
-    list(pruner._plan())
-    assert first == pytest.approx(1.2 ** 2) and pruner._pass_calibration == pytest.approx(first)
-    assert pruner._calibration == 1.0
 
 
 def test_a_budget_below_what_the_floors_reach_is_refused():

@@ -1,5 +1,6 @@
 """latency_profile / cost_profile: the per-layer width tables, their cache, and exact MAC/parameter predictions."""
 import json
+import statistics
 
 import pytest
 import torch
@@ -94,3 +95,25 @@ def test_unknown_metric_and_counts_are_refused():
         cost_profile(model, x, "flops")
     with pytest.raises(ValueError, match="repeat must be >= 1"):
         latency_profile(model, x, repeat=0)
+
+
+def test_profile_timer_times_the_model_as_the_profile_timed_it(tmp_path, monkeypatch):
+    model, x = net()
+    profile = latency_profile(model, x, repeat=2, warmup=0, statistic="median", cache_dir=tmp_path)
+    assert (profile.statistic, profile.repeat, profile.warmup) == ("median", 2, 0)
+    seen = []
+    monkeypatch.setattr(latency_module, "_model_cost", lambda model, inputs, metric, device, repeat, warmup, reduce:
+                        seen.append((metric, str(device), repeat, warmup, reduce, torch.get_num_threads())) or 1.5)
+    profile.threads = torch.get_num_threads() + 1  # profiled with another thread count: timed with that one
+    threads = torch.get_num_threads()
+    assert latency_module.profile_timer(profile)(model, x) == 1.5
+    assert seen == [("latency_ms", "cpu", 2, 0, statistics.median, threads + 1)]
+    assert torch.get_num_threads() == threads
+    # profiles cached before the timing settings were kept read as the settings they were timed with
+    data = json.loads(profile.to_json())
+    for name in ("statistic", "repeat", "warmup"):
+        del data[name]
+    old = CostProfile.from_json(json.dumps(data))
+    assert (old.statistic, old.repeat, old.warmup) == ("min", 5, 1)
+    with pytest.raises(ValueError, match="profile_timer needs a latency profile, got a 'macs' one"):
+        latency_module.profile_timer(cost_profile(model, x, "macs"))

@@ -4,12 +4,14 @@ hardware-aware widths (``round_to="auto"``), both planned on a :class:`~structpr
 The budget is reached along the schedule: ``iterative_pruning_ratio_scheduler`` spreads the fraction of
 cost to remove over the steps, and each step allocates its share with :func:`.knapsack.allocate` over the
 groups as they are then. A latency budget plans on the ``"auto"`` widths unless ``round_to`` is given:
-planning at one-channel steps would pick the widths the profile says are slow. After a budget step the
-model's cost is measured (timed, or counted), shown in ``report()``, and a latency measurement that
-disagrees with the prediction corrects the next step's plan.
+planning at one-channel steps would pick the widths the profile says are slow. MACs and parameters are
+counted, so one pass meets them; a latency step runs the closed loop of :mod:`.latency_loop` (time the
+whole model after each pass, calibrate the prediction, plan again), and the schedule's later steps start
+from the latency and calibration the last one measured.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -17,34 +19,35 @@ from torch import nn
 
 from ..graph.side import Side
 from ..utils.cost_profile import CostProfile
-from ..utils.latency import cost_profile, measure_cost
+from ..utils.latency import cost_profile, measure_cost, profile_timer
 from .knapsack import Candidate, allocate
+from .latency_loop import Calibration, LatencyLoop, miss_warning
 
 #: a step ``s`` lowers a group's latency when timing ``anchor - s`` channels costs at most
-#: ``1 - PROPORTIONAL * s / anchor + NOISE`` of the anchor's time: half its share of the channels, within
-#: the timing noise of interleaved medians
+#: ``1 - PROPORTIONAL * s / anchor`` of the anchor's time: half its share of the channels, which leaves the
+#: other half for timing noise. (An allowance of a share of the anchor instead let a step that saves nothing
+#: pass wherever ``s / anchor`` is below it: one-channel steps on every group 50 or more channels wide.)
 PROPORTIONAL = 0.5
+#: a budget this share below what the floors reach is within the profile's noise of them
 NOISE = 0.02
-#: times a latency step is measured and planned again while it is slower than its budget
-CORRECTIONS = 2
-#: a measurement this many times the prediction means the profile does not describe the model: no correction
-TRUSTED = 1.5
-#: one correction scales the prediction by at most this: on a loaded machine one slow measurement must not
-#: cut the model to its floors (an efficientnet_b0 budget of 0.29 of its latency went to 0.06 before)
-STEP_CORRECTION = 1.2
 
 
 class BudgetMixin:
     """Mixin of BasePruner: cost profiles, ``round_to="auto"`` steps and the budget of each step."""
 
-    def _init_budget(self, target: dict | None, profile: CostProfile | None) -> None:
+    def _init_budget(self, options) -> None:
+        target, profile = options.target, options.latency_profile
         self.target = dict(target) if target else None
         self._profiles: dict = {}
         if profile is not None:
             self._profiles["latency_ms"] = profile
+        self._latency_fn = options.latency_fn
         self._auto_steps: dict | None = None  # picked once a latency profile exists
-        self._calibration = 1.0  # measured / predicted latency after the last budget step
-        self._pass_calibration = 1.0  # the same within this planning pass, corrections included
+        #: the profile's latency prediction mapped onto the whole model's last timings (latency budgets)
+        self._calibration: Calibration | None = None
+        #: this step's passes (latency budgets), and the budget in profile units the current pass plans to
+        self._latency_loop: LatencyLoop | None = None
+        self._pass_budget: float | None = None
         self._budget_plan: dict | None = None
         self._budget_schedule: list | None = None
         if self.round_to == "auto":
@@ -56,8 +59,8 @@ class BudgetMixin:
         if metric == "latency_ms":
             # a cached profile may come from a quieter or busier moment (or another process's threads): its
             # layers' shares still hold, its level is re-anchored on the model timed now
-            current = measure_cost(self.model, self.example_inputs, metric)
-            self._calibration = self._pass_calibration = current / self._profile(metric).total
+            current = self._measure_latency()
+            self._calibration = Calibration.anchored(current, self._profile(metric).total)
         if value >= current:
             raise ValueError(
                 f"target {metric}={value:g} is not below {type(self.model).__name__}'s current {metric} "
@@ -80,27 +83,48 @@ class BudgetMixin:
         return self._plan_to_budget() if self.target else super()._plan()
 
     def _plan_to_budget(self):
-        """The step's groups for its budget; for latency, then measured, and while the model is slower than
-        the budget, planned again from there with the prediction scaled to the measurement (layers timed
-        alone do not add up to the model exactly)."""
+        """The step's groups for its budget: one pass for MACs and parameters (counted exactly), the passes
+        of a :class:`.latency_loop.LatencyLoop` for latency. A redone planning pass (a size tie left
+        unbalanced, the verified fallback) starts a new loop from the step's start."""
         self._reset_shares()
-        # a planning pass may be redone (a size tie left unbalanced, the verified fallback): each pass starts
-        # from the calibration the last step left, or the redo would compound this pass's corrections
-        self._pass_calibration = self._calibration
-        yield from self._plan_local()
+        self._pass_budget = None
         metric = next(iter(self.target))
-        for _ in range(CORRECTIONS if metric == "latency_ms" else 0):
-            plan = self._budget_plan
-            try:
-                measured = measure_cost(self.model, self.example_inputs, metric)
-            except Exception:  # noqa: BLE001 - mid-step the model may not run yet (a config synced at the end)
-                return
-            if plan is None or measured <= plan["budget"] * (1 + NOISE) or plan["predicted"] <= 0:
-                return
-            if measured > plan["predicted"] * TRUSTED:
-                return  # the timings alone are no guide for this model (overheads dominate): warned at the end
-            self._pass_calibration *= _bounded(measured / plan["predicted"])
+        if metric != "latency_ms":
             yield from self._plan_local()
+            return
+        # a step re-planned towards a config's widths (config_fit.py) removes nothing after its first pass,
+        # which ends the loop
+        profile = self._profile(metric)
+        step = min(self.current_step, self.iterative_steps)
+        loop = self._latency_loop = LatencyLoop(self._budget_schedule[step], copy.copy(self._calibration))
+        while (aim := loop.next_target()) is not None:
+            self._pass_budget = loop.profile_target(aim)
+            before = self._predicted_now(profile)
+            yield from self._plan_local()
+            predicted = self._predicted_now(profile)
+            if predicted >= before * (1 - 1e-9):
+                loop.stuck()
+                break
+            loop.plan(aim, predicted)
+            try:
+                measured = self._measure_latency()
+            except Exception as error:  # noqa: BLE001 - mid-step the model may not run yet
+                loop.untimed(error)
+                break
+            loop.observe(measured)
+        self._pass_budget = None
+
+    def _measure_latency(self) -> float:
+        """The whole model's latency now: ``latency_fn``, or timed as its profile timed the unpruned model."""
+        timer = self._latency_fn or profile_timer(self._profile("latency_ms"))
+        value = timer(self.model, self.example_inputs)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"latency_fn returned {value!r} for {type(self.model).__name__}; it must return the "
+                             f"whole model's latency in ms, a positive number")
+        return float(value)
+
+    def _predicted_now(self, profile: CostProfile) -> float:
+        return profile.predict({name: tuple(width) for name, width in self._layer_widths(profile).items()})
 
     # -- profiles ----------------------------------------------------------------------------------------
     def _profile(self, metric: str) -> CostProfile:
@@ -173,8 +197,8 @@ class BudgetMixin:
                 position = 1 if side == "out" or layer.coupled else 0
                 if widths[name][position] is not None:
                     widths[name][position] = max(0.0, widths[name][position] - per_root * (current - floor))
-        calibration = self._pass_calibration if metric == "latency_ms" else 1.0
-        return profile.predict({name: tuple(width) for name, width in widths.items()}) * calibration
+        predicted = profile.predict({name: tuple(width) for name, width in widths.items()})
+        return self._calibration.calibrated(predicted) if metric == "latency_ms" else predicted
 
     def _budget_counts(self, groups: list) -> dict:
         """{group root key: channels to remove this step} from the knapsack over this step's budget."""
@@ -183,9 +207,12 @@ class BudgetMixin:
         metric, _ = next(iter(self.target.items()))
         profile = self._profile(metric)
         step = min(self.current_step, self.iterative_steps)
-        budget = self._budget_schedule[step]
-        calibration = self._pass_calibration if metric == "latency_ms" else 1.0
-        budget /= calibration  # the profile predicted this much less (more) than was measured
+        budget = self._pass_budget
+        if budget is None:
+            # MACs, parameters, or a plan made ahead of the step (GReg-1): the step's budget in profile units
+            budget = self._budget_schedule[step]
+            if metric == "latency_ms":
+                budget = self._calibration.profile_target(budget)
         bundles: dict = {}
         for group in groups:
             current = len(group[0].idxs)
@@ -219,8 +246,7 @@ class BudgetMixin:
                 if counts[key]:
                     # held to its share in the report, as under global pruning; a correction adds to the first plan
                     self._add_share(group[0].dep.target.name, counts[key])
-        self._budget_plan = {"metric": metric, "budget": self._budget_schedule[step],
-                             "predicted": predicted * calibration}
+        self._budget_plan = {"metric": metric, "budget": self._budget_schedule[step], "predicted": predicted}
         return planned
 
     def _layer_widths(self, profile: CostProfile) -> dict:
@@ -237,40 +263,47 @@ class BudgetMixin:
         return widths
 
     def _budget_outcome(self) -> dict | None:
-        """After a budget step: its budget, the cost the plan predicted and the cost measured now."""
+        """After a budget step: its budget, the cost predicted and the cost measured now (for latency also
+        the calibrated prediction, each pass, and the calibration the next step starts from)."""
         if not self.target or self._budget_plan is None:
             return None
-        outcome, self._budget_plan = dict(self._budget_plan), None
-        metric = outcome["metric"]
-        outcome["measured"] = measure_cost(self.model, self.example_inputs, metric)
-        if metric == "latency_ms" and outcome["predicted"] > 0:
-            self._calibration = self._pass_calibration * _bounded(outcome["measured"] / outcome["predicted"])
+        plan, self._budget_plan = self._budget_plan, None
+        metric = plan["metric"]
         final = self.current_step >= self.iterative_steps
-        # MACs and parameters are counted exactly; a latency within timing noise of its budget is met
-        if final and outcome["measured"] > outcome["budget"] * (1.1 if metric == "latency_ms" else 1.0):
-            warnings.warn(
-                f"step() left {metric} at {outcome['measured']:.6g}, above the budget {outcome['budget']:.6g} "
-                f"(predicted {outcome['predicted']:.6g}): groups reached max_pruning_ratio or their floors, or the "
-                f"layers timed alone mispredict the model. pruner.report() shows each step", stacklevel=4)
+        if metric != "latency_ms":
+            outcome = dict(plan, calibrated=plan["predicted"])
+            outcome["measured"] = measure_cost(self.model, self.example_inputs, metric)
+            # MACs and parameters are counted exactly: any excess means groups ran out of channels
+            if final and outcome["measured"] > outcome["budget"]:
+                warnings.warn(
+                    f"step() left {metric} at {outcome['measured']:.6g}, above the budget {outcome['budget']:.6g}: "
+                    f"groups reached max_pruning_ratio or their floors. pruner.report() shows each step",
+                    stacklevel=4)
+            return outcome
+        loop = self._latency_loop
+        if loop is None:  # an interactive step: the caller pruned what one pass planned
+            loop = LatencyLoop(plan["budget"], copy.copy(self._calibration))
+        self._latency_loop = None
+        measured = self._measure_latency()
+        outcome = loop.outcome(measured, self._predicted_now(self._profile(metric)))
+        self._calibration = loop.calibration  # the schedule's next step starts from it
+        warning = miss_warning(outcome) if final else None
+        if warning is not None:
+            warnings.warn(warning, stacklevel=4)
         return outcome
-
-
-def _bounded(factor: float) -> float:
-    return min(max(factor, 1.0 / STEP_CORRECTION), STEP_CORRECTION)
 
 
 def pick_step(profile: CostProfile, items: list, blocks: int) -> int | None:
     """The finest step (a multiple of ``blocks``) at which removing channels lowers the group's cost:
-    the smallest whose timed ``anchor - step`` costs at most ``1 - PROPORTIONAL * step / anchor + NOISE``
-    of the anchor, summed over the group's layers. None when no layer of the group has step timings."""
-    anchor_cost, below = 0.0, {}
+    the smallest whose timed ``anchor - step`` costs at most ``1 - PROPORTIONAL * step / anchor`` of the
+    anchor, summed over the group's layers. None when no layer of the group has step timings."""
+    below: dict = {}
     for name, side, per_root in items:
         layer = profile.layers.get(name)
         table = layer.side(side) if layer is not None else None
         if table is None or table.anchor is None or not table.steps:
             continue
         base = table.anchor_cost() * layer.calls
-        anchor_cost += base
         for step, cost in table.steps.items():
             root_step = step / per_root
             if root_step % blocks or not float(root_step).is_integer():
@@ -282,6 +315,6 @@ def pick_step(profile: CostProfile, items: list, blocks: int) -> int | None:
         return None
     for step in sorted(below):
         change, share = below[step]
-        if change <= -PROPORTIONAL * share + NOISE * anchor_cost:
+        if change <= -PROPORTIONAL * share:
             return step
     return max(below)

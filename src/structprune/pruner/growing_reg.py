@@ -61,6 +61,7 @@ class GrowingRegPruner(BasePruner):
         uniform_config_widths: bool | None = None,
         target: dict | None = None,
         latency_profile=None,
+        latency_fn: Callable | None = None,
         compensation=None,
         *,
         reg_types=EVERY_DECLARED_LAYER,

@@ -88,6 +88,10 @@ class PrunerOptions:
     #: a ``tp.utils.latency_profile(...)`` to plan ``round_to="auto"`` and latency budgets on (None: measured on
     #: the model's device when needed, cached on disk)
     latency_profile: Any = None
+    #: ``latency_fn(model, example_inputs) -> ms``: how a latency budget times the whole model after each pass
+    #: (None: as its latency profile timed the model, ``tp.utils.latency.profile_timer``); a deterministic
+    #: stand-in in tests, another device's timer in deployment
+    latency_fn: Callable | None = None
     #: None, ``"bias"`` or ``"refit"`` (or a ``tp.pruner.Compensation``): the layers reading removed channels
     #: absorb their calibration contribution (needs an activation-aware importance; pruner/compensation.py)
     compensation: Any = None
@@ -135,6 +139,12 @@ def check_target(options: PrunerOptions) -> None:
     if profile is not None and (not isinstance(profile, CostProfile) or profile.metric != "latency_ms"):
         raise ValueError(f"latency_profile must be what tp.utils.latency_profile(model, example_inputs) returns, "
                          f"got {type(profile).__name__}")
+    timer = options.latency_fn
+    if timer is not None and not callable(timer):
+        raise ValueError(f"latency_fn must be a callable (model, example_inputs) -> ms, got {type(timer).__name__}")
+    if timer is not None and not (isinstance(target, dict) and "latency_ms" in target):
+        raise ValueError("latency_fn times the model for a latency budget only; pass target={'latency_ms': x} "
+                         "with it, or leave latency_fn out")
     if target is None:
         return
     if not isinstance(target, dict) or len(target) != 1:

@@ -56,6 +56,7 @@ class BNScalePruner(BasePruner):
         uniform_config_widths: bool | None = None,
         target: dict | None = None,
         latency_profile=None,
+        latency_fn: Callable | None = None,
         compensation=None,
     ):
         """``reg``: the L1 strength on BatchNorm gammas (``regularize(model, reg=...)`` changes it);
@@ -132,6 +133,7 @@ class GroupNormPruner(BasePruner):
         uniform_config_widths: bool | None = None,
         target: dict | None = None,
         latency_profile=None,
+        latency_fn: Callable | None = None,
         compensation=None,
     ):
         """``reg``: the group-lasso strength; ``alpha``: how much harder weaker channels are pushed

@@ -100,6 +100,11 @@ class CostProfile:
     layers: dict[str, LayerCost]
     #: layers that could not be measured alone (their cost stays in the total, unscaled), with why
     skipped: dict[str, str] = field(default_factory=dict)
+    #: how ``total`` was timed: the reduction of ``repeat`` forwards after ``warmup``, so a pruner times the
+    #: pruned model the same way (profiles cached before these were kept read as the defaults they had)
+    statistic: str = "min"
+    repeat: int = 5
+    warmup: int = 1
 
     def layer_sum(self, widths: dict | None = None) -> float:
         """Sum of layer costs; ``widths`` maps a layer name to ``(in_width, out_width)`` (None: full)."""

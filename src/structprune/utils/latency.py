@@ -30,7 +30,7 @@ from .cost_profile import METRICS, CostProfile, LayerCost, SideCost, grid_widths
 from .nested import call_model, evaluating, flatten_as_list
 from .op_counter import count_ops_and_params, count_params
 
-__all__ = ["latency_profile", "cost_profile", "measure_cost", "default_cache_dir"]
+__all__ = ["latency_profile", "cost_profile", "measure_cost", "profile_timer", "default_cache_dir"]
 
 #: how the rounds of one timing are reduced to one number
 STATISTICS = {"min": min, "median": statistics.median}
@@ -84,7 +84,7 @@ def cost_profile(model: nn.Module, example_inputs: Any, metric: str = "latency_m
         if metric == "latency_ms" and not refresh and cached.exists():
             return CostProfile.from_json(cached.read_text())
         profile = _measure(model, example_inputs, layers, records, units, metric, target, key, repeat, warmup,
-                           STATISTICS[statistic])
+                           statistic)
         if metric == "latency_ms":
             path.mkdir(parents=True, exist_ok=True)
             partial = cached.with_suffix(".tmp")
@@ -104,6 +104,46 @@ def measure_cost(model: nn.Module, example_inputs: Any, metric: str = "latency_m
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     return _model_cost(model, example_inputs, metric, _model_device(model, example_inputs), repeat, warmup,
                        STATISTICS[statistic])
+
+
+def profile_timer(profile: CostProfile):
+    """``timer(model, example_inputs) -> ms``: the whole model timed as ``profile`` timed the model it
+    profiled (its device, thread count, statistic, forwards and warm-up), so a measurement of the pruned
+    model and the profile's prediction differ by the model, not by how each was timed. A model on another
+    device is moved there for the timing and back."""
+    if profile.metric != "latency_ms":
+        raise ValueError(f"profile_timer needs a latency profile, got a {profile.metric!r} one")
+    device = torch.device(profile.device)
+    reduce = STATISTICS.get(profile.statistic, min)
+
+    def timer(model: nn.Module, example_inputs: Any) -> float:
+        home = _model_device(model, example_inputs)
+        moved = not _same_device(home, device)
+        threads = torch.get_num_threads()
+        try:
+            if moved:
+                model.to(device)
+                example_inputs = _to_device(example_inputs, device)
+            if threads != profile.threads:
+                torch.set_num_threads(profile.threads)
+            return _model_cost(model, example_inputs, "latency_ms", device, profile.repeat, profile.warmup, reduce)
+        finally:
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            if moved:
+                model.to(home)
+
+    return timer
+
+
+def _same_device(first: torch.device, second: torch.device) -> bool:
+    if first.type != second.type:
+        return False
+    if first.type != "cuda":
+        return True
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (first.index if first.index is not None else current) == (
+        second.index if second.index is not None else current)
 
 
 # -- which layers, and what they were called with -----------------------------------------------------
@@ -170,7 +210,8 @@ def _materialise(specs: list, channel_dim: int | None = None, width: int | None 
 
 # -- measuring --------------------------------------------------------------------------------------
 def _measure(model, example_inputs, layers, records, units, metric, device, key, repeat, warmup,
-             reduce) -> CostProfile:
+             statistic) -> CostProfile:
+    reduce = STATISTICS[statistic]
     tables, skipped = {}, {}
     for name, (module, pruner) in layers.items():
         record = records.get(name)
@@ -182,7 +223,8 @@ def _measure(model, example_inputs, layers, records, units, metric, device, key,
             skipped[name] = f"{type(error).__name__}: {error}"
     total = _model_cost(model, example_inputs, metric, device, repeat, warmup, reduce)
     dtype = next((str(p.dtype) for p in model.parameters()), "none")
-    return CostProfile(metric, str(device), dtype, torch.get_num_threads(), key, total, tables, skipped)
+    return CostProfile(metric, str(device), dtype, torch.get_num_threads(), key, total, tables, skipped,
+                       statistic, repeat, warmup)
 
 
 def _layer_cost(name, module, pruner, record, units, metric, device, repeat, warmup, reduce) -> LayerCost:

@@ -82,6 +82,67 @@ def test_each_attribute_has_one_owner_among_the_parts_and_none_is_a_method(prune
         f"own each and the others call a method of it (as verify.py calls ReportMixin._note_refusal)")
 
 
+def private_attributes_used(klass) -> set:
+    """Names ``klass``'s own source reads or writes as ``self._<name>``, ``getattr(self, "_<name>")`` (or
+    ``setattr``/``hasattr``) and ``self.__dict__...("_<name>")``: its private state, and other parts' it touches."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+            names.add(node.attr)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Name) \
+                and node.args[0].id == "self" and isinstance(node.func, ast.Name) \
+                and node.func.id in ("getattr", "setattr", "hasattr") and len(node.args) > 1 \
+                and isinstance(node.args[1], ast.Constant):
+            names.add(node.args[1].value)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "__dict__" \
+                and node.args and isinstance(node.args[0], ast.Constant):
+            names.add(node.args[0].value)
+    return {name for name in names if isinstance(name, str) and name.startswith("_") and not name.startswith("__")}
+
+
+def private_state_users(cls) -> dict:
+    """{private data attribute: the parts of ``cls`` whose source touches it} (methods and properties aside)."""
+    users: dict = {}
+    for klass in cls.__mro__[:-1]:
+        for name in private_attributes_used(klass):
+            if callable(getattr(cls, name, None)) or isinstance(getattr(cls, name, None), property):
+                continue
+            users.setdefault(name, set()).add(klass.__name__)
+    return users
+
+
+@pytest.mark.parametrize("pruner_name", sorted(PRUNERS))
+def test_private_state_is_touched_by_its_owner_only(pruner_name):
+    """A part's private state (``self._planning``, ``self._uniform``...) is read and written by that part
+    alone; another part calls a method of it. ``_held_back`` was once written by planning and by
+    uniform_config_widths, and read by the report through ``getattr(self, "_held_back", [])``."""
+    shared = {name: sorted(parts) for name, parts in private_state_users(PRUNERS[pruner_name]).items()
+              if len(parts) > 1}
+    assert shared == {}, f"private attributes of {pruner_name} touched by more than one part: {shared}"
+
+
+def test_the_private_state_check_sees_a_read_by_another_part():
+    class Owner:
+        def _init_owner(self):
+            self._held = []
+
+    class Reader:
+        def _notes(self):
+            return getattr(self, "_held", []) + self.__dict__.get("_cache", [])
+
+    class Writer:
+        def _plan(self):
+            self.__dict__.setdefault("_cache", [])
+
+    class Composed(Owner, Reader, Writer):
+        pass
+
+    users = private_state_users(Composed)
+    assert users == {"_held": {"Owner", "Reader"}, "_cache": {"Reader", "Writer"}}
+
+
 def test_the_source_check_sees_a_shadowing_assignment():
     """The check above reads assignments as the sparse pruners made them; a class repeating the old bug fails it."""
     class Shadowing(tp.pruner.BasePruner):

@@ -53,6 +53,16 @@ def _int_attr(module, names):
     return None, None
 
 
+def head_count(module) -> int | None:
+    """The number of query heads an attention module states (None: it states none)."""
+    return _int_attr(module, HEAD_COUNT_NAMES)[1]
+
+
+def head_size(module) -> int | None:
+    """The size of one head an attention module states (None: it states none)."""
+    return _int_attr(module, HEAD_SIZE_NAMES)[1]
+
+
 @dataclass(frozen=True)
 class HeadLayout:
     heads: int

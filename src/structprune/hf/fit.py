@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .attention import HEAD_COUNT_NAMES, HEAD_SIZE_NAMES, KV_HEAD_NAMES, _int_attr
 from .config import HEAD_SIZE_FIELDS, ROLE_FIELDS
 
 #: head counts move over every value from one head to the count before the step
@@ -179,3 +180,35 @@ def describe_error(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     useful = [line for line in lines if not line.lower().startswith("class validation error")]
     return (useful or lines or [type(error).__name__])[-1][:200]
+
+
+def heads_fit(module, fresh, narrow_with_heads: bool = True) -> bool:
+    """Heads only go and only narrow: ``fresh`` (``module`` as a candidate config builds it) has no more heads
+    and no wider ones than now (and, once the graph showed it cannot, does not lose whole heads and narrow the
+    rest in the same step)."""
+    if fresh is None:
+        return True
+    counts = []
+    for names in (HEAD_COUNT_NAMES, KV_HEAD_NAMES, HEAD_SIZE_NAMES):
+        name, value = _int_attr(module, names)
+        built = fresh.__dict__.get(name) if name is not None else None
+        if isinstance(built, int) and built > value:
+            return False
+        counts.append(isinstance(built, int) and built < value)
+    return narrow_with_heads or not ((counts[0] or counts[1]) and counts[2])
+
+
+def heads_stayed_wide(model, fresh_modules: dict) -> set:
+    """Names of attention modules that lost the heads the config builds but kept wider heads than it builds."""
+    found = set()
+    for name, module in model.named_modules():
+        fresh = fresh_modules.get(name)
+        if fresh is None:
+            continue
+        _, heads = _int_attr(module, HEAD_COUNT_NAMES)
+        size_name, size = _int_attr(module, HEAD_SIZE_NAMES)
+        built_size = fresh.__dict__.get(size_name) if size_name is not None else None
+        built_heads = _int_attr(fresh, HEAD_COUNT_NAMES)[1]
+        if heads is not None and heads == built_heads and isinstance(built_size, int) and size > built_size:
+            found.add(name)
+    return found

@@ -12,15 +12,16 @@ import warnings
 
 from torch import nn
 
-from ..hf.config import uses_transformers
+from ..adapters.families import ModelFamily
 
 
-def warn_weight_only_criterion(model: nn.Module, importance) -> None:
-    """Warn when a weight-only criterion prunes a trained transformers model (trained: its norms' scales
-    differ, which random initialisation never gives)."""
+
+def warn_weight_only_criterion(model: nn.Module, importance, family: ModelFamily) -> None:
+    """Warn when a weight-only criterion prunes a trained model of a family with activation outliers
+    (transformers; trained: its norms' scales differ, which random initialisation never gives)."""
     from ..importance.magnitude import MagnitudeImportance
 
-    if not isinstance(importance, MagnitudeImportance) or not uses_transformers(model):
+    if not isinstance(importance, MagnitudeImportance) or not family.activation_outliers:
         return
     if not _trained(model):
         return

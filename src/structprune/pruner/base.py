@@ -7,10 +7,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from ..adapters.families import family_of
 from ..graph.dependency import DependencyGraph
 from ..graph.group import Group
 from ..graph.side import Side
-from ..hf.config import restore_configs, snapshot_configs, task_outputs, uses_transformers
 from ..layers.registry import LayerRole, layer_types
 from ..utils.gc_pause import gc_paused
 from ..utils.sharding import refuse_sharded
@@ -18,7 +18,6 @@ from .advice import warn_weight_only_criterion
 from .compensation import Compensator, as_compensation, check_statistics_source
 from .budget import BudgetMixin
 from .experts import ExpertPlanner
-from .fallback import FallbackRecord
 from .heads import HeadPlanner
 from .manual import ManualPruningMixin
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
@@ -112,17 +111,17 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
         self.example_inputs = example_inputs
         self.expert_pruning_ratio = (options.pruning_ratio if options.expert_pruning_ratio is None
                                      else options.expert_pruning_ratio)
+        # what the model's family says about it (adapters/families.py): Hugging Face models keep their task
+        # outputs, root their narrow embeddings too, and prune to widths their config describes
+        family = family_of(model)
         roots = options.root_module_types
-        self.root_module_types = tuple(roots) if roots else layer_types(LayerRole.ROOT)
-        hf = uses_transformers(model)
-        if not roots and hf:
-            # ALBERT/ELECTRA embeddings narrower than the hidden size form a group of their own
-            self.root_module_types += (nn.Embedding,)
-        # Hugging Face models: logits keep their shape; hidden states may shrink
-        self.output_transform = task_outputs if options.output_transform is None and hf else options.output_transform
+        self.root_module_types = tuple(roots) if roots else layer_types(LayerRole.ROOT) + family.extra_root_types
+        self.output_transform = options.output_transform
+        if self.output_transform is None:
+            self.output_transform = family.task_outputs
         self.current_step = 0
         self._compensator = _compensator(options.compensation, options.importance)
-        warn_weight_only_criterion(model, options.importance)
+        warn_weight_only_criterion(model, options.importance, family)
 
         self.ignored_layers, ignored_params = split_ignored(options.ignored_layers)
         self.in_channel_groups = dict(options.in_channel_groups or {})
@@ -146,13 +145,12 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
             self.init_num_heads = dict(self.num_heads)
             self._init_planning()
             self._init_heads()
-            self._init_uniform(model, options.uniform_config_widths)
-            self._init_config_fit()
+            self._init_uniform(model, options.uniform_config_widths, family.config)
+            self._init_config_fit(family.config)
             self._init_alignment()
             # after the parts that round widths: a budget's floors are kept counts (profiles the model when asked)
             self._init_budget(options)
-            #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
-            self.fallback_history: list[FallbackRecord] = []
+            self._init_verify()
             self._init_report()
 
     __init__.__doc__ = with_options_doc(__init__.__doc__)
@@ -210,15 +208,7 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
             checkpoint = self._checkpoint()
             step_record = self._begin_step_record()
             try:
-                optimizer_plans = self._step_balanced(optimizer, checkpoint)
-                error = self._forward_error() if self.verify else None
-                if error is not None:
-                    # some group broke the model (a size the graph cannot see, e.g. a reshape to an input's
-                    # width): redo the step one group at a time, keeping only the groups after which it still runs
-                    checkpoint.restore()
-                    record = FallbackRecord(self.current_step, error)
-                    self.fallback_history.append(record)
-                    optimizer_plans = self._step_verified(optimizer, record)
+                optimizer_plans = self._step_checked(optimizer, checkpoint)
                 # a Hugging Face config must describe what was pruned (pruner/config_fit.py)
                 optimizer_plans = self._fit_config(optimizer, checkpoint, optimizer_plans)
             except BaseException:
@@ -258,6 +248,10 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
         self._warn_heads_refused()
         self._end_step_record(step_record, warn=False)  # the caller chose what to prune
         self._after_step(sizes)
+
+    def _compensation_notes(self) -> list:
+        """What compensation did this step, for the report."""
+        return self._compensator.step_notes() if self._compensator is not None else []
 
     def _prune_group(self, group: Group, optimizer=None) -> list:
         """Prune now; return the optimizer-state slicing to apply once the whole step is kept."""

@@ -2,28 +2,30 @@
 
 With ``uniform_config_widths`` (the default for models with a config) a step is planned as usual, then the
 config it produces is checked the way ``save_pretrained`` / ``from_pretrained`` will check it
-(``structprune.hf.rebuild.config_mismatches``: the class validates it, a model built from it has the
+(the family's ``ConfigWidths.mismatches``, ``structprune.hf.rebuild.config_mismatches`` for transformers:
+the class validates it, a model built from it has the
 pruned shapes). A plan the config cannot describe (hidden 42 with 4 heads in a config that derives
 ``head_dim = hidden / heads``; heads narrowed in a family without a head size field; a pooler or a
 classifier the user ignored that the config builds as hidden x hidden) is undone, and the step is planned
-again towards the shapes of the nearest config the class accepts (``structprune.hf.fit``): every group root
+again towards the shapes of the nearest config the class accepts (``ConfigWidths.candidates``,
+``structprune.hf.fit``): every group root
 pruned to the width that config builds for it, whole heads to its head counts. A layer the graph cannot
 bring to such a width pins it, and the next candidate is tried. ``pruner.report()`` names the fields moved
 and why; if no candidate fits, the step is kept as planned with a warning (``tp.save_pruned`` still saves).
+
+Everything it knows of configs comes from the model family (``adapters/families.py``); this module imports
+no family.
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field as state_field
 
 from torch import nn
 
+from ..adapters.families import ConfigWidths
 from ..graph.side import Side
-from ..hf.attention import HEAD_COUNT_NAMES, HEAD_SIZE_NAMES, KV_HEAD_NAMES, _int_attr
-from ..hf.config import HEAD_SIZE_FIELDS, sync_config
-from ..hf.fit import HEAD_COUNT_FIELDS, candidates, dependencies, field_values, width_fields
-from ..hf.rebuild import config_mismatches
 from ..layers.moe import ExpertCount, ExpertWidth
-from .fallback import FallbackRecord
 
 #: suffix of the names that stand for an attention module's head count in field dependencies
 HEADS = "#heads"
@@ -31,39 +33,59 @@ HEADS = "#heads"
 MAX_REPLANS = 5
 
 
-class ConfigFit:
-    """Mixin of BasePruner: re-plan a step whose widths the model's config class cannot describe."""
+@dataclass
+class ConfigFitState:
+    """What the config fit knows: the family's config reading, and the step being re-planned."""
 
-    def _init_config_fit(self) -> None:
-        #: during a re-planned step: {root module: out width the chosen config builds for it}
-        self._width_targets: dict | None = None
-        #: during a re-planned step: {module name: module} of the model the chosen config builds (meta)
-        self._fit_modules: dict | None = None
-        #: what the last step adjusted, for report()
-        self._config_notes: list = []
-        #: attention modules a re-planned step showed cannot lose whole heads and narrow the rest at once
-        self._wide_heads: set = set()
-        #: {name: module} of the model the last re-planned candidate builds
-        self._last_fresh: dict = {}
-        self._module_names: dict | None = None  # id(layer) -> its name in the model, built on first use
+    #: how the model's family counts widths in its config (None: no config, the fit never runs)
+    config: ConfigWidths | None = None
+    #: during a re-planned step: {root module: out width the chosen config builds for it}
+    width_targets: dict | None = None
+    #: during a re-planned step: {module name: module} of the model the chosen config builds (meta)
+    fit_modules: dict | None = None
+    #: what the last step adjusted, for report()
+    notes: list = state_field(default_factory=list)
+    #: attention modules a re-planned step showed cannot lose whole heads and narrow the rest at once
+    wide_heads: set = state_field(default_factory=set)
+    #: {name: module} of the model the last re-planned candidate builds
+    last_fresh: dict = state_field(default_factory=dict)
+    #: id(layer) -> its name in the model, built on first use
+    module_names: dict | None = None
+
+
+class ConfigFit:
+    """Mixin of BasePruner: re-plan a step whose widths the model's config class cannot describe. Its state is
+    ``self._fit`` (:class:`ConfigFitState`)."""
+
+    def _init_config_fit(self, config: ConfigWidths | None) -> None:
+        self._fit = ConfigFitState(config)
+
+    def _replanning(self) -> bool:
+        """Whether the step being planned is re-planned towards a config's widths (each group has its target)."""
+        return self._fit.width_targets is not None
+
+    def _config_fit_notes(self) -> list:
+        """What the last step adjusted, for the report."""
+        return list(self._fit.notes)
 
     # -- hooks the planners call --------------------------------------------------------------------
     def _fitted_n_prune(self, group, n_prune: int) -> int:
         """Channels a group loses: what it planned, or in a re-planned step what reaches the config's width."""
-        if self._width_targets is None:
+        if self._fit.width_targets is None:
             return n_prune
-        target = self._width_targets.get(group[0].dep.target.module)
+        target = self._fit.width_targets.get(group[0].dep.target.module)
         current = len(group[0].idxs)
         return 0 if target is None or group[0].side is not Side.OUT else max(0, current - target)
 
     def _fitted_head_keep(self, module, keep: int) -> int:
         """Heads a projection keeps: ``keep``, or in a re-planned step the heads the chosen config builds."""
-        if self._fit_modules is None:
+        built = self._fit.fit_modules
+        if built is None:
             return keep
         name = self.DG._name(module)
-        fresh = self._fit_modules.get(name)
-        fresh_parent = self._fit_modules.get(name.rsplit(".", 1)[0]) if "." in name else None
-        _, head_dim = _int_attr(fresh_parent, HEAD_SIZE_NAMES) if fresh_parent is not None else (None, None)
+        fresh = built.get(name)
+        fresh_parent = built.get(name.rsplit(".", 1)[0]) if "." in name else None
+        head_dim = self._fit.config.head_size(fresh_parent) if fresh_parent is not None else None
         width = self._fresh_out(module, fresh)
         if not head_dim or width is None:
             return keep
@@ -71,16 +93,18 @@ class ConfigFit:
 
     # -- the step --------------------------------------------------------------------------------------
     def _config_fit_active(self) -> bool:
-        return bool(self._field_of) and self._width_targets is None
+        return self._follows_config() and self._fit.config is not None and not self._replanning()
 
     def _fit_config(self, optimizer, checkpoint, plans: list) -> list:
         """Keep the step if its config describes the model; otherwise re-plan towards one that does."""
-        self._config_notes = []
-        if not self._config_fit_active() or not config_mismatches(self.model):
+        state = self._fit
+        state.notes = []
+        if not self._config_fit_active() or not state.config.mismatches(self.model):
             return plans
-        sync_config(self.model)
+        config = state.config
+        config.sync(self.model)
         planned = self.model.config.to_dict()
-        heads_refused, narrow_refused = list(self._heads_refused), list(self._heads_narrow_refused)
+        head_notes = self._head_notes()
         roots = self._fit_roots()
         by_name = {self.DG._name(module): module for module in roots}
         achieved = {module: self.DG.get_out_channels(module) for module in roots}
@@ -90,12 +114,12 @@ class ConfigFit:
         shapes = {name: tuple(tensor.shape) for name, tensor in self.model.state_dict().items()}
         # an ignored layer keeps its width, and so does every config field that width follows
         pinned = {module: widths[module] for module in roots if self._is_ignored_layer(module)}
-        fields = [field for field in width_fields(before, planned) if field.name not in self._frozen_fields()]
-        depends = dependencies(self.model, before, fields, lambda fresh: self._built_widths(fresh, by_name))
+        fields = [field for field in config.width_fields(before, planned) if field.name not in self._frozen_fields()]
+        depends = config.dependencies(self.model, before, fields, lambda fresh: self._built_widths(fresh, by_name))
         refusals: list = []
         mismatched, moved = self._mismatched_roots(planned, fields, by_name, achieved, refusals)
         replans = 0
-        self._wide_heads = set()  # attention modules that cannot lose whole heads and narrow in one step
+        state.wide_heads = set()  # attention modules that cannot lose whole heads and narrow in one step
 
         def unreachable(candidate) -> set:
             return self._violations(candidate.model, roots, widths, achieved, shapes, pinned)[1]
@@ -115,26 +139,26 @@ class ConfigFit:
                         break
                     continue
                 replans += 1
-                self._last_fresh = dict(candidate.model.named_modules())
-                self._width_targets, self._fit_modules = targets, self._last_fresh
+                state.last_fresh = dict(candidate.model.named_modules())
+                state.width_targets, state.fit_modules = targets, state.last_fresh
                 try:
                     fitted = self._step_balanced(optimizer, checkpoint)
                 finally:
-                    self._width_targets, self._fit_modules = None, None
-                if self._forward_error() is None and not config_mismatches(self.model):
+                    state.width_targets, state.fit_modules = None, None
+                if self._forward_error() is None and not config.mismatches(self.model):
                     self._note_config_fit(candidate, refusals, achieved)
                     # what the graph refused while planning still holds; targets of its width were not tried
-                    self._merge_head_notes(heads_refused, narrow_refused)
+                    self._merge_head_notes(head_notes)
                     return fitted
                 for module, target in targets.items():
                     width = self.DG.get_out_channels(module)
                     if width != target and width == widths[module] and module not in pinned:
                         pinned[module] = width  # the graph cannot narrow it; later candidates keep its width
                         learned = True
-                wide = _heads_stayed_wide(self.model, self._last_fresh) - self._wide_heads
+                wide = config.heads_stayed_wide(self.model, state.last_fresh) - state.wide_heads
                 if wide:
                     # the graph traced the old head count: these lost whole heads and could not narrow the rest
-                    self._wide_heads |= wide
+                    state.wide_heads |= wide
                     learned = True
                 checkpoint.restore()
                 if learned or replans >= MAX_REPLANS:
@@ -149,7 +173,7 @@ class ConfigFit:
         modules = dict(fresh.named_modules())
         found = {name: self._fresh_out(module, self._counterpart(module, modules)) for name, module in by_name.items()}
         for name, module in modules.items():
-            heads = _int_attr(module, HEAD_COUNT_NAMES)[1]
+            heads = self._fit.config.head_count(module)
             if heads is not None:
                 found[name + HEADS] = heads
         return found
@@ -159,7 +183,7 @@ class ConfigFit:
         the nearest buildable config builds wrong follows it, where that config had to move it, and for head
         counts the step changed (a few values, and another hidden width may need another); else as planned."""
         held = {self.DG._name(module) for module, width in pinned.items() if widths.get(module) == width}
-        held |= {name + HEADS for name in self._wide_heads}  # they keep their heads and narrow instead
+        held |= {name + HEADS for name in self._fit.wide_heads}  # they keep their heads and narrow instead
         unit = self.round_to if isinstance(self.round_to, int) else 1
         choices = []
         for field in fields:
@@ -167,16 +191,17 @@ class ConfigFit:
             if names is not None and names & held:
                 choices.append((field, [field.before]))
             elif names is None or field.label in moved or names & mismatched or (
-                    field.name in HEAD_COUNT_FIELDS and field.planned != field.before):
-                choices.append((field, field_values(field, unit)))
+                    field.name in self._fit.config.head_count_fields and field.planned != field.before):
+                choices.append((field, self._fit.config.field_values(field, unit)))
         return choices
 
     def _mismatched_roots(self, planned: dict, fields: list, by_name: dict, achieved: dict,
                           refusals: list) -> tuple[set, set]:
         """(roots built at another width than the step left them, fields moved) by the planned config, or, when
         the class refuses it, by the nearest config it accepts."""
-        every = [(field, field_values(field)) for field in fields]
-        nearest = next(iter(candidates(self.model, planned, every, max_configs=200, refusals=refusals)), None)
+        config = self._fit.config
+        every = [(field, config.field_values(field)) for field in fields]
+        nearest = next(iter(config.candidates(self.model, planned, every, max_configs=200, refusals=refusals)), None)
         if nearest is None:
             return set(by_name), {field.label for field in fields}
         built = self._built_widths(nearest.model, by_name)
@@ -185,17 +210,11 @@ class ConfigFit:
 
     def _unfitted_step(self, optimizer, checkpoint, refusals: list) -> list:
         """No config near the plan could be reached: prune as planned, and say that save_pretrained refuses."""
-        plans = self._step_balanced(optimizer, checkpoint)
-        error = self._forward_error() if self.verify else None
-        if error is not None:
-            checkpoint.restore()
-            record = FallbackRecord(self.current_step, error)
-            self.fallback_history.append(record)
-            plans = self._step_verified(optimizer, record)
-        problems = config_mismatches(self.model)
+        plans = self._step_checked(optimizer, checkpoint)
+        problems = self._fit.config.mismatches(self.model)
         if problems:
             why = refusals[0] if refusals else problems[0]
-            self._config_notes = [f"no config near this step's widths describes the model ({why}); "
+            self._fit.notes = [f"no config near this step's widths describes the model ({why}); "
                                   f"save_pretrained will refuse, tp.save_pruned saves it"]
             warnings.warn(
                 f"uniform_config_widths: {type(self.model.config).__name__} describes none of the widths near this "
@@ -221,9 +240,9 @@ class ConfigFit:
         stated head sizes without prune_head_dims."""
         frozen = set()
         if not self.prune_num_heads or self.options.num_heads:
-            frozen |= HEAD_COUNT_FIELDS
+            frozen |= self._fit.config.head_count_fields
         if not self.prune_head_dims:
-            frozen |= set(HEAD_SIZE_FIELDS)
+            frozen |= self._fit.config.head_size_fields
         return frozenset(frozen)
 
     def _counterpart(self, module, fresh_modules: dict):
@@ -235,9 +254,9 @@ class ConfigFit:
         if isinstance(module, ExpertCount):
             experts, router = (self._counterpart(part, fresh_modules) for part in (module.experts, module.router))
             return ExpertCount(experts, router) if experts is not None and router is not None else None
-        if self._module_names is None:
-            self._module_names = {id(layer): name for name, layer in self.model.named_modules()}
-        name = self._module_names.get(id(module))
+        if self._fit.module_names is None:
+            self._fit.module_names = {id(layer): name for name, layer in self.model.named_modules()}
+        name = self._fit.module_names.get(id(module))
         return fresh_modules.get(name) if name is not None else None
 
     def _fresh_out(self, module, fresh) -> int | None:
@@ -268,7 +287,7 @@ class ConfigFit:
                 unreachable.add(name.rsplit(".", 1)[0])
         modules = dict(fresh.named_modules())
         for name, module in self.model.named_modules():
-            if not _heads_fit(module, modules.get(name), name not in self._wide_heads):
+            if not self._fit.config.heads_fit(module, modules.get(name), name not in self._fit.wide_heads):
                 unreachable.add(name + HEADS)
         targets = {}
         for module in roots:
@@ -292,20 +311,21 @@ class ConfigFit:
             for path in paths:
                 names = set().union(*(depends.get(field) or set() for field, _ in choices if field.path == path))
                 held = [(field, values if field.path == path else [current[field]]) for field, values in choices]
-                for candidate in candidates(self.model, planned, held, max_configs=150):
+                for candidate in self._fit.config.candidates(self.model, planned, held, max_configs=150):
                     if not any(_claims(names, name) for name in reach(candidate)):
                         moved = dict(candidate.moved)
                         for field, _ in choices:
                             if field.path == path:
                                 current[field] = moved.get(field, field.planned)
                         break
-            yield from candidates(self.model, planned, [(field, [current[field]]) for field, _ in choices])
-        yield from candidates(self.model, planned, choices)
+            yield from self._fit.config.candidates(self.model, planned,
+                                                   [(field, [current[field]]) for field, _ in choices])
+        yield from self._fit.config.candidates(self.model, planned, choices)
 
     def _note_config_fit(self, candidate, refusals: list, achieved: dict) -> None:
         moved = ", ".join(f"{field.label} {field.planned} -> {value}" for field, value in candidate.moved)
         why = refusals[0] if refusals else "a model built from the planned config has other shapes"
-        self._config_notes = [f"config widths adjusted ({moved or 'same fields, layers brought to them'}): {why}"]
+        self._fit.notes = [f"config widths adjusted ({moved or 'same fields, layers brought to them'}): {why}"]
         label = moved or type(candidate.config).__name__
         kept = []
         for module, planned in achieved.items():
@@ -334,34 +354,3 @@ def _layers_built_otherwise(fresh, shapes: dict, by_name: dict) -> set:
     """Root names with a tensor that only one of the built model and the model has."""
     keys = set(fresh.state_dict()) ^ set(shapes)
     return {key.rsplit(".", 1)[0] for key in keys} & set(by_name)
-
-
-def _heads_fit(module, fresh, narrow_with_heads: bool = True) -> bool:
-    """Heads only go and only narrow: the built module has no more heads and no wider ones than now (and,
-    once the graph showed it cannot, does not lose whole heads and narrow the rest in the same step)."""
-    if fresh is None:
-        return True
-    counts = []
-    for names in (HEAD_COUNT_NAMES, KV_HEAD_NAMES, HEAD_SIZE_NAMES):
-        name, value = _int_attr(module, names)
-        built = fresh.__dict__.get(name) if name is not None else None
-        if isinstance(built, int) and built > value:
-            return False
-        counts.append(isinstance(built, int) and built < value)
-    return narrow_with_heads or not ((counts[0] or counts[1]) and counts[2])
-
-
-def _heads_stayed_wide(model, fresh_modules: dict) -> set:
-    """Names of attention modules that lost the heads the config builds but kept wider heads than it builds."""
-    found = set()
-    for name, module in model.named_modules():
-        fresh = fresh_modules.get(name)
-        if fresh is None:
-            continue
-        _, heads = _int_attr(module, HEAD_COUNT_NAMES)
-        size_name, size = _int_attr(module, HEAD_SIZE_NAMES)
-        built_size = fresh.__dict__.get(size_name) if size_name is not None else None
-        built_heads = _int_attr(fresh, HEAD_COUNT_NAMES)[1]
-        if heads is not None and heads == built_heads and isinstance(built_size, int) and size > built_size:
-            found.add(name)
-    return found

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
+from ..adapters.families import head_size_names
 from ..graph.group import Group
 from ..graph.refusal import Refusal
 from ..graph.side import Side
-from ..hf.attention import HEAD_SIZE_NAMES
 
 
 def subset_may_pass(reason: Refusal) -> bool:
@@ -19,24 +20,48 @@ def subset_may_pass(reason: Refusal) -> bool:
     return reason.kind.may_pass_for_subset
 
 
+@dataclass
+class HeadNotes:
+    """What the warnings of a step name about attention heads; reset when a step is planned."""
+
+    #: attention roots whose heads no removal could take: (root, side, width, heads, head_dim)
+    refused: list = field(default_factory=list)
+    #: head groups the graph refused to narrow: (root path, the refusal)
+    narrow_refused: list = field(default_factory=list)
+
+
+@dataclass
+class HeadState:
+    """The head planner's state."""
+
+    #: module -> its parent, built on first use
+    parent_of: dict | None = None
+    notes: HeadNotes = field(default_factory=HeadNotes)
+
+
 class HeadPlanner:
-    """Mixin of BasePruner: ``prune_num_heads`` planning and the warnings about untouched attention."""
+    """Mixin of BasePruner: ``prune_num_heads`` planning and the warnings about untouched attention. Its state
+    is ``self._head_state`` (:class:`HeadState`)."""
 
     def _init_heads(self) -> None:
-        self._parent_of: dict | None = None  # module -> its parent, built on first use
-        self._reset_head_notes()
+        self._head_state = HeadState()
 
     def _reset_head_notes(self) -> None:
-        """What the warnings of a step name; reset when a step is planned."""
-        #: attention roots whose heads no removal could take: (root, side, width, heads, head_dim)
-        self._heads_refused: list[tuple] = []
-        #: head groups the graph refused to narrow: (root path, the refusal)
-        self._heads_narrow_refused: list[tuple[str, Refusal]] = []
+        self._head_state.notes = HeadNotes()
 
-    def _merge_head_notes(self, heads_refused: list, narrow_refused: list) -> None:
+    def _head_notes(self) -> HeadNotes:
+        """A copy of what this step noted so far (a re-planned step merges it back: :meth:`_merge_head_notes`)."""
+        return HeadNotes(list(self._head_state.notes.refused), list(self._head_state.notes.narrow_refused))
+
+    def _merge_head_notes(self, earlier: HeadNotes) -> None:
         """Add what an earlier planning of this step noted (a re-planned step keeps what the graph refused)."""
-        self._heads_refused += [entry for entry in heads_refused if entry not in self._heads_refused]
-        self._heads_narrow_refused += [entry for entry in narrow_refused if entry not in self._heads_narrow_refused]
+        notes = self._head_state.notes
+        notes.refused += [entry for entry in earlier.refused if entry not in notes.refused]
+        notes.narrow_refused += [entry for entry in earlier.narrow_refused if entry not in notes.narrow_refused]
+
+    def _note_narrow_refused(self, root_name: str, refusal: Refusal) -> None:
+        """The graph refused to narrow the heads of this group (warned after the step)."""
+        self._head_state.notes.narrow_refused.append((root_name, refusal))
 
     def _is_head_group(self, group: Group) -> bool:
         """Channels that attention splits into heads: rooted under a module with heads, and either blocked
@@ -48,11 +73,11 @@ class HeadPlanner:
     def _warn_heads_refused(self) -> None:
         """Name the attention layers that prune_num_heads could not touch and nothing else narrowed."""
         untouched = []
-        for root, side, total, heads, head_dim in self._heads_refused:
+        for root, side, total, heads, head_dim in self._head_state.notes.refused:
             width = (self.DG.get_out_channels if side is Side.OUT else self.DG.get_in_channels)(root)
             if width == total:
                 untouched.append(f"{self.DG._name(root)} ({heads} blocks of {head_dim} channels)")
-        narrow = [f"{name} ({refusal})" for name, refusal in self._heads_narrow_refused]
+        narrow = [f"{name} ({refusal})" for name, refusal in self._head_state.notes.narrow_refused]
         if narrow:
             warnings.warn(
                 "prune_head_dims: the graph refused to narrow the heads of " + "; ".join(narrow)
@@ -77,7 +102,7 @@ class HeadPlanner:
                                             root_module_types=self.root_module_types, include_blocked=True):
             hard = [reason for reason in group.blocked if not subset_may_pass(reason)]
             if hard and self._is_head_group(group) and not self._per_head_table_only(group):
-                self._heads_narrow_refused.append((self.DG._name(group[0].dep.target.module), hard[0]))
+                self._note_narrow_refused(self.DG._name(group[0].dep.target.module), hard[0])
 
     def _plan_whole_heads(self) -> Iterator[Group]:
         """With ``prune_num_heads``: groups that cannot lose arbitrary channels may lose whole heads.
@@ -111,7 +136,7 @@ class HeadPlanner:
                     break
             else:
                 if tried:
-                    self._heads_refused.append((root, group[0].side, total, heads, head_dim))
+                    self._head_state.notes.refused.append((root, group[0].side, total, heads, head_dim))
         if not found and not self.num_heads and self.current_step == 1:
             warnings.warn(
                 "prune_num_heads=True found no attention heads to remove: heads are read from num_heads={layer: "
@@ -197,16 +222,17 @@ class HeadPlanner:
         if root in self.num_heads and total % self.num_heads[root] == 0:
             return total // self.num_heads[root]
         parent = self._parents().get(root)
-        for name in HEAD_SIZE_NAMES:  # BERT names it attention_head_size, T5 key_value_proj_dim
+        for name in head_size_names():  # BERT names it attention_head_size, T5 key_value_proj_dim
             head_dim = getattr(parent, name, None)
             if isinstance(head_dim, int) and head_dim > 0 and total % head_dim == 0 and total > head_dim:
                 return head_dim
         return None
 
     def _parents(self) -> dict:
-        if self._parent_of is None:
-            self._parent_of = {child: module for module in self.model.modules() for child in module.children()}
-        return self._parent_of
+        state = self._head_state
+        if state.parent_of is None:
+            state.parent_of = {child: module for module in self.model.modules() for child in module.children()}
+        return state.parent_of
 
 
 def _splits_into_heads(group: Group) -> bool:

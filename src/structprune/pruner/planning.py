@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -15,14 +16,28 @@ from ..importance.elementwise import sharing_position_sums
 from .heads import subset_may_pass
 
 
+@dataclass
+class PlanningState:
+    """What planning keeps between groups of a step, and between steps."""
+
+    #: this step's up-front importance of every candidate group, by root (see _prescore)
+    scores: dict = field(default_factory=dict)
+    #: why _choose's last candidate was refused (the most symmetric one tried)
+    refusal: Refusal | None = None
+    #: this step: (layers, width, blocks, count) -> (first root, refusal) of a shape every candidate failed
+    refused_shapes: dict = field(default_factory=dict)
+    #: this step: roots whose groups get one symmetric candidate only (per-head tables, see _groups)
+    one_try: set = field(default_factory=set)
+    #: every step: (layers, width, blocks, block hint) -> the block count the graph accepted for that shape
+    learned_blocks: dict = field(default_factory=dict)
+
+
 class PlanningMixin:
-    """Mixin of BasePruner: candidate groups, kept counts, scores and the chosen channels."""
+    """Mixin of BasePruner: candidate groups, kept counts, scores and the chosen channels. Its state is
+    ``self._planning`` (:class:`PlanningState`)."""
 
     def _init_planning(self) -> None:
-        #: this step's up-front importance of every candidate group, by root (see _prescore)
-        self._scores: dict = {}
-        #: why _choose's last candidate was refused (the most symmetric one tried)
-        self._refusal: Refusal | None = None
+        self._planning = PlanningState()
 
     # -- groups ----------------------------------------------------------------------------------------
     def _groups(self) -> list[Group]:
@@ -34,7 +49,7 @@ class PlanningMixin:
         subset, and trying subsets costs a discovery each, so groups that reach them are not tried.
         """
         groups = []
-        self._one_try = set()
+        self._planning.one_try = set()
         for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                             root_module_types=self.root_module_types, include_blocked=True):
             if not self.prune_head_dims and self._is_head_group(group):
@@ -44,7 +59,7 @@ class PlanningMixin:
                     continue
                 # BLOOM's ALiBi slopes: a table per head, reached only when whole heads go; narrower
                 # heads may pass, and one symmetric candidate tells
-                self._one_try.add(_root_key(group))
+                self._planning.one_try.add(_root_key(group))
             groups.append(group)
         return groups
 
@@ -94,7 +109,7 @@ class PlanningMixin:
 
     def _plan(self) -> Iterator[Group]:
         # a step re-planned towards a config's widths (config_fit.py) gives each group its own target
-        return self._plan_global() if self.global_pruning and self._width_targets is None else self._plan_local()
+        return self._plan_global() if self.global_pruning and not self._replanning() else self._plan_local()
 
     def _select(self, group: Group, imp: torch.Tensor, n_prune: int, channel_groups: int) -> torch.Tensor:
         """Lowest-importance root channels, the same local positions in each of ``channel_groups`` blocks."""
@@ -113,18 +128,18 @@ class PlanningMixin:
         a group scored after its neighbour was pruned would see a narrowed layer; criteria that keep
         per-parameter statistics (Hessian, OBDC) are tied to the unpruned shapes.
         """
-        self._scores = {}
-        self._refused_shapes: dict = {}  # (layers, width, blocks, count) -> refusal, for this step
+        scores = self._planning.scores = {}
+        self._planning.refused_shapes = {}
         heads = list(self._head_candidates()) if self.prune_num_heads else []
         with sharing_position_sums():
             for group in [entry[0] for entry in heads] + list(self._expert_groups()) + self._groups():
                 key = _root_key(group)
-                if key not in self._scores:
-                    self._scores[key] = self.estimate_importance(group)
+                if key not in scores:
+                    scores[key] = self.estimate_importance(group)
 
     def _importance(self, group: Group) -> torch.Tensor | None:
         """The step's up-front score of a group; scored afresh only if whole heads changed its width."""
-        imp = self._scores.get(_root_key(group))
+        imp = self._planning.scores.get(_root_key(group))
         if imp is not None and len(imp) == len(group[0].idxs):
             return imp
         return self.estimate_importance(group)
@@ -143,7 +158,7 @@ class PlanningMixin:
         yield from self._plan_experts()
         yield from self._plan_whole_heads()
         self._note_pinned_heads()
-        self._held_back = []
+        self._reset_held_back()
         groups = self._groups()
         planned = (self._budget_counts(groups) if self.target
                    else {_root_key(group): self._local_n_prune(group) for group in groups})
@@ -177,9 +192,9 @@ class PlanningMixin:
             if chosen is not None:
                 yield chosen
                 continue
-            self._note_refusal(group[0].dep.target, self._refusal)
+            self._note_refusal(group[0].dep.target, self._planning.refusal)
             if not self.prune_num_heads and self._is_head_group(group):
-                self._heads_narrow_refused.append((self.DG._name(root), self._refusal))
+                self._note_narrow_refused(self.DG._name(root), self._planning.refusal)
 
     def _unscored(self, group: Group, imp) -> bool:
         """Whether the criterion gave no usable score for a group (noted for the report: it keeps its channels)."""
@@ -212,25 +227,27 @@ class PlanningMixin:
     def _choose(self, group, imp, n_prune, channel_groups):
         """A prunable group for the lowest-scoring channels; regrouped symmetrically if the graph asks.
 
-        When none is accepted, ``self._refusal`` keeps the graph's reason for the most symmetric candidate.
+        When none is accepted, ``self._planning.refusal`` keeps the graph's reason for the most symmetric
+        candidate.
         """
         root = group[0]
-        self._refusal = Refusal(RefusalKind.NO_CANDIDATE, root.dep.target.name, "no candidate")
+        state = self._planning
+        state.refusal = Refusal(RefusalKind.NO_CANDIDATE, root.dep.target.name, "no candidate")
         heads = self._whole_head_blocks(group)
         if heads is not None:
             return self._choose_whole_heads(group, imp, n_prune, heads)
         # blocks that worked for a group of the same layers and width (the next block of the same stage),
         # and, within this step, the refusal of one whose every candidate failed
-        learned = self.__dict__.setdefault("_learned_blocks", {})
+        learned = state.learned_blocks
         shape = (_signature(group), len(imp), channel_groups, group.block_hint)
-        one_try = _root_key(group) in getattr(self, "_one_try", ())
+        one_try = _root_key(group) in state.one_try
         known = learned.get(shape)
-        refused = self._refused_shapes.get(shape + (n_prune,))
+        refused = state.refused_shapes.get(shape + (n_prune,))
         if refused is not None:
             # every candidate of a group of the same layers and width was refused (a size the forward spells
             # out, a table): trying them again for each block costs a discovery per candidate and decides nothing
             first, refusal = refused
-            self._refusal = Refusal(refusal.kind, root.dep.target.name,
+            state.refusal = Refusal(refusal.kind, root.dep.target.name,
                                     f"{refusal.detail} (as for {first}, which has the same layers)")
             return None
         candidates = _block_candidates(channel_groups, len(imp), n_prune, group.block_hint, known,
@@ -247,9 +264,9 @@ class PlanningMixin:
                     self._note_refusal(root.dep.target, f"a split, chunk or head reshape takes {blocks} channels "
                                                         f"at a time: {len(idxs)} of {n_prune} went")
                 return candidate
-            self._refusal = _refusal(candidate, idxs)
-        if self._refusal.kind is not RefusalKind.NO_CANDIDATE:
-            self._refused_shapes[shape + (n_prune,)] = (root.dep.target.name, self._refusal)
+            state.refusal = _refusal(candidate, idxs)
+        if state.refusal.kind is not RefusalKind.NO_CANDIDATE:
+            state.refused_shapes[shape + (n_prune,)] = (root.dep.target.name, state.refusal)
         return None
 
     def _plan_global(self) -> Iterator[Group]:
@@ -276,7 +293,7 @@ class PlanningMixin:
             yield from self._global_bucket(entries)
 
     def _global_bucket(self, entries):
-        self._held_back = []
+        self._reset_held_back()
         scores = []
         total_original = 0
         total_current = 0
@@ -325,7 +342,7 @@ class PlanningMixin:
             if chosen is not None:
                 yield chosen
             else:
-                self._note_refusal(group[0].dep.target, self._refusal)
+                self._note_refusal(group[0].dep.target, self._planning.refusal)
 
 
 def _block_candidates(channel_groups: int, total: int, n_prune: int, hint: int = 1, learned: int | None = None,

@@ -45,7 +45,8 @@ class StepRecord:
     #: global pruning: the channels the step asked of all groups together
     global_target: int | None = None
     #: a budget step (``target=``): ``{"metric", "budget", "predicted", "calibrated", "measured"}`` after the
-    #: step; for latency also ``"passes"`` (each pass's target, predicted, calibrated and measured ms),
+    #: step; for latency also ``"start"`` (the latency when the step began), ``"passes"`` (each pass's target,
+    #: predicted, calibrated and measured ms),
     #: ``"calibration"`` (the calibration's slope after it: ms timed per ms the profile predicts) and
     #: ``"stopped"`` (why the passes ended short of the budget, or None)
     budget: dict | None = None
@@ -95,16 +96,26 @@ class PruningReport:
         return "\n".join(lines)
 
 
+@dataclass
+class ReportState:
+    """What the report keeps: every step's record, and the notes of the step being taken."""
+
+    records: list = field(default_factory=list)
+    #: this step: {group root path: the planner's reason it kept more channels}
+    refusals: dict = field(default_factory=dict)
+    #: this step: "root (error)" of each group the verified fallback left unpruned
+    fallback: list = field(default_factory=list)
+    #: {group root path: channels} a ranking over all groups gave each (global pruning, a budget); None
+    #: while no such ranking planned a step
+    shares: dict | None = None
+
+
 class ReportMixin:
-    """Mixin of BasePruner: records each step against its targets and renders ``report()``."""
+    """Mixin of BasePruner: records each step against its targets and renders ``report()``. Its state is
+    ``self._report`` (:class:`ReportState`)."""
 
     def _init_report(self) -> None:
-        self._step_records: list[StepRecord] = []
-        self._step_refusals: dict = {}
-        self._step_fallback: list = []
-        #: {group root path: channels} a ranking over all groups gave each (global pruning, a budget); None
-        #: while no such ranking planned a step
-        self._group_shares: dict | None = None
+        self._report = ReportState()
         # whole heads are tried on head groups whatever refuses their channels one by one
         if not any(all(subset_may_pass(reason) for reason in group.blocked)
                    or (self.prune_num_heads and self._is_head_group(group)) for group in self._root_groups(heads=True)):
@@ -124,8 +135,8 @@ class ReportMixin:
                 if heads or not self._is_head_group(group)]
 
     def _begin_step_record(self) -> list:
-        self._step_refusals = {}
-        self._step_fallback = []
+        self._report.refusals = {}
+        self._report.fallback = []
         entries = []
         for group in self._root_groups():
             root = group[0].dep.target
@@ -140,31 +151,30 @@ class ReportMixin:
         return entries
 
     def _end_step_record(self, entries: list, warn: bool = True) -> None:
-        record = StepRecord(self.current_step, fallback=list(self._step_fallback))
+        state = self._report
+        record = StepRecord(self.current_step, fallback=list(state.fallback))
         if self.global_pruning and not self.target:
             ratio = self.per_step_pruning_ratio[min(self.current_step, self.iterative_steps)]
             current = sum(entry[2] for entry in entries if entry[4] is None)
             original = sum(self.layer_init_out_ch.get(entry[0].module) or entry[2] for entry in entries)
             record.global_target = max(0, current - int(original * (1 - ratio)))
         # a budget allocates shares as the global ranking does
-        shares = self._group_shares if self.global_pruning or self.target else None
+        shares = state.shares if self.global_pruning or self.target else None
         for root, side, before, target, hard in entries:
             if shares is not None:
                 # one total for all groups: each is held to the share the global ranking gave it
                 target = shares.get(root.name, 0)
             after = self.DG._safe_channels(root, side)
             after = before if after is None else after
-            reason = hard or self._step_refusals.get(root.name)
+            reason = hard or state.refusals.get(root.name)
             if reason is None and after > before - target:
                 reason = next((entry for entry in record.fallback if entry.startswith(root.name + " ")), None)
             record.groups.append(GroupRecord(root.name, side.name.lower(), before, after, target, reason))
-        record.notes += [f"uniform config widths held back {note}" for note in getattr(self, "_held_back", [])]
-        record.notes += list(getattr(self, "_config_notes", []))
-        compensator = getattr(self, "_compensator", None)
-        if compensator is not None:
-            record.notes += compensator.step_notes()
+        record.notes += [f"uniform config widths held back {note}" for note in self._held_back_notes()]
+        record.notes += self._config_fit_notes()
+        record.notes += self._compensation_notes()
         record.budget = self._budget_outcome()
-        self._step_records.append(record)
+        state.records.append(record)
         if warn:
             self._warn_short(record)
 
@@ -172,22 +182,23 @@ class ReportMixin:
         """The planner's reason for a group it wanted to prune but could not (kept for the report); ``root``
         is the group's root node, its module or its path."""
         name = root if isinstance(root, str) else root.name if hasattr(root, "name") else self.DG._name(root)
-        self._step_refusals[name] = refusal
+        self._report.refusals[name] = refusal
 
     def _reset_shares(self) -> None:
         """A ranking over all groups starts planning the step: forget the last one's shares."""
-        self._group_shares = {}
+        self._report.shares = {}
 
     def _add_share(self, root_name: str, channels: int) -> None:
         """The ranking gave this group ``channels`` more to lose: the report holds it to its share instead of
         its own ratio (a later correction of the same step adds to it)."""
-        shares = self._group_shares if self._group_shares is not None else {}
-        shares[root_name] = shares.get(root_name, 0) + channels
-        self._group_shares = shares
+        state = self._report
+        if state.shares is None:
+            state.shares = {}
+        state.shares[root_name] = state.shares.get(root_name, 0) + channels
 
     def _note_fallback(self, skipped: list[str]) -> None:
         """The groups this step's verified fallback left unpruned, as "root (error)" (kept for the report)."""
-        self._step_fallback = list(skipped)
+        self._report.fallback = list(skipped)
 
     def _warn_short(self, record: StepRecord) -> None:
         if record.removed >= record.target:
@@ -214,7 +225,7 @@ class ReportMixin:
                 refused.append((group[0].dep.target.name, hard[0]))
             else:
                 prunable += 1
-        return PruningReport(prunable, refused, list(self._step_records))
+        return PruningReport(prunable, refused, list(self._report.records))
 
 
 def budget_lines(budget: dict) -> list[str]:

@@ -7,8 +7,8 @@ import warnings
 import torch
 
 from ..adapters.core import deferred_late_sync
+from ..adapters.families import snapshot_families
 from ..graph.snapshot import Checkpoint
-from ..hf.config import restore_configs, snapshot_configs
 from ..utils.nested import call_model, evaluating
 from .diagnose import explain, layer_widths, size_attributes, stale_attributes
 from .fallback import FallbackRecord
@@ -17,6 +17,23 @@ from .ties import touches, unbalanced_ties
 
 class VerifyMixin:
     """Mixin of BasePruner: the forward check after a step and the group-by-group retry."""
+
+    def _init_verify(self) -> None:
+        #: one FallbackRecord per step whose one-shot prune broke the model (see pruner/fallback.py)
+        self.fallback_history: list[FallbackRecord] = []
+
+    def _step_checked(self, optimizer, checkpoint: Checkpoint) -> list:
+        """Prune the planned step; if the model then stops running (a size the graph cannot see, e.g. a
+        reshape to an input's width), redo it one group at a time, keeping only the groups after which it
+        still runs."""
+        plans = self._step_balanced(optimizer, checkpoint)
+        error = self._forward_error() if self.verify else None
+        if error is not None:
+            checkpoint.restore()
+            record = FallbackRecord(self.current_step, error)
+            self.fallback_history.append(record)
+            plans = self._step_verified(optimizer, record)
+        return plans
 
     def _step_balanced(self, optimizer, checkpoint: Checkpoint) -> list:
         """Prune every planned group; if the step leaves a size tie unbalanced (two widths a reshape needs
@@ -75,7 +92,7 @@ class VerifyMixin:
     def _checkpoint(self) -> Checkpoint:
         graph = self.DG.checkpoint()
         num_heads = dict(self.num_heads)  # whole-head pruning keeps it current; an undone group restores it
-        configs = snapshot_configs(self.model)  # Hugging Face configs the adapters rewrite
+        restore_families = snapshot_families(self.model)  # Hugging Face configs the adapters rewrite
         # calibrated importances slice their statistics with each pruned group (importance/activation.py)
         statistics = getattr(self.importance, "snapshot_statistics", None)
         statistics = statistics() if statistics is not None else None
@@ -83,7 +100,7 @@ class VerifyMixin:
         def restore_graph():
             graph._restore_graph()
             self.num_heads = dict(num_heads)
-            restore_configs(configs)
+            restore_families()
             if statistics is not None:
                 self.importance.restore_statistics(statistics)
 

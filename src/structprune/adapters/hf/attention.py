@@ -153,4 +153,4 @@ adapter("Hugging Face fused qkv_proj attention (heads, key/value heads; config.n
         follows=HEAD_COUNT_NAMES + KV_HEAD_NAMES + ("config.num_attention_heads",))(generic_attention)
 adapter("Hugging Face attention (num_heads / n_heads / num_key_value_heads, head size, widths, scaling)",
         is_generic_attention, order=MODULE + 20, claim=ATTENTION, uses_removed=True,
-        follows=HEAD_COUNT_NAMES + KV_HEAD_NAMES + ("all_head_size", "inner_dim", "split_size"))(generic_attention)
+        follows=HEAD_COUNT_NAMES + KV_HEAD_NAMES + ("num_key_value_groups", "all_head_size", "inner_dim", "split_size"))(generic_attention)

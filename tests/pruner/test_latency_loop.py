@@ -69,6 +69,8 @@ def test_the_loop_never_puts_channels_back_along_a_schedule():
     records = [step.budget for step in pruner.report().steps]
     unpruned = budget / 0.3
     assert [r["budget"] for r in records] == pytest.approx([unpruned * (1 - 0.7 * k / 3) for k in (1, 2, 3)])
+    # each step starts from the latency the last one measured
+    assert [r["start"] for r in records] == [pytest.approx(unpruned)] + [r["measured"] for r in records[:-1]]
     assert abs(records[-1]["measured"] / budget - 1) <= 0.10 and not missed
 
 

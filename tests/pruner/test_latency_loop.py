@@ -3,6 +3,7 @@ after each pass, calibrate the profile's prediction, plan again; never put chann
 import warnings
 
 import pytest
+import torch
 
 import structprune as tp
 from structprune.pruner import latency_loop
@@ -127,3 +128,22 @@ def test_latency_fn_is_validated(options, message):
     profile = profile_of(model, x, Device())
     with pytest.raises(ValueError, match=message):
         tp.pruner.BasePruner(model, x, magnitude, latency_profile=profile, **options)
+
+
+def test_growing_reg_greg1_meets_a_latency_budget_removing_the_channels_it_chose_ahead_first():
+    model, x = mlp()
+    device = Device(block=8)
+    budget = 0.45 * device(model, x)
+    original = model.fc1.weight.detach().clone()
+    pruner = tp.pruner.GrowingRegPruner(model, x, magnitude, target={"latency_ms": budget}, schedule="greg1",
+                                        latency_profile=profile_of(model, x, device, per_call=5.0), latency_fn=device)
+    pruner.update_reg()
+    chosen = set(pruner._selected["fc1:prune_out_channels"].tolist())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no miss warning
+        pruner.step()
+    assert abs(device(model, x) / budget - 1) <= 0.10
+    kept = {index for index, row in enumerate(original) if any(torch.equal(row, now) for now in model.fc1.weight)}
+    removed = set(range(128)) - kept
+    # the first pass stops short of the budget: it takes the least important of the channels chosen ahead
+    assert removed and removed <= chosen and len(removed) < len(chosen)

@@ -48,6 +48,8 @@ class BudgetMixin:
         #: this step's passes (latency budgets), and the budget in profile units the current pass plans to
         self._latency_loop: LatencyLoop | None = None
         self._pass_budget: float | None = None
+        #: passes of this step planned before the current one (GReg-1's channels chosen ahead hold for the first)
+        self._earlier_passes = 0
         self._budget_plan: dict | None = None
         self._budget_schedule: list | None = None
         if self.round_to == "auto":
@@ -88,6 +90,7 @@ class BudgetMixin:
         unbalanced, the verified fallback) starts a new loop from the step's start."""
         self._reset_shares()
         self._pass_budget = None
+        self._earlier_passes = 0
         metric = next(iter(self.target))
         if metric != "latency_ms":
             yield from self._plan_local()
@@ -112,7 +115,9 @@ class BudgetMixin:
                 loop.untimed(error)
                 break
             loop.observe(measured)
+            self._earlier_passes += 1
         self._pass_budget = None
+        self._earlier_passes = 0
 
     def _measure_latency(self) -> float:
         """The whole model's latency now: ``latency_fn``, or timed as its profile timed the unpruned model."""

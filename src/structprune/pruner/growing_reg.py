@@ -170,8 +170,14 @@ class GrowingRegPruner(BasePruner):
         return {self._group_key(group): torch.tensor(group[0].idxs, dtype=torch.long) for group in _as_applied(plan)}
 
     def _choose(self, group, imp, n_prune, channel_groups):
-        if self.schedule == "greg1" and self._selected is not None:
+        # the channels chosen ahead were chosen on the widths the step starts from: a latency budget's later
+        # passes (pruner/latency_loop.py) choose among what is left by importance
+        if self.schedule == "greg1" and self._selected is not None and not self._earlier_passes:
             chosen = self._selected.get(self._group_key(group))
+            if chosen is not None and n_prune < len(chosen) and channel_groups == 1 and imp is not None:
+                # a latency budget's first pass stops short of the budget the channels were chosen for: it
+                # takes the least important of them
+                chosen = chosen[imp.detach().cpu()[chosen].argsort()[:n_prune]]
             if chosen is not None and len(chosen):
                 root = group[0]
                 return self.DG.get_group_by_side(root.dep.target.module, root.side, chosen.tolist())

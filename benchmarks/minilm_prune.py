@@ -12,8 +12,16 @@ Scopes: ``ffn_heads`` prunes MLP neurons and whole attention heads by the ratio 
                  gradients summed over --calibration batches), then distillation. Measured after
                  --distill-steps (same distillation as the rest) and after --reg-steps + --distill-steps
                  ("then distill, equal steps": the same total training as the growing-regularization runs).
-  greg1          GReg-1: channels chosen once (--greg1-importance), their reg grows every iteration while
-                 distilling for --reg-steps, then exactly they are removed and --distill-steps follow.
+  activation, wanda, fluct
+                 the same, choosing by the activation-aware criteria (tp.importance.ActivationImportance,
+                 WandaImportance, FluctuationImportance), calibrated by forward passes (eval mode) on the same
+                 --calibration batches Taylor takes its gradients from.
+  <criterion>+refit
+                 the same, with compensation="refit": the layers reading the removed channels are refitted by
+                 least squares on the calibration inputs at removal (the importance gathers Gram matrices).
+  greg1[:<crit>] GReg-1: channels chosen once (by <crit>, default --greg1-importance), their reg grows every
+                 iteration while distilling for --reg-steps, then exactly they are removed and --distill-steps
+                 follow. greg1:activation chooses by the calibrated activation norm.
   greg2          GReg-2: every channel's reg grows uniformly, then the smallest (L2) are removed.
   seed           the seed schedule: update_reg() --seed-updates times, growing by standardized L2 importance.
 
@@ -43,7 +51,13 @@ from structprune.demo.minilm import (SentenceEmbedder, agreement, distillation_l
                                      shuffled_batch, tokenize)
 from structprune.demo.sentences import split_sentences, stdlib_sentences
 
-METHODS = ("l2", "taylor", "greg1", "greg2", "seed")
+CRITERIA = ("l2", "taylor", "activation", "wanda", "fluct")
+CALIBRATED = {"activation": tp.importance.ActivationImportance, "wanda": tp.importance.WandaImportance,
+              "fluct": tp.importance.FluctuationImportance}
+ONE_SHOT = CRITERIA + tuple(f"{name}+refit" for name in CALIBRATED)
+GREG = ("greg1",) + tuple(f"greg1:{name}" for name in CRITERIA) + ("greg2", "seed")
+METHODS = ONE_SHOT + GREG
+DEFAULT_METHODS = ONE_SHOT + ("greg1", "greg1:activation", "greg2", "seed")
 SCOPES = ("ffn_heads", "hidden")
 
 
@@ -112,6 +126,23 @@ def calibrate(setup: Setup, model, generator) -> None:
         setup.loss(model, setup.batch(generator)).backward()
 
 
+def importance_for(setup: Setup, model, criterion: str, generator, gram: bool = False):
+    """The criterion, calibrated on --calibration batches drawn from ``generator`` (Taylor and the activation
+    criteria draw the same batches, so the distillation that follows sees the same ones too)."""
+    if criterion == "l2":
+        return tp.importance.MagnitudeImportance(p=2)
+    if criterion == "taylor":
+        calibrate(setup, model, generator)
+        return tp.importance.TaylorImportance()
+    importance = CALIBRATED[criterion](gram=gram)
+    model.eval()  # the activations the unpruned model computes, without dropout's noise
+    with importance.calibrating(model):
+        for _ in range(setup.args.calibration):
+            model(**setup.batch(generator).inputs())
+    model.train()
+    return importance
+
+
 def distill(setup: Setup, model, steps: int, generator, optimizer=None, each_step=None) -> torch.optim.Optimizer:
     optimizer = optimizer or adamw(model, setup.args.lr)
     model.train()
@@ -132,16 +163,13 @@ def run_one_shot(setup: Setup, method: str, ratio: float, scope: str) -> list[di
     args = setup.args
     generator = torch.Generator().manual_seed(args.seed + 1)
     model = setup.student()
-    if method == "l2":
-        importance = tp.importance.MagnitudeImportance(p=2)
-    else:
-        importance = tp.importance.TaylorImportance()
-        calibrate(setup, model, generator)
+    criterion, _, compensation = method.partition("+")
+    importance = importance_for(setup, model, criterion, generator, gram=compensation == "refit")
     # GrowingRegPruner without regularization is BasePruner plus rescale_norms (LayerNorms that lose channels
     # keep their output scale), which the GrowingReg runs get too: Taylor at 50% with the hidden width,
     # right after pruning, 0.36 cosine with it, 0.30 without
     pruner = tp.pruner.GrowingRegPruner(model, example(setup), importance, reg=0.0, delta_reg=0.0,
-                                        **pruner_options(model, ratio, scope))
+                                        compensation=compensation or None, **pruner_options(model, ratio, scope))
     pruner.step()
     model.zero_grad(set_to_none=True)
     pruned = setup.measure(model)
@@ -160,21 +188,22 @@ def run_greg(setup: Setup, method: str, ratio: float, scope: str) -> list[dict]:
     generator = torch.Generator().manual_seed(args.seed + 1)
     model = setup.student()
     lr, steps = args.lr, args.reg_steps
-    if method == "seed":
+    schedule, _, criterion = method.partition(":")
+    if schedule == "greg1":
+        criterion = criterion or args.greg1_importance
+    if schedule == "seed":
         updates, every = args.seed_updates, max(1, steps // args.seed_updates)
-        importance = tp.importance.MagnitudeImportance(p=2)
     else:
         updates, every = max(1, round(steps * args.fade)), 1
-        use_taylor = method == "greg1" and args.greg1_importance == "taylor"
-        importance = tp.importance.TaylorImportance() if use_taylor else tp.importance.MagnitudeImportance(p=2)
-    target = args.target_shrink if method == "greg1" else args.uniform_target_shrink
+    # GReg-1 chooses its channels once, at the first update_reg(), by the criterion calibrated here; GReg-2
+    # and the seed schedule grow by L2 magnitude
+    importance = importance_for(setup, model, criterion or "l2", generator)
+    target = args.target_shrink if schedule == "greg1" else args.uniform_target_shrink
     delta = tp.pruner.delta_reg_for(lr, every, updates, target_shrink=target)
     # the reg stops growing after `updates` and holds there for the rest of the phase
     pruner = tp.pruner.GrowingRegPruner(model, example(setup), importance, reg=0.0, delta_reg=delta,
-                                        schedule=method, reg_ceiling=delta * updates,
+                                        schedule=schedule, reg_ceiling=delta * updates,
                                         **pruner_options(model, ratio, scope))
-    if isinstance(importance, tp.importance.TaylorImportance):
-        calibrate(setup, model, generator)
     optimizer = adamw(model, lr)
     counter = {"step": 0, "updates": 1}
 
@@ -193,8 +222,9 @@ def run_greg(setup: Setup, method: str, ratio: float, scope: str) -> list[dict]:
     pruned = setup.measure(model)
     distill(setup, model, args.distill_steps, generator, optimizer)
     final = setup.measure(model)
-    fade = f" (grows over {updates})" if method != "seed" and updates < steps else ""
-    return [dict(method=method, variant=f"{method}{fade}: {steps} reg + {args.distill_steps} distill", regularized=regularized,
+    fade = f" (grows over {updates})" if schedule != "seed" and updates < steps else ""
+    name = f"greg1 ({criterion})" if schedule == "greg1" else method
+    return [dict(method=method, variant=f"{name}{fade}: {steps} reg + {args.distill_steps} distill", regularized=regularized,
                  pruned=pruned, final=final, steps=steps + args.distill_steps, params=params(model))]
 
 
@@ -214,7 +244,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35, 0.5])
     parser.add_argument("--scopes", nargs="+", default=list(SCOPES), choices=SCOPES)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
+                        help="one-shot <criterion>[+refit] then distillation; greg1[:<criterion>], greg2, seed")
     parser.add_argument("--reg-steps", type=int, default=32, help="growing-regularization steps")
     parser.add_argument("--distill-steps", type=int, default=16, help="distillation steps after pruning")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -226,9 +257,11 @@ def main() -> None:
                         help="the same for GReg-2 and the seed schedule, which penalise every channel")
     parser.add_argument("--fade", type=float, default=1.0,
                         help="fraction of --reg-steps over which GReg-1/GReg-2 grow; then the reg holds")
-    parser.add_argument("--greg1-importance", choices=("taylor", "l2"), default="taylor")
+    parser.add_argument("--greg1-importance", choices=CRITERIA, default="taylor",
+                        help="the criterion plain 'greg1' chooses its channels by")
     parser.add_argument("--seed-updates", type=int, default=5, help="update_reg() calls of the seed schedule")
-    parser.add_argument("--calibration", type=int, default=4, help="batches of gradients for Taylor")
+    parser.add_argument("--calibration", type=int, default=4,
+                        help="calibration batches: gradients for Taylor, forward passes for the activation criteria")
     parser.add_argument("--held-out", type=int, default=200)
     parser.add_argument("--train-sentences", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
@@ -248,7 +281,7 @@ def main() -> None:
         for scope in args.scopes:
             for method in args.methods:
                 begun = time.perf_counter()
-                runner = run_one_shot if method in ("l2", "taylor") else run_greg
+                runner = run_one_shot if method in ONE_SHOT else run_greg
                 for row in runner(setup, method, ratio, scope):
                     row.update(ratio=ratio, scope=scope)
                     rows.append(row)

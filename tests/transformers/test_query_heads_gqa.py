@@ -119,3 +119,16 @@ def test_grouped_kv_heads_stay_consistent_with_their_query_heads(attn, ratio):
         kv_heads = attention.k_proj.out_features // 16
         assert len(keep) < 8
         assert len(keep) == kv_heads * attention.num_key_value_groups
+
+
+def test_the_report_names_the_heads_removed_and_the_single_kv_head_is_not_planned_as_channels():
+    model = _gemma("eager")
+    pruner, _ = _prune_query_heads(model, 0.5, ignore_kv=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner.step()
+    messages = [str(w.message) for w in caught]
+    # the one kv head is a head group: with prune_head_dims=False nothing asks v_proj for channels
+    assert not [m for m in messages if "v_proj" in m], messages
+    text = str(pruner.report())
+    assert "whole heads 4 -> 2 (head_dim 16) in 2 layer(s): model.layers.0.self_attn.q_proj" in text, text

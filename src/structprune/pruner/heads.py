@@ -224,7 +224,7 @@ class HeadPlanner:
         parent = self._parents().get(root)
         for name in head_size_names():  # BERT names it attention_head_size, T5 key_value_proj_dim
             head_dim = getattr(parent, name, None)
-            if isinstance(head_dim, int) and head_dim > 0 and total % head_dim == 0 and total > head_dim:
+            if isinstance(head_dim, int) and head_dim > 0 and total % head_dim == 0 and total >= head_dim:
                 return head_dim
         return None
 

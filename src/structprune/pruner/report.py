@@ -108,6 +108,8 @@ class ReportState:
     #: {group root path: channels} a ranking over all groups gave each (global pruning, a budget); None
     #: while no such ranking planned a step
     shares: dict | None = None
+    #: this step, with prune_num_heads: (root node, side, width, head_dim) of every attention head group
+    heads_before: list = field(default_factory=list)
 
 
 class ReportMixin:
@@ -148,7 +150,31 @@ class ReportMixin:
                 target = max(0, current - self._n_keep(root.module, current, ratio, blocks))
             hard = [reason for reason in group.blocked if not subset_may_pass(reason)]
             entries.append((root, group[0].side, current, target, hard[0] if hard else None))
+        self._report.heads_before = self._head_widths() if self.prune_num_heads else []
         return entries
+
+    def _head_widths(self) -> list:
+        widths = []
+        for group in self._root_groups(heads=True):
+            root, width = group[0].dep.target, len(group[0].idxs)
+            head_dim = self._head_dim(root.module, width) if self._is_head_group(group) else None
+            if head_dim is not None:
+                widths.append((root, group[0].side, width, head_dim))
+        return widths
+
+    def _whole_head_lines(self) -> list[str]:
+        """Whole heads this step removed, one line per change (e.g. 4 -> 2 heads in 18 layers)."""
+        changes: dict = {}
+        for root, side, width, head_dim in self._report.heads_before:
+            after = self.DG._safe_channels(root, side)
+            if after is not None and after < width:
+                key = (width // head_dim, after // head_dim, head_dim)
+                changes.setdefault(key, []).append(root.name)
+        notes = []
+        for (before, after, head_dim), roots in changes.items():
+            named = ", ".join(roots[:3]) + (f" and {len(roots) - 3} more" if len(roots) > 3 else "")
+            notes.append(f"whole heads {before} -> {after} (head_dim {head_dim}) in {len(roots)} layer(s): {named}")
+        return notes
 
     def _end_step_record(self, entries: list, warn: bool = True) -> None:
         state = self._report
@@ -170,6 +196,7 @@ class ReportMixin:
             if reason is None and after > before - target:
                 reason = next((entry for entry in record.fallback if entry.startswith(root.name + " ")), None)
             record.groups.append(GroupRecord(root.name, side.name.lower(), before, after, target, reason))
+        record.notes += self._whole_head_lines()
         record.notes += [f"uniform config widths held back {note}" for note in self._held_back_notes()]
         record.notes += self._config_fit_notes()
         record.notes += self._compensation_notes()

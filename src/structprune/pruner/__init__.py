@@ -4,7 +4,7 @@ from ..layers.base import BasePruningFunc
 from .base import BasePruner, MetaPruner
 from .compensation import Compensation
 from .growing_reg import GrowingRegPruner
-from .reg_schedule import delta_reg_for
+from .delta_reg import delta_reg_for
 from .schedulers import linear_scheduler
 from .sparse import BNScalePruner, GroupNormPruner
 

@@ -23,7 +23,7 @@ from .manual import ManualPruningMixin
 from .optim_state import apply_optimizer_plan, plan_optimizer_state
 from .options import PrunerOptions, split_ignored
 from .planning import PlanningMixin
-from .scheduling import ScheduleMixin
+from .step_ratios import ScheduleMixin
 from .signature import with_options_doc
 from .ties import unbalanced_ties
 from .config_fit import ConfigFit
@@ -40,7 +40,7 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
                  UniformWidths, ConfigFit, KernelAlignment, ReportMixin):
     """Structural pruner driven by an importance criterion (also exported as MetaPruner).
 
-    Assembled from one mixin per job: ``scheduling.py`` (ratios per step and scope), ``planning.py``
+    Assembled from one mixin per job: ``step_ratios.py`` (ratios per step and scope), ``planning.py``
     (groups, kept counts, chosen channels), ``heads.py`` (whole heads), ``verify.py`` (the forward check
     and group-by-group retry) and ``manual.py`` (manual pruning and history); options in ``options.py``.
 

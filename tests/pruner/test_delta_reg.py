@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import structprune as tp
-from structprune.pruner.reg_schedule import shrink_after
+from structprune.pruner.delta_reg import shrink_after
 from test_reg_coverage import HiddenOnly, Tiny, randomise
 
 

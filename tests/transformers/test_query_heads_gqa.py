@@ -131,4 +131,4 @@ def test_the_report_names_the_heads_removed_and_the_single_kv_head_is_not_planne
     # the one kv head is a head group: with prune_head_dims=False nothing asks v_proj for channels
     assert not [m for m in messages if "v_proj" in m], messages
     text = str(pruner.report())
-    assert "whole heads 4 -> 2 (head_dim 16) in 2 layer(s): model.layers.0.self_attn.q_proj" in text, text
+    assert "whole heads 4 -> 2 (head_dim 16) in 2 head group(s): model.layers.0.self_attn.q_proj" in text, text

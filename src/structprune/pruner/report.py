@@ -173,7 +173,7 @@ class ReportMixin:
         notes = []
         for (before, after, head_dim), roots in changes.items():
             named = ", ".join(roots[:3]) + (f" and {len(roots) - 3} more" if len(roots) > 3 else "")
-            notes.append(f"whole heads {before} -> {after} (head_dim {head_dim}) in {len(roots)} layer(s): {named}")
+            notes.append(f"whole heads {before} -> {after} (head_dim {head_dim}) in {len(roots)} head group(s): {named}")
         return notes
 
     def _end_step_record(self, entries: list, warn: bool = True) -> None:

@@ -382,8 +382,27 @@ def test_saving_page_round_trips_a_pruned_resnet18(tmp_path, monkeypatch):
 
 
 # -- docs/latency.md ------------------------------------------------------------------------------------
+def _macs_clock(monkeypatch) -> None:
+    """Time every forward as its MACs (1 ms per 10^6) plus 0.01 ms a call: the page's steps run the same, but a
+    shared CI machine's timing noise can no longer put the floor above the budget or the result outside it."""
+    from structprune.utils import latency
+
+    cache: dict = {}
+
+    def per_call_ms(module, inputs, repeat, device):
+        values = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+        key = (id(module), tuple(tuple(p.shape) for p in module.parameters()),
+               tuple(tuple(t.shape) for t in values if isinstance(t, torch.Tensor)))
+        if key not in cache:
+            cache[key] = float(tp.utils.count_ops_and_params(module, inputs)[0]) * 1e-6 + 0.01
+        return [cache[key]] * repeat
+
+    monkeypatch.setattr(latency, "_per_call_ms", per_call_ms)
+
+
 def test_latency_page_profiles_rounds_and_plans_steps_to_a_latency_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("STRUCTPRUNE_CACHE", str(tmp_path / "cache"))
+    _macs_clock(monkeypatch)
     model = TinyResNet(classes=10).eval()
     namespace = {"model": model, "example_inputs": torch.randn(1, 3, 16, 16), "x": torch.randn(1, 3, 16, 16)}
     before = params_of(model)
@@ -393,3 +412,5 @@ def test_latency_page_profiles_rounds_and_plans_steps_to_a_latency_budget(tmp_pa
     assert namespace["profile"].total > 0 and "layer3.0.conv2" in namespace["profile"].layers
     assert params_of(model) < before
     assert "latency_ms budget" in str(namespace["pruner"].report())
+    budget = namespace["pruner"].report().steps[-1].budget
+    assert abs(budget["measured"] - budget["budget"]) <= 0.1 * budget["budget"], budget  # the page's "within 10%"

@@ -160,14 +160,14 @@ def test_auto_rounding_keeps_channel_groups_and_heads_whole(tmp_path):
         side.steps[step] = side.anchor_cost() * (1.5 if step < 12 else 0.5)
     pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.4, round_to="auto", latency_profile=profile,
                                   num_heads={model.proj: 6}, ignored_layers=[model.out])
-    assert pruner._auto_steps[model.proj] == 12
+    assert pruner._budget.auto_steps[model.proj] == 12
     pruner.step()
     assert model.proj.out_features == 36 and model(x).shape == (2, 5, 10)  # 48 * 0.6 = 28.8, up to 3 * 12
 
     model, x = small()
     model.conv2 = nn.Conv2d(16, 32, 3, padding=1, groups=4)
     pruner = tp.pruner.BasePruner(model, x, magnitude, pruning_ratio=0.5, round_to="auto")
-    steps = pruner._auto_steps
+    steps = pruner._budget.auto_steps
     assert steps[model.conv2] % 4 == 0 and steps[model.conv1] % 4 == 0  # conv1 feeds conv2's 4 input groups
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

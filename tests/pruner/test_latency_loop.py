@@ -113,7 +113,7 @@ def test_a_redone_planning_pass_starts_from_the_steps_calibration():
     pruner.current_step = 1
     first = [list(group[0].idxs) for group in pruner._plan()]  # planned, not pruned: a pass the step would redo
     second = [list(group[0].idxs) for group in pruner._plan()]
-    assert first and first == second and pruner._calibration == start
+    assert first and first == second and pruner._budget.calibration == start
 
 
 @pytest.mark.parametrize("options, message", [

@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from dataclasses import dataclass, field
+from typing import Callable
 
 from torch import nn
 
@@ -32,28 +34,39 @@ PROPORTIONAL = 0.5
 NOISE = 0.02
 
 
+@dataclass
+class BudgetState:
+    """What the budget part keeps (``pruner._budget``); no other part reads it."""
+
+    #: {metric: CostProfile}, measured or handed in once
+    profiles: dict = field(default_factory=dict)
+    #: the user's ``latency_fn`` (None: time the model as its profile timed the unpruned one)
+    latency_fn: Callable | None = None
+    #: round_to="auto": {layer: width step}, picked once a latency profile exists
+    auto_steps: dict | None = None
+    #: the profile's latency prediction mapped onto the whole model's last timings (latency budgets)
+    calibration: Calibration | None = None
+    #: this step's passes (latency budgets), and the budget in profile units the current pass plans to
+    latency_loop: LatencyLoop | None = None
+    pass_budget: float | None = None
+    #: passes of this step planned before the current one (GReg-1's channels chosen ahead hold for the first)
+    earlier_passes: int = 0
+    #: the knapsack's plan for this step, and the budget each step of the schedule aims at
+    plan: dict | None = None
+    schedule: list | None = None
+
+
 class BudgetMixin:
     """Mixin of BasePruner: cost profiles, ``round_to="auto"`` steps and the budget of each step."""
 
     def _init_budget(self, options) -> None:
         target, profile = options.target, options.latency_profile
         self.target = dict(target) if target else None
-        self._profiles: dict = {}
+        self._budget = BudgetState(latency_fn=options.latency_fn)
         if profile is not None:
-            self._profiles["latency_ms"] = profile
-        self._latency_fn = options.latency_fn
-        self._auto_steps: dict | None = None  # picked once a latency profile exists
-        #: the profile's latency prediction mapped onto the whole model's last timings (latency budgets)
-        self._calibration: Calibration | None = None
-        #: this step's passes (latency budgets), and the budget in profile units the current pass plans to
-        self._latency_loop: LatencyLoop | None = None
-        self._pass_budget: float | None = None
-        #: passes of this step planned before the current one (GReg-1's channels chosen ahead hold for the first)
-        self._earlier_passes = 0
-        self._budget_plan: dict | None = None
-        self._budget_schedule: list | None = None
+            self._budget.profiles["latency_ms"] = profile
         if self.round_to == "auto":
-            self._auto_steps = self._pick_steps(self._profile("latency_ms"))
+            self._budget.auto_steps = self._pick_steps(self._profile("latency_ms"))
         if not self.target:
             return
         metric, value = next(iter(self.target.items()))
@@ -62,7 +75,7 @@ class BudgetMixin:
             # a cached profile may come from a quieter or busier moment (or another process's threads): its
             # layers' shares still hold, its level is re-anchored on the model timed now
             current = self._measure_latency()
-            self._calibration = Calibration.anchored(current, self._profile(metric).total)
+            self._budget.calibration = Calibration.anchored(current, self._profile(metric).total)
         if value >= current:
             raise ValueError(
                 f"target {metric}={value:g} is not below {type(self.model).__name__}'s current {metric} "
@@ -78,7 +91,7 @@ class BudgetMixin:
                 f"pass a budget above it or a higher max_pruning_ratio")
         reduction = 1.0 - value / current
         schedule = self.iterative_pruning_ratio_scheduler(reduction, self.iterative_steps)
-        self._budget_schedule = [current * (1.0 - share) for share in schedule]
+        self._budget.schedule = [current * (1.0 - share) for share in schedule]
 
     def _plan(self):
         # a budget sets every group's count itself, under global_pruning too
@@ -89,8 +102,8 @@ class BudgetMixin:
         of a :class:`.latency_loop.LatencyLoop` for latency. A redone planning pass (a size tie left
         unbalanced, the verified fallback) starts a new loop from the step's start."""
         self._reset_shares()
-        self._pass_budget = None
-        self._earlier_passes = 0
+        self._budget.pass_budget = None
+        self._budget.earlier_passes = 0
         metric = next(iter(self.target))
         if metric != "latency_ms":
             yield from self._plan_local()
@@ -99,9 +112,9 @@ class BudgetMixin:
         # which ends the loop
         profile = self._profile(metric)
         step = min(self.current_step, self.iterative_steps)
-        loop = self._latency_loop = LatencyLoop(self._budget_schedule[step], copy.copy(self._calibration))
+        loop = self._budget.latency_loop = LatencyLoop(self._budget.schedule[step], copy.copy(self._budget.calibration))
         while (aim := loop.next_target()) is not None:
-            self._pass_budget = loop.profile_target(aim)
+            self._budget.pass_budget = loop.profile_target(aim)
             before = self._predicted_now(profile)
             yield from self._plan_local()
             predicted = self._predicted_now(profile)
@@ -115,13 +128,17 @@ class BudgetMixin:
                 loop.untimed(error)
                 break
             loop.observe(measured)
-            self._earlier_passes += 1
-        self._pass_budget = None
-        self._earlier_passes = 0
+            self._budget.earlier_passes += 1
+        self._budget.pass_budget = None
+        self._budget.earlier_passes = 0
+
+    def _later_budget_pass(self) -> bool:
+        """Whether this step already planned a latency pass before the current one."""
+        return self._budget.earlier_passes > 0
 
     def _measure_latency(self) -> float:
         """The whole model's latency now: ``latency_fn``, or timed as its profile timed the unpruned model."""
-        timer = self._latency_fn or profile_timer(self._profile("latency_ms"))
+        timer = self._budget.latency_fn or profile_timer(self._profile("latency_ms"))
         value = timer(self.model, self.example_inputs)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"latency_fn returned {value!r} for {type(self.model).__name__}; it must return the "
@@ -133,10 +150,10 @@ class BudgetMixin:
 
     # -- profiles ----------------------------------------------------------------------------------------
     def _profile(self, metric: str) -> CostProfile:
-        if metric not in self._profiles:
-            self._profiles[metric] = cost_profile(self.model, self.example_inputs, metric,
+        if metric not in self._budget.profiles:
+            self._budget.profiles[metric] = cost_profile(self.model, self.example_inputs, metric,
                                                   units=self._profile_units())
-        return self._profiles[metric]
+        return self._budget.profiles[metric]
 
     def _profile_units(self) -> dict:
         """``{(layer name, "out" | "in"): multiple}``: each side's width stays a multiple of its groups'
@@ -168,9 +185,9 @@ class BudgetMixin:
         if isinstance(self.round_to, int):
             return self.round_to
         if self.round_to == "auto" or (self.target and "latency_ms" in self.target):
-            if self._auto_steps is None and "latency_ms" in self._profiles:
-                self._auto_steps = self._pick_steps(self._profiles["latency_ms"])
-            return (self._auto_steps or {}).get(root)
+            if self._budget.auto_steps is None and "latency_ms" in self._budget.profiles:
+                self._budget.auto_steps = self._pick_steps(self._budget.profiles["latency_ms"])
+            return (self._budget.auto_steps or {}).get(root)
         return None
 
     def _pick_steps(self, profile: CostProfile) -> dict:
@@ -203,7 +220,7 @@ class BudgetMixin:
                 if widths[name][position] is not None:
                     widths[name][position] = max(0.0, widths[name][position] - per_root * (current - floor))
         predicted = profile.predict({name: tuple(width) for name, width in widths.items()})
-        return self._calibration.calibrated(predicted) if metric == "latency_ms" else predicted
+        return self._budget.calibration.calibrated(predicted) if metric == "latency_ms" else predicted
 
     def _budget_counts(self, groups: list) -> dict:
         """{group root key: channels to remove this step} from the knapsack over this step's budget."""
@@ -212,12 +229,12 @@ class BudgetMixin:
         metric, _ = next(iter(self.target.items()))
         profile = self._profile(metric)
         step = min(self.current_step, self.iterative_steps)
-        budget = self._pass_budget
+        budget = self._budget.pass_budget
         if budget is None:
             # MACs, parameters, or a plan made ahead of the step (GReg-1): the step's budget in profile units
-            budget = self._budget_schedule[step]
+            budget = self._budget.schedule[step]
             if metric == "latency_ms":
-                budget = self._calibration.profile_target(budget)
+                budget = self._budget.calibration.profile_target(budget)
         bundles: dict = {}
         for group in groups:
             current = len(group[0].idxs)
@@ -251,7 +268,7 @@ class BudgetMixin:
                 if counts[key]:
                     # held to its share in the report, as under global pruning; a correction adds to the first plan
                     self._add_share(group[0].dep.target.name, counts[key])
-        self._budget_plan = {"metric": metric, "budget": self._budget_schedule[step], "predicted": predicted}
+        self._budget.plan = {"metric": metric, "budget": self._budget.schedule[step], "predicted": predicted}
         return planned
 
     def _layer_widths(self, profile: CostProfile) -> dict:
@@ -270,9 +287,9 @@ class BudgetMixin:
     def _budget_outcome(self) -> dict | None:
         """After a budget step: its budget, the cost predicted and the cost measured now (for latency also
         the calibrated prediction, each pass, and the calibration the next step starts from)."""
-        if not self.target or self._budget_plan is None:
+        if not self.target or self._budget.plan is None:
             return None
-        plan, self._budget_plan = self._budget_plan, None
+        plan, self._budget.plan = self._budget.plan, None
         metric = plan["metric"]
         final = self.current_step >= self.iterative_steps
         if metric != "latency_ms":
@@ -285,13 +302,13 @@ class BudgetMixin:
                     f"groups reached max_pruning_ratio or their floors. pruner.report() shows each step",
                     stacklevel=4)
             return outcome
-        loop = self._latency_loop
+        loop = self._budget.latency_loop
         if loop is None:  # an interactive step: the caller pruned what one pass planned
-            loop = LatencyLoop(plan["budget"], copy.copy(self._calibration))
-        self._latency_loop = None
+            loop = LatencyLoop(plan["budget"], copy.copy(self._budget.calibration))
+        self._budget.latency_loop = None
         measured = self._measure_latency()
         outcome = loop.outcome(measured, self._predicted_now(self._profile(metric)))
-        self._calibration = loop.calibration  # the schedule's next step starts from it
+        self._budget.calibration = loop.calibration  # the schedule's next step starts from it
         warning = miss_warning(outcome) if final else None
         if warning is not None:
             warnings.warn(warning, stacklevel=4)

@@ -172,7 +172,7 @@ class GrowingRegPruner(BasePruner):
     def _choose(self, group, imp, n_prune, channel_groups):
         # the channels chosen ahead were chosen on the widths the step starts from: a latency budget's later
         # passes (pruner/latency_loop.py) choose among what is left by importance
-        if self.schedule == "greg1" and self._selected is not None and not self._earlier_passes:
+        if self.schedule == "greg1" and self._selected is not None and not self._later_budget_pass():
             chosen = self._selected.get(self._group_key(group))
             if chosen is not None and n_prune < len(chosen) and channel_groups == 1 and imp is not None:
                 # a latency budget's first pass stops short of the budget the channels were chosen for: it

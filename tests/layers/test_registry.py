@@ -11,7 +11,7 @@ from structprune.pruner.regularizer import DEFAULT_REG_TYPES, RegularizerEngine
 
 
 def test_every_reader_takes_its_attribute_list_from_the_registry():
-    from structprune.graph.trace import LAYER_SIZE_NAMES as traced
+    from structprune.graph.build import LAYER_SIZE_NAMES as traced
     from structprune.pruner.diagnose import SIZE_NAMES
     from structprune.serialization import RECORDED_ATTRIBUTES
 

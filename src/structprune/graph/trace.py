@@ -17,7 +17,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ..layers.registry import LAYER_SIZE_NAMES  # noqa: F401  (its older home)
 from ..utils.nested import container_contents, flatten_as_list
 
 from .blocks import writes_in_place

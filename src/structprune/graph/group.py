@@ -161,6 +161,8 @@ class Group:
         self.blocked: list[Refusal] = []
         #: {layer: heads removed} when the pruner planned this group as whole attention heads
         self.heads_removed: dict = {}
+        #: planned as whole attention heads (heads_removed only counts the layers in the user's num_heads)
+        self.whole_heads: bool = False
         #: built for an explicit request (``get_pruning_group``): prune() honours a model-output refusal
         self.explicit: bool = False
         #: widths this removal changes that a reshape ties to a size read from another tensor (graph/size_checks.py)

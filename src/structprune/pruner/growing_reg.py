@@ -23,6 +23,8 @@ class GrowingRegPruner(BasePruner):
     """
 
     SCHEDULES = ("seed", "greg1", "greg2")
+    #: key prefix of GReg-1's whole-head choices (a head group and its layer's channel group share a root)
+    HEADS = "heads:"
 
     def __init__(
         self,
@@ -119,6 +121,7 @@ class GrowingRegPruner(BasePruner):
             group: torch.full((len(group[0].idxs),), float(self.base_reg)) for group in self._reg_groups
         }
         self._selected = None  # GReg-1's channels to remove in the coming step, by root key
+        self._greg_head_widths = {}  # GReg-1's whole-head choices: the root's width they were chosen on
         self._engine.compile(self._reg_groups, self._parameter_names())
         self._scatter()
 
@@ -149,8 +152,9 @@ class GrowingRegPruner(BasePruner):
     def _update_greg1(self) -> None:
         if self._selected is None:
             self._selected = self._choose_for_next_step()
+            self._attach_head_penalties()
         for group in self._reg_groups:
-            chosen = self._selected.get(self._group_key(group))
+            chosen = self._chosen_in(group)
             if chosen is None or len(chosen) == 0:
                 continue
             reg = self.group_reg[group].clone()
@@ -158,8 +162,43 @@ class GrowingRegPruner(BasePruner):
             self.group_reg[group] = reg
         self._scatter()
 
+    def _chosen_in(self, group) -> torch.Tensor | None:
+        """GReg-1's chosen channels as positions in ``group``'s coefficients (a whole-head group holds the
+        heads' removal, with coefficients over its root's full width)."""
+        if getattr(group, "head_penalty", None) is not None:
+            return self._selected[group.head_penalty]
+        return None if self._selected is None else self._selected.get(self._group_key(group))
+
+    def _reg_key(self, group) -> str:
+        return self.HEADS + self._group_key(group) if getattr(group, "head_penalty", None) is not None \
+            else self._group_key(group)
+
+    def _attach_head_penalties(self) -> None:
+        """Whole heads GReg-1 chose get the growing penalty too. Channel groups cannot carry it: a head's
+        channels map onto head_dim-wide tensors every head shares (q_norm, the key projection), so the
+        heads' removal groups (their query rows, output columns, ...) join the regularized groups."""
+        added = False
+        nodes = {}
+        for key, idxs in self._selected.items():
+            if not key.startswith(self.HEADS):
+                continue
+            if not nodes:
+                nodes = {self._group_key(group): group[0] for group in self.DG.get_all_groups(
+                    root_module_types=self.root_module_types, include_blocked=True)}
+            root = nodes.get(key[len(self.HEADS):])
+            if root is None:
+                continue
+            group = self.DG.get_group_by_side(root.dep.target.module, root.side, idxs.tolist())
+            group.head_penalty, group.reg_width = key, len(root.idxs)
+            self._reg_groups.append(group)
+            self.group_reg[group] = torch.full((len(root.idxs),), float(self.base_reg))
+            added = True
+        if added:
+            self._engine.compile(self._reg_groups, self._parameter_names())
+
     def _choose_for_next_step(self) -> dict:
-        """Root channels the next step() will remove, chosen by importance now (GReg-1)."""
+        """Root channels the next step() will remove, chosen by importance now (GReg-1); whole heads under
+        ``HEADS`` + their root's key, with the width they were chosen on."""
         saved = self.current_step
         self.current_step = min(saved + 1, self.iterative_steps)
         try:
@@ -167,7 +206,29 @@ class GrowingRegPruner(BasePruner):
             plan = list(self._plan_global() if self.global_pruning and not self.target else self._plan_local())
         finally:
             self.current_step = saved
-        return {self._group_key(group): torch.tensor(group[0].idxs, dtype=torch.long) for group in _as_applied(plan)}
+        chosen = {}
+        self._greg_head_widths = {}
+        # a root whose channel group is regularized (BERT's heads with prune_head_dims) takes its whole-head
+        # choice through that group, as its channels map one to one; the others need a group of their own
+        regularized = {self._group_key(g) for g in self._reg_groups if getattr(g, "head_penalty", None) is None}
+        for group in _as_applied(plan):
+            key = self._group_key(group)
+            if group.whole_heads and key not in regularized:
+                key = self.HEADS + key
+                self._greg_head_widths[key] = self.DG._safe_channels(group[0].dep.target, group[0].side)
+            chosen[key] = torch.tensor(group[0].idxs, dtype=torch.long)
+        return chosen
+
+    def _preselected_heads(self, group):
+        """step() removes exactly the heads GReg-1 penalised, whatever the criterion says now (a Taylor score
+        needs gradients the training loop has cleared; a magnitude one sees the penalty)."""
+        if self.schedule != "greg1" or self._selected is None or self._later_budget_pass():
+            return None
+        key = self.HEADS + self._group_key(group)
+        chosen = self._selected.get(key)
+        if chosen is None or self._greg_head_widths.get(key) != len(group[0].idxs):
+            return None  # chosen on another width (an earlier head group of this step narrowed the layer)
+        return chosen
 
     def _choose(self, group, imp, n_prune, channel_groups):
         # the channels chosen ahead were chosen on the widths the step starts from: a latency budget's later
@@ -210,8 +271,8 @@ class GrowingRegPruner(BasePruner):
         if self.schedule == "greg1":
             if not self._selected:
                 return None
-            values = [self.group_reg[g][self._selected[self._group_key(g)]] for g in self._reg_groups
-                      if self._group_key(g) in self._selected]
+            values = [self.group_reg[g][self._chosen_in(g)] for g in self._reg_groups
+                      if self._chosen_in(g) is not None]
         else:
             values = list(self.group_reg.values())
         return torch.cat(values) if values else None
@@ -223,6 +284,8 @@ class GrowingRegPruner(BasePruner):
             return 0.0
         kept, removed = [], []
         for group in self._reg_groups:
+            if getattr(group, "head_penalty", None) is not None:
+                continue  # only the heads being removed: nothing kept to compare with
             idxs = chosen.get(self._group_key(group))
             if idxs is None or len(idxs) == 0:
                 continue
@@ -269,17 +332,24 @@ class GrowingRegPruner(BasePruner):
         return {
             "current_step": self.current_step,
             "schedule": self.schedule,
-            "group_reg": {self._group_key(group): reg.clone() for group, reg in self.group_reg.items()},
+            "group_reg": {self._reg_key(group): reg.clone() for group, reg in self.group_reg.items()},
             "selected": None if self._selected is None else {k: v.clone() for k, v in self._selected.items()},
+            "head_widths": dict(self._greg_head_widths),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.current_step = int(state["current_step"])
         selected = state.get("selected")
         self._selected = None if selected is None else {k: v.clone() for k, v in selected.items()}
+        self._greg_head_widths = dict(state.get("head_widths", {}))
+        if self._selected is not None and self.schedule == "greg1":
+            self._reg_groups = [g for g in self._reg_groups if getattr(g, "head_penalty", None) is None]
+            self.group_reg = {g: self.group_reg[g] for g in self._reg_groups}
+            self._engine.compile(self._reg_groups, self._parameter_names())
+            self._attach_head_penalties()
         saved = state["group_reg"]
         for group in self._reg_groups:
-            key = self._group_key(group)
+            key = self._reg_key(group)
             if key not in saved:
                 raise KeyError(f"checkpoint has no regularization for group rooted at {key}; was the model pruned differently?")
             if saved[key].shape != self.group_reg[group].shape:
@@ -303,14 +373,16 @@ def _as_applied(plan: list) -> list:
     already narrowed is planned on the full width: BERT's value heads have a group of their own, and the
     query/key heads' group removes them too. step() re-plans the value group on the narrowed layer, where
     its head target is met and it takes nothing; penalising its own choice of heads as well would drive
-    half of the kept heads' values to zero.
+    half of the kept heads' values to zero. (``Group.heads_removed`` only counts the user's ``num_heads``
+    layers: ``whole_heads`` marks a head group.)
     """
     narrowed, kept = set(), []
     for group in plan:
-        heads = hasattr(group, "heads_removed")
-        if heads and (group[0].dep.target.module, group[0].side) in narrowed:
+        # the same holds for a root's channel (head-dim) group planned after its whole heads: step() finds
+        # its target met by the heads
+        if (group[0].dep.target.module, group[0].side) in narrowed:
             continue
         kept.append(group)
-        if heads:
+        if group.whole_heads:
             narrowed.update((item.dep.target.module, item.side) for item in group)
     return kept

@@ -117,6 +117,14 @@ class HeadPlanner:
         found = False
         for group, root, total, head_dim in self._head_candidates():
             found = True
+            preset = self._preselected_heads(group)
+            if preset is not None:
+                candidate = self._accepted_heads(root, group[0].side, preset)
+                if candidate is not None:
+                    candidate.heads_removed = self._heads_removed(candidate)
+                    candidate.whole_heads = True
+                    yield candidate
+                    continue
             ratio = self.get_target_head_pruning_ratio(root)
             heads = total // head_dim
             imp = self._importance(group)
@@ -132,6 +140,7 @@ class HeadPlanner:
                 candidate = self._accepted_heads(root, group[0].side, idxs)
                 if candidate is not None:
                     candidate.heads_removed = self._heads_removed(candidate)
+                    candidate.whole_heads = True
                     yield candidate
                     break
             else:
@@ -145,6 +154,10 @@ class HeadPlanner:
                 "each step removed",
                 stacklevel=4,
             )
+
+    def _preselected_heads(self, group: Group):
+        """Root channels of whole heads chosen before this step (GReg-1 overrides it), or None: choose now."""
+        return None
 
     def _heads_removed(self, group: Group) -> dict:
         """{layer in ``num_heads``: heads this whole-head group removes from it}: the group removes the same

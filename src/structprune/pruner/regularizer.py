@@ -59,7 +59,9 @@ class RegularizerEngine:
         for index, group in enumerate(groups):
             for k, item in enumerate(group):
                 self.terms.extend(self._item_terms(index, item, group, k))
-        sizes = self.group_sizes = [len(group[0].idxs) for group in groups]
+        # a group holding part of its root's channels (GReg-1's whole heads) keeps one coefficient per root
+        # channel of the full width, as its items' root indices count them
+        sizes = self.group_sizes = [getattr(group, "reg_width", None) or len(group[0].idxs) for group in groups]
         group_offsets = [0]
         for size in sizes[:-1]:
             group_offsets.append(group_offsets[-1] + size)

@@ -118,13 +118,10 @@ class HeadPlanner:
         for group, root, total, head_dim in self._head_candidates():
             found = True
             preset = self._preselected_heads(group)
-            if preset is not None:
-                candidate = self._accepted_heads(root, group[0].side, preset)
-                if candidate is not None:
-                    candidate.heads_removed = self._heads_removed(candidate)
-                    candidate.whole_heads = True
-                    yield candidate
-                    continue
+            candidate = None if preset is None else self._accepted_heads(root, group[0].side, preset)
+            if candidate is not None:
+                yield candidate
+                continue
             ratio = self.get_target_head_pruning_ratio(root)
             heads = total // head_dim
             imp = self._importance(group)
@@ -139,8 +136,6 @@ class HeadPlanner:
                 tried += 1
                 candidate = self._accepted_heads(root, group[0].side, idxs)
                 if candidate is not None:
-                    candidate.heads_removed = self._heads_removed(candidate)
-                    candidate.whole_heads = True
                     yield candidate
                     break
             else:
@@ -184,6 +179,8 @@ class HeadPlanner:
         candidate = self.DG.get_group_by_side(root, side, idxs.tolist())
         if not self._accepts(candidate, idxs):
             return None
+        candidate.heads_removed = self._heads_removed(candidate)
+        candidate.whole_heads = True
         for item in list(candidate)[1:]:
             module = item.dep.target.module
             if isinstance(module, torch.nn.Parameter) or item.side is not Side.OUT:

@@ -34,10 +34,12 @@ AdamW's step) with delta_reg from ``tp.pruner.delta_reg_for`` (--target-shrink).
 cosine-similarity matrices (``structprune.demo.minilm.distillation_loss``).
 
 Run (the defaults are docs/growing_regularization.md's settings; every (ratio, scope, method) run costs --reg-steps +
---distill-steps training steps of --batch-size sentences plus building a pruner, about a minute on 2
-shared CPU cores, so that page's table, at 50% only, takes about 15 minutes):
-    PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/minilm_prune.py --ratios 0.5 --cache /tmp/minilm.pt
-All three ratios (about 45 minutes):  ... benchmarks/minilm_prune.py
+--distill-steps training steps of --batch-size sentences plus building a pruner: 1.5 to 3 minutes on 2 shared,
+loaded CPU cores, so the page's GReg-1 table (--methods taylor greg1) takes about 5 minutes a cell; the
+criteria table is --reg-steps 0 --distill-steps 0 with the one-shot methods, under 20 minutes for all cells):
+    PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/minilm_prune.py --ratios 0.5 --methods taylor greg1 \
+        --cache /tmp/minilm.pt
+Every default method at all three ratios takes a few hours on such a machine: run the ratios one at a time.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """GrowingRegPruner: every documented rule pinned with values computed by hand."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -246,3 +247,34 @@ def test_greg2_grows_uniformly_and_schedule_is_validated():
     assert all(torch.all(v == 1.0) for v in pruner.group_reg.values()) and pruner.ready_to_prune()
     with pytest.raises(ValueError, match="schedule must be one of"):
         tp.pruner.GrowingRegPruner(model, x, magnitude, schedule="fast")
+
+
+class _Scores:
+    """Scores each group's root channels by a fixed table (cycled to the width)."""
+
+    def __init__(self, table):
+        self.table = torch.tensor(table, dtype=torch.float32)
+
+    def __call__(self, group):
+        width = len(group[0].idxs)
+        return self.table.repeat(width // len(self.table) + 1)[:width].clone()
+
+
+def test_the_seed_schedule_warns_when_outlying_scores_give_nearly_every_channel_the_whole_delta():
+    model, x = example()
+    heavy = _Scores([1000.0] + [1.0 + 0.01 * i for i in range(15)])  # one outlier: the rest all near 1.0
+    pruner = tp.pruner.GrowingRegPruner(model, x, heavy, reg=0.0, delta_reg=0.1, pruning_ratio=0.25)
+    with pytest.warns(UserWarning, match=r"schedule='seed'\): \d+ of \d+ channels get at least 90% of delta_reg"):
+        pruner.update_reg()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.update_reg()  # said once
+
+
+def test_the_seed_schedule_stays_quiet_with_spread_scores():
+    model, x = example()
+    spread = _Scores([float(i) for i in range(16)])
+    pruner = tp.pruner.GrowingRegPruner(model, x, spread, reg=0.0, delta_reg=0.1, pruning_ratio=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.update_reg()

@@ -188,7 +188,8 @@ def greg(bench: Bench, schedule: str, criterion: str, ratio: float, scope: str, 
     imp = bench.importance(model, criterion, None)
     reg_steps = min(args.reg_steps, recovery)
     target = args.greg2_target_shrink if schedule == "greg2" else args.target_shrink
-    delta = tp.pruner.delta_reg_for(args.lr, 1, reg_steps, target_shrink=target)
+    reg_lr = args.reg_lr or args.lr  # the penalty phase's AdamW lr; the distillation after it runs at --lr
+    delta = tp.pruner.delta_reg_for(reg_lr, 1, reg_steps, target_shrink=target)
     pruner = tp.pruner.GrowingRegPruner(model, bench.example(), imp, reg=0.0, delta_reg=delta, schedule=schedule,
                                         reg_ceiling=delta * reg_steps, **bench.pruner_kwargs(model, ratio, scope))
     pruner.update_reg()  # GReg-1 chooses its channels here, once, from the calibrated importance
@@ -196,14 +197,19 @@ def greg(bench: Bench, schedule: str, criterion: str, ratio: float, scope: str, 
     optimizer = bench.optimizer(model)
 
     def each_step():  # every schedule grows once a step, so each reaches its ceiling as the phase ends
-        pruner.regularize(model, decoupled=True, lr=args.lr)
+        pruner.regularize(model, decoupled=True, lr=reg_lr)
         pruner.update_reg()
 
+    for group in optimizer.param_groups:
+        group["lr"] = reg_lr
     bench.distill(model, optimizer, 0, reg_steps, each_step)
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr
     regularized = bench.measure(model)
     pruner.step(optimizer=optimizer)
     model.zero_grad(set_to_none=True)
-    row = dict(method=f"{schedule} ({criterion}): {reg_steps} reg + {recovery - reg_steps} distill",
+    lr_note = f" at lr {reg_lr:g}" if reg_lr != args.lr else ""
+    row = dict(method=f"{schedule} ({criterion}): {reg_steps} reg{lr_note} + {recovery - reg_steps} distill",
                regularized=regularized, pruned=bench.measure(model), params=params(model), widths=widths(model))
     bench.distill(model, optimizer, reg_steps, recovery - reg_steps)
     row["final"] = bench.measure(model)
@@ -246,6 +252,7 @@ def main() -> None:
                              "greg2:<criterion>, seed:<criterion> add a growing-regularization run over the same steps")
     parser.add_argument("--reg-steps", type=int, default=10, help="GReg-1's penalty phase (part of the budget)")
     parser.add_argument("--target-shrink", type=float, default=1e-3)
+    parser.add_argument("--reg-lr", type=float, default=None, help="lr of the growing-regularization phase (default --lr)")
     parser.add_argument("--greg2-target-shrink", type=float, default=0.5,
                         help="GReg-2 shrinks every channel alike, so it gets a mild target")
     parser.add_argument("--json", help="append one JSON line per row here (benchmarks/quality/plot.py reads it)")

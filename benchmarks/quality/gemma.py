@@ -185,6 +185,16 @@ def greg(bench: Bench, schedule: str, criterion: str, ratio: float, scope: str, 
     """
     args = bench.args
     model = bench.student()
+    heads_first = schedule == "greg1" and scope == "mlp_heads" and args.heads_refit
+    if heads_first:
+        # the heads one-shot with Activation + refit (refit re-solves o_proj for the heads that stay, which a
+        # fading penalty cannot), then GReg-1 on the MLP alone over the same steps
+        head_imp = bench.importance(model, "activation", "refit")
+        mlp = [m for layer in model.model.layers for m in layer.mlp.modules() if isinstance(m, nn.Linear)]
+        kwargs = bench.pruner_kwargs(model, ratio, "mlp_heads")
+        kwargs["ignored_layers"] = kwargs["ignored_layers"] + mlp
+        tp.pruner.BasePruner(model, bench.example(), head_imp, compensation="refit", **kwargs).step()
+        scope = "mlp"
     imp = bench.importance(model, criterion, None)
     reg_steps = min(args.reg_steps, recovery)
     target = args.greg2_target_shrink if schedule == "greg2" else args.target_shrink
@@ -208,7 +218,7 @@ def greg(bench: Bench, schedule: str, criterion: str, ratio: float, scope: str, 
     regularized = bench.measure(model)
     pruner.step(optimizer=optimizer)
     model.zero_grad(set_to_none=True)
-    lr_note = f" at lr {reg_lr:g}" if reg_lr != args.lr else ""
+    lr_note = (f" at lr {reg_lr:g}" if reg_lr != args.lr else "") + (" (heads one-shot + refit first)" if heads_first else "")
     row = dict(method=f"{schedule} ({criterion}): {reg_steps} reg{lr_note} + {recovery - reg_steps} distill",
                regularized=regularized, pruned=bench.measure(model), params=params(model), widths=widths(model))
     bench.distill(model, optimizer, reg_steps, recovery - reg_steps)
@@ -252,6 +262,8 @@ def main() -> None:
                              "greg2:<criterion>, seed:<criterion> add a growing-regularization run over the same steps")
     parser.add_argument("--reg-steps", type=int, default=10, help="GReg-1's penalty phase (part of the budget)")
     parser.add_argument("--target-shrink", type=float, default=1e-3)
+    parser.add_argument("--heads-refit", action="store_true",
+                        help="greg1 with mlp_heads: remove the heads one-shot with Activation + refit, then GReg-1 the MLP")
     parser.add_argument("--reg-lr", type=float, default=None, help="lr of the growing-regularization phase (default --lr)")
     parser.add_argument("--greg2-target-shrink", type=float, default=0.5,
                         help="GReg-2 shrinks every channel alike, so it gets a mild target")

@@ -23,6 +23,7 @@ from torch import nn
 
 import structprune as tp
 from blocks import ROOT, python_blocks
+from macs_clock import use_macs_clock
 
 # page -> number of python blocks. Pages tested in another file say where (that test runs all of them).
 BLOCKS = {
@@ -382,27 +383,9 @@ def test_saving_page_round_trips_a_pruned_resnet18(tmp_path, monkeypatch):
 
 
 # -- docs/latency.md ------------------------------------------------------------------------------------
-def _macs_clock(monkeypatch) -> None:
-    """Time every forward as its MACs (1 ms per 10^6) plus 0.01 ms a call: the page's steps run the same, but a
-    shared CI machine's timing noise can no longer put the floor above the budget or the result outside it."""
-    from structprune.utils import latency
-
-    cache: dict = {}
-
-    def per_call_ms(module, inputs, repeat, device):
-        values = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-        key = (id(module), tuple(tuple(p.shape) for p in module.parameters()),
-               tuple(tuple(t.shape) for t in values if isinstance(t, torch.Tensor)))
-        if key not in cache:
-            cache[key] = float(tp.utils.count_ops_and_params(module, inputs)[0]) * 1e-6 + 0.01
-        return [cache[key]] * repeat
-
-    monkeypatch.setattr(latency, "_per_call_ms", per_call_ms)
-
-
 def test_latency_page_profiles_rounds_and_plans_steps_to_a_latency_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("STRUCTPRUNE_CACHE", str(tmp_path / "cache"))
-    _macs_clock(monkeypatch)
+    use_macs_clock(monkeypatch)  # the page's steps, without the shared machine's timing noise
     model = TinyResNet(classes=10).eval()
     namespace = {"model": model, "example_inputs": torch.randn(1, 3, 16, 16), "x": torch.randn(1, 3, 16, 16)}
     before = params_of(model)

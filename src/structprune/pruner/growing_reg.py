@@ -129,7 +129,6 @@ class GrowingRegPruner(BasePruner):
             group: torch.full((len(group[0].idxs),), float(self.base_reg)) for group in self._reg_groups
         }
         self._selected = None  # GReg-1's channels to remove in the coming step, by root key
-        self._greg_head_widths = {}  # GReg-1's whole-head choices: the root's width they were chosen on
         self._engine.compile(self._reg_groups, self._parameter_names())
         self._scatter()
 
@@ -193,18 +192,22 @@ class GrowingRegPruner(BasePruner):
     def _chosen_in(self, group) -> torch.Tensor | None:
         """GReg-1's chosen channels as positions in ``group``'s coefficients (a whole-head group holds the
         heads' removal, with coefficients over its root's full width)."""
-        if getattr(group, "head_penalty", None) is not None:
+        if _head_penalty(group) is not None:
             return self._selected[group.head_penalty]
         return None if self._selected is None else self._selected.get(self._group_key(group))
 
     def _reg_key(self, group) -> str:
-        return self.HEADS + self._group_key(group) if getattr(group, "head_penalty", None) is not None \
-            else self._group_key(group)
+        return _head_penalty(group) or self._group_key(group)
 
     def _attach_head_penalties(self) -> None:
         """Whole heads GReg-1 chose get the growing penalty too. Channel groups cannot carry it: a head's
         channels map onto head_dim-wide tensors every head shares (q_norm, the key projection), so the
-        heads' removal groups (their query rows, output columns, ...) join the regularized groups."""
+        heads' removal groups (their query rows, output columns, ...) join the regularized groups, replacing
+        any attached before (a checkpoint loaded over a running choice)."""
+        attached = [g for g in self._reg_groups if _head_penalty(g) is not None]
+        for group in attached:
+            self._reg_groups.remove(group)
+            del self.group_reg[group]
         added = False
         nodes = {}
         for key, idxs in self._selected.items():
@@ -221,12 +224,12 @@ class GrowingRegPruner(BasePruner):
             self._reg_groups.append(group)
             self.group_reg[group] = torch.full((len(root.idxs),), float(self.base_reg))
             added = True
-        if added:
+        if added or attached:
             self._engine.compile(self._reg_groups, self._parameter_names())
 
     def _choose_for_next_step(self) -> dict:
         """Root channels the next step() will remove, chosen by importance now (GReg-1); whole heads under
-        ``HEADS`` + their root's key, with the width they were chosen on."""
+        ``HEADS`` + their root's key."""
         saved = self.current_step
         self.current_step = min(saved + 1, self.iterative_steps)
         try:
@@ -235,15 +238,13 @@ class GrowingRegPruner(BasePruner):
         finally:
             self.current_step = saved
         chosen = {}
-        self._greg_head_widths = {}
         # a root whose channel group is regularized (BERT's heads with prune_head_dims) takes its whole-head
         # choice through that group, as its channels map one to one; the others need a group of their own
-        regularized = {self._group_key(g) for g in self._reg_groups if getattr(g, "head_penalty", None) is None}
+        regularized = {self._group_key(g) for g in self._reg_groups if _head_penalty(g) is None}
         for group in _as_applied(plan):
             key = self._group_key(group)
             if group.whole_heads and key not in regularized:
                 key = self.HEADS + key
-                self._greg_head_widths[key] = self.DG._safe_channels(group[0].dep.target, group[0].side)
             chosen[key] = torch.tensor(group[0].idxs, dtype=torch.long)
         return chosen
 
@@ -253,10 +254,10 @@ class GrowingRegPruner(BasePruner):
         if self.schedule != "greg1" or self._selected is None or self._later_budget_pass():
             return None
         key = self.HEADS + self._group_key(group)
-        chosen = self._selected.get(key)
-        if chosen is None or self._greg_head_widths.get(key) != len(group[0].idxs):
+        penalised = next((g for g in self._reg_groups if _head_penalty(g) == key), None)
+        if penalised is None or penalised.reg_width != len(group[0].idxs):
             return None  # chosen on another width (an earlier head group of this step narrowed the layer)
-        return chosen
+        return self._selected[key]
 
     def _choose(self, group, imp, n_prune, channel_groups):
         # the channels chosen ahead were chosen on the widths the step starts from: a latency budget's later
@@ -312,7 +313,7 @@ class GrowingRegPruner(BasePruner):
             return 0.0
         kept, removed = [], []
         for group in self._reg_groups:
-            if getattr(group, "head_penalty", None) is not None:
+            if _head_penalty(group) is not None:
                 continue  # only the heads being removed: nothing kept to compare with
             idxs = chosen.get(self._group_key(group))
             if idxs is None or len(idxs) == 0:
@@ -362,18 +363,13 @@ class GrowingRegPruner(BasePruner):
             "schedule": self.schedule,
             "group_reg": {self._reg_key(group): reg.clone() for group, reg in self.group_reg.items()},
             "selected": None if self._selected is None else {k: v.clone() for k, v in self._selected.items()},
-            "head_widths": dict(self._greg_head_widths),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.current_step = int(state["current_step"])
         selected = state.get("selected")
         self._selected = None if selected is None else {k: v.clone() for k, v in selected.items()}
-        self._greg_head_widths = dict(state.get("head_widths", {}))
         if self._selected is not None and self.schedule == "greg1":
-            self._reg_groups = [g for g in self._reg_groups if getattr(g, "head_penalty", None) is None]
-            self.group_reg = {g: self.group_reg[g] for g in self._reg_groups}
-            self._engine.compile(self._reg_groups, self._parameter_names())
             self._attach_head_penalties()
         saved = state["group_reg"]
         for group in self._reg_groups:
@@ -392,6 +388,11 @@ class GrowingRegPruner(BasePruner):
     def _group_key(group) -> str:
         root = group[0].dep
         return f"{root.target.name}:{root.handler.__name__}"
+
+
+def _head_penalty(group) -> str | None:
+    """The ``HEADS`` key of a whole-head removal group GReg-1 regularizes, None for a channel group."""
+    return getattr(group, "head_penalty", None)
 
 
 def _as_applied(plan: list) -> list:

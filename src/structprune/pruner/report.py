@@ -139,10 +139,18 @@ class ReportMixin:
     def _begin_step_record(self) -> list:
         self._report.refusals = {}
         self._report.fallback = []
+        self._report.heads_before = []
         entries = []
-        for group in self._root_groups():
+        # one walk over the groups: attention head groups are noted for the whole-head lines (prune_num_heads),
+        # the rest are held to their targets
+        for group in self._root_groups(heads=True):
             root = group[0].dep.target
             current = len(group[0].idxs)
+            if self._is_head_group(group):
+                if self.prune_num_heads:
+                    self._report.heads_before.append((root, group[0].side, current,
+                                                      self._head_dim(root.module, current)))
+                continue
             blocks = self._channel_groups(group)
             target = 0
             if current % blocks == 0:
@@ -150,17 +158,7 @@ class ReportMixin:
                 target = max(0, current - self._n_keep(root.module, current, ratio, blocks))
             hard = [reason for reason in group.blocked if not subset_may_pass(reason)]
             entries.append((root, group[0].side, current, target, hard[0] if hard else None))
-        self._report.heads_before = self._head_widths() if self.prune_num_heads else []
         return entries
-
-    def _head_widths(self) -> list:
-        widths = []
-        for group in self._root_groups(heads=True):
-            root, width = group[0].dep.target, len(group[0].idxs)
-            head_dim = self._head_dim(root.module, width) if self._is_head_group(group) else None
-            if head_dim is not None:
-                widths.append((root, group[0].side, width, head_dim))
-        return widths
 
     def _whole_head_lines(self) -> list[str]:
         """Whole heads this step removed, one line per change (e.g. 4 -> 2 heads in 18 layers)."""

@@ -32,7 +32,7 @@ from torch import nn
 
 import structprune as tp
 from structprune.demo.data import DigitsData, num_batches
-from structprune.demo.train import TrainConfig, evaluate, fit, make_optimizer, train_epoch
+from structprune.demo.train import TrainConfig, evaluate, fit, make_optimizer, schedule_stepper, train_epoch
 
 
 class BasicBlock(nn.Module):
@@ -177,18 +177,10 @@ def run(method: str, baseline: nn.Module, data: DigitsData, args, seed: int) -> 
         model.zero_grad(set_to_none=True)
         pruned = evaluate(model, data.x_test, data.y_test)
         for _ in range(args.budget - args.reg_epochs):
-            train_epoch(model, data, optimizer, generator, config.batch_size, after_iteration=_schedule_step(schedule))
+            train_epoch(model, data, optimizer, generator, config.batch_size, after_iteration=schedule_stepper(schedule))
     macs, params = tp.utils.count_ops_and_params(model, example())
     return dict(method=method, after_reg=after_reg, pruned=pruned, final=evaluate(model, data.x_test, data.y_test),
                 macs=int(macs), params=int(params), seconds=time.perf_counter() - started)
-
-
-def _schedule_step(schedule):
-    def step() -> bool:
-        schedule.step()
-        return False  # never ends the epoch early
-
-    return step
 
 
 def line(seed: int, row: dict, base_macs: int) -> str:

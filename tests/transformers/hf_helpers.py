@@ -38,3 +38,16 @@ def magnitude():
 def logits(model, **inputs):
     output = model(**inputs)
     return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+def tiny_gemma(attn: str = "eager", heads: int = 4, kv_heads: int = 1):
+    """Gemma 3 with Gemma 3 270M's attention layout in miniature: 4 query heads over 1 kv head, head_dim 16,
+    q_norm / k_norm per head, sliding-window layers; ``attn`` picks the attention implementation."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=64, sliding_window=8)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return transformers.Gemma3ForCausalLM(config).eval()

@@ -6,17 +6,9 @@ import pytest
 import torch
 
 import structprune as tp
+from hf_helpers import tiny_gemma
 
 transformers = pytest.importorskip("transformers")
-
-
-def _gemma():
-    config = transformers.Gemma3TextConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=8)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return transformers.Gemma3ForCausalLM(config).eval()
 
 
 def _pruner(model, ids, imp):
@@ -33,7 +25,7 @@ def _head_norms(model):
 
 @pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
 def test_chosen_heads_shrink_and_their_removal_is_lossless(criterion):
-    model = _gemma()
+    model = tiny_gemma()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     if criterion == "taylor":
         model(input_ids=ids, labels=ids).loss.backward()
@@ -70,7 +62,7 @@ def test_chosen_heads_shrink_and_their_removal_is_lossless(criterion):
 
 
 def test_a_greg1_checkpoint_restores_the_head_penalty():
-    model = _gemma()
+    model = tiny_gemma()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     pruner = _pruner(model, ids, tp.importance.MagnitudeImportance())
     pruner.update_reg()

@@ -12,17 +12,9 @@ import pytest
 import torch
 
 import structprune as tp
+from hf_helpers import tiny_gemma
 
 transformers = pytest.importorskip("transformers")
-
-
-def _gemma(attn: str, heads: int = 4, kv_heads: int = 1):
-    config = transformers.Gemma3TextConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=64, sliding_window=8)
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    return transformers.Gemma3ForCausalLM(config).eval()
 
 
 def _llama(attn: str, heads: int, kv_heads: int):
@@ -88,7 +80,7 @@ def _check_exact(build, ratio: float, ignore_kv: bool, expect_heads: int | None)
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_gemma_single_kv_head_loses_whole_query_heads_exactly(attn):
-    model, kept = _check_exact(lambda: _gemma(attn), 0.5, ignore_kv=False, expect_heads=2)
+    model, kept = _check_exact(lambda: tiny_gemma(attn), 0.5, ignore_kv=False, expect_heads=2)
     for layer in model.model.layers:
         attention = layer.self_attn
         assert attention.q_proj.out_features == 2 * 16 and attention.k_proj.out_features == 16
@@ -97,7 +89,7 @@ def test_gemma_single_kv_head_loses_whole_query_heads_exactly(attn):
 
 
 def test_gemma_query_heads_round_trip(tmp_path):
-    model, _ = _check_exact(lambda: _gemma("eager"), 0.5, ignore_kv=False, expect_heads=2)
+    model, _ = _check_exact(lambda: tiny_gemma("eager"), 0.5, ignore_kv=False, expect_heads=2)
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         before = model(input_ids=ids).logits
@@ -122,7 +114,7 @@ def test_grouped_kv_heads_stay_consistent_with_their_query_heads(attn, ratio):
 
 
 def test_the_report_names_the_heads_removed_and_the_single_kv_head_is_not_planned_as_channels():
-    model = _gemma("eager")
+    model = tiny_gemma("eager")
     pruner, _ = _prune_query_heads(model, 0.5, ignore_kv=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

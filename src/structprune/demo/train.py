@@ -108,7 +108,7 @@ def fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps))
     with tqdm(total=epochs * steps, desc=desc, disable=not show_progress, leave=False) as bar:
         for _ in range(epochs):
-            train_epoch(model, data, optimizer, generator, config.batch_size, after_iteration=_stepper(schedule),
+            train_epoch(model, data, optimizer, generator, config.batch_size, after_iteration=schedule_stepper(schedule),
                         progress=bar)
             log.iterations += steps
             log.accuracy.append(evaluate(model, data.x_test, data.y_test))
@@ -192,7 +192,7 @@ def regularize_until_ready(
     return log
 
 
-def _stepper(schedule: torch.optim.lr_scheduler.LRScheduler) -> Callable[[], bool]:
+def schedule_stepper(schedule: torch.optim.lr_scheduler.LRScheduler) -> Callable[[], bool]:
     """An ``after_iteration`` callback that advances the learning-rate schedule."""
 
     def step() -> bool:

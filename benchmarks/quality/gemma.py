@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import structprune as tp  # noqa: E402
 from gemma_data import TextSplits, evaluate, load_gemma  # noqa: E402
+from structprune.utils.distill import TopKTeacher, distillation_loss  # noqa: E402
 
 CRITERIA = ("l2", "taylor", "activation", "wanda", "fluct")
 SCHEDULES = ("greg1", "greg2", "seed")
@@ -61,7 +62,7 @@ class Bench:
         started = time.perf_counter()
         self.baseline = evaluate(self.teacher, self.data.held_out)
         self.eval_seconds = time.perf_counter() - started
-        self._pool = None
+        self._targets = None
 
     # -- pruning ----------------------------------------------------------------------------------------
     def student(self) -> nn.Module:
@@ -101,32 +102,16 @@ class Bench:
         return {"input_ids": self.calibration[:1, :16].to(self.device)}
 
     # -- recovery ---------------------------------------------------------------------------------------
-    def pool(self):
-        """Training sequences with the teacher's top-k logits at every position, computed once."""
-        if self._pool is None:
+    def targets(self) -> TopKTeacher:
+        """Training sequences with the teacher's top-k logits at every position, computed once (kept in
+        float32, as the tables were measured)."""
+        if self._targets is None:
             args = self.args
             sequences = torch.cat([self.data.training_batch(step, args.batch_size, args.train_length)
                                    for step in range(args.pool // args.batch_size)])
-            values, indices = [], []
-            with torch.no_grad():
-                for ids in self.batches(sequences, args.batch_size):
-                    top = self.teacher(input_ids=ids).logits.topk(args.topk, dim=-1)
-                    values.append(top.values.cpu())
-                    indices.append(top.indices.cpu())
-            self._pool = (sequences, torch.cat(values), torch.cat(indices))
-        return self._pool
-
-    def distillation_loss(self, model, step: int) -> torch.Tensor:
-        sequences, values, indices = self.pool()
-        size = self.args.batch_size
-        rows = torch.arange(step * size, (step + 1) * size) % len(sequences)
-        ids, top_values, top_indices = (t[rows].to(self.device) for t in (sequences, values, indices))
-        hidden = model.model(input_ids=ids).last_hidden_state  # [B, T, H], final norm applied
-        rows_of_head = model.lm_head.weight[top_indices]  # [B, T, k, H]: only the teacher's top-k logits
-        student = torch.einsum("bth,btkh->btk", hidden, rows_of_head)
-        teacher = torch.log_softmax(top_values.float(), dim=-1)
-        return torch.nn.functional.kl_div(torch.log_softmax(student.float(), dim=-1), teacher, log_target=True,
-                                          reduction="batchmean") / ids.shape[1]
+            self._targets = TopKTeacher(self.teacher, sequences, k=args.topk, batch_size=args.batch_size,
+                                        dtype=torch.float32)
+        return self._targets
 
     def optimizer(self, model) -> torch.optim.Optimizer:
         model.model.embed_tokens.weight.requires_grad_(False)  # tied to lm_head: 168 M of the 268 M parameters
@@ -137,7 +122,7 @@ class Bench:
         model.train()
         for step in range(first_step, first_step + steps):
             optimizer.zero_grad(set_to_none=True)
-            self.distillation_loss(model, step).backward()
+            distillation_loss(model, self.targets(), step, self.args.batch_size).backward()
             optimizer.step()
             if each_step is not None:
                 each_step()

@@ -48,18 +48,20 @@ class Device:
         return self.overhead + sum(self.layer(i, o, x.shape[0]) for i, o in layers.values())
 
 
-def profile_of(model, x, device: Device, factor: float = 1.0, per_call: float = 0.0) -> CostProfile:
+def profile_of(model, x, device: Device, factor: float = 1.0, per_call: float = 0.0,
+               layer_factors: dict | None = None) -> CostProfile:
     """What timing each layer alone on ``device`` gives, at the widths ``latency_profile`` would time: the
-    layer's cost divided by ``factor``, plus ``per_call`` ms (a layer called alone pays its call overhead,
+    layer's cost divided by ``factor`` (and by ``layer_factors[name]``, a profile that mis-ranks layers), plus ``per_call`` ms (a layer called alone pays its call overhead,
     which the model running layers back to back pays less of). The total is the layers' sum."""
     shapes = cost_profile(model, x, "macs")  # the grid and step widths latency_profile times
     modules = dict(model.named_modules())
     layers = {}
     for name, shape in shapes.layers.items():
         module = modules[name]
+        scale = factor * (layer_factors or {}).get(name, 1.0)
 
-        def cost(in_width, out_width):
-            return device.layer(in_width, out_width, x.shape[0]) / factor + per_call
+        def cost(in_width, out_width, scale=scale):
+            return device.layer(in_width, out_width, x.shape[0]) / scale + per_call
 
         def table(side, at):
             return SideCost(side.width, list(side.grid), [at(w) for w in side.grid], side.anchor,

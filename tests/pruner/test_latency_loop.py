@@ -60,6 +60,29 @@ def test_per_call_overhead_that_flattens_the_prediction_is_calibrated_away(monke
     assert missed and "under the budget" in missed[0] and "pruner.report()" in missed[0]
 
 
+def test_a_profile_that_misranks_layers_does_not_cut_the_model_below_its_budget(monkeypatch):
+    # the profile rates fc2 3x what it costs on the device, the others right (efficientnet_b0 at batch 8:
+    # the first pass cut the 112 px layers the profile rates highest, and the model got 4% faster where the
+    # profile said 27%): the first pass falls short, and the slope learned on it does not hold for the
+    # layers cut next
+    device = Device(block=8)
+    model, pruner, budget, missed = prune_to(0.3, device, layer_factors={"fc2": 1 / 3})
+    passes = pruner.report().steps[0].budget["passes"]
+    assert passes[0]["measured"] > 1.15 * passes[0]["target"]
+    assert all(p["target"] > budget for p in passes)  # every pass stops short of the budget
+    assert abs(device(model, mlp()[1]) / budget - 1) <= 0.10 and not missed
+
+    # the rule until 2026-12-07 (plan with the last slope, aim at the budget itself after the first pass)
+    # cut the same model to about half its budget
+    monkeypatch.setattr(Calibration, "profile_target",
+                        lambda self, latency: self.anchor + (latency - self.level) / self.slope)
+    first_pass_only = latency_loop.LatencyLoop.next_target
+    monkeypatch.setattr(latency_loop.LatencyLoop, "next_target",
+                        lambda self: (aim if (aim := first_pass_only(self)) is None or not self.passes else self.budget))
+    model, _, budget, missed = prune_to(0.3, device, layer_factors={"fc2": 1 / 3})
+    assert device(model, mlp()[1]) < 0.6 * budget and missed and "under the budget" in missed[0]
+
+
 def test_the_loop_never_puts_channels_back_along_a_schedule():
     device = Device(block=8)
     model, pruner, budget, missed = prune_to(0.3, device, steps=3, per_call=5.0)
@@ -94,7 +117,10 @@ def test_the_calibration_follows_the_measured_change_not_only_the_level():
     assert calibration.calibrated(60.0) == pytest.approx(42.0)
     calibration.observe(80.0, 60.0)
     assert calibration.slope == pytest.approx(0.5) and calibration.calibrated(60.0) == pytest.approx(50.0)
-    assert calibration.profile_target(50.0) == pytest.approx(60.0)
+    # planning keeps the steepest slope seen (0.7): to reach 50 it asks the profile for 80 - 10 / 0.7, less
+    # removal than the estimate's 60, since a slope learned on some layers may not hold on the next ones
+    assert calibration.planning == pytest.approx(0.7)
+    assert calibration.profile_target(50.0) == pytest.approx(80.0 - 10.0 / 0.7)
     calibration.observe(79.5, 58.0)  # a change of the prediction within noise moves the level, not the slope
     assert calibration.slope == pytest.approx(0.5) and calibration.level == 58.0
     calibration.observe(40.0, 80.0)  # slower after removing channels: not a slope

@@ -51,8 +51,9 @@ class Device:
 def profile_of(model, x, device: Device, factor: float = 1.0, per_call: float = 0.0,
                layer_factors: dict | None = None) -> CostProfile:
     """What timing each layer alone on ``device`` gives, at the widths ``latency_profile`` would time: the
-    layer's cost divided by ``factor`` (and by ``layer_factors[name]``, a profile that mis-ranks layers), plus ``per_call`` ms (a layer called alone pays its call overhead,
-    which the model running layers back to back pays less of). The total is the layers' sum."""
+    layer's cost divided by ``factor`` (and by ``layer_factors[name]``: a profile that mis-ranks layers), plus
+    ``per_call`` ms (a layer called alone pays its call overhead, which the model running layers back to back
+    pays less of). The total is the layers' sum."""
     shapes = cost_profile(model, x, "macs")  # the grid and step widths latency_profile times
     modules = dict(model.named_modules())
     layers = {}

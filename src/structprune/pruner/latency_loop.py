@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-#: the share of a step's gap (latency now minus budget) its first pass leaves for the calibrated passes
+#: the share of the gap (latency now minus budget) each pass leaves for the passes after it
 HOLD = 0.25
 #: a measurement this far above the budget (a fraction of it) still meets it; passes stop there
 TOLERANCE = 0.05

@@ -231,3 +231,65 @@ def test_a_budget_below_what_the_floors_reach_is_refused():
     with pytest.raises(ValueError, match=r"max_pruning_ratio=0.5"):
         tp.pruner.BasePruner(model, x, magnitude, target={"macs": macs * 0.2}, max_pruning_ratio=0.5)
     assert count_ops_and_params(model, x)[0] == macs
+
+
+class ThreeLinear(nn.Module):
+    """fc1's channels save more MACs each than fc2's (16 + 32 against 32 + 4), but hold 100x the weight."""
+
+    def __init__(self, pinned=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+        self.pinned = pinned
+        with torch.no_grad():
+            self.fc1.weight.mul_(10.0)
+
+    def forward(self, x):
+        hidden = self.fc1(x).relu()
+        if self.pinned:
+            hidden = hidden.view(-1, 4, 8).flatten(1)  # spells out fc1's width: the graph refuses to narrow it
+        return self.fc3(self.fc2(hidden).relu())
+
+
+def test_the_knapsack_compares_groups_by_the_weight_they_hold_not_by_their_normalized_scores():
+    # MagnitudeImportance divides each group by its own mean: every channel scores about 1, and the greedy
+    # would take fc1, which saves most per channel. Summed and unnormalized, fc1's channels hold 100x the
+    # weight: the budget is met from fc2 alone.
+    model, x = ThreeLinear(), torch.randn(1, 16)
+    macs = count_ops_and_params(model, x)[0]
+    budget = macs - 16 * 36
+    pruner = tp.pruner.BasePruner(model, x, tp.importance.MagnitudeImportance(), target={"macs": budget},
+                                  ignored_layers=[model.fc3])
+    pruner.step()
+    assert (model.fc1.out_features, model.fc2.out_features) == (32, 16)
+    assert count_ops_and_params(model, x)[0] <= budget
+
+
+def test_the_knapsack_orders_channels_within_a_group_by_the_criterion_given():
+    # LAMP's normalizer is not linear; it must still choose which of fc2's channels go
+    model, x = ThreeLinear(), torch.randn(1, 16)
+    with torch.no_grad():
+        model.fc2.weight[:16].mul_(0.01)  # the first 16 rows are the weakest
+    reference = model.fc2.weight[16:].clone()
+    macs = count_ops_and_params(model, x)[0]
+    pruner = tp.pruner.BasePruner(model, x, tp.importance.LAMPImportance(), target={"macs": macs - 16 * 36},
+                                  ignored_layers=[model.fc3])
+    pruner.step()
+    assert model.fc2.out_features == 16 and torch.equal(model.fc2.weight, reference)
+
+
+def test_a_group_the_graph_refuses_does_not_take_the_budget_from_the_others():
+    # fc1's width is spelled out by a view: the knapsack, which prefers it here (all fc1 channels weigh little),
+    # plans it, the graph refuses, and the pass is planned again over the groups that can go
+    model, x = ThreeLinear(pinned=True), torch.randn(1, 16)
+    with torch.no_grad():
+        model.fc1.weight.div_(1000.0)
+    macs = count_ops_and_params(model, x)[0]
+    budget = macs - 12 * 36
+    pruner = tp.pruner.BasePruner(model, x, tp.importance.MagnitudeImportance(), target={"macs": budget},
+                                  ignored_layers=[model.fc3])
+    with pytest.warns(UserWarning, match="fc1"):
+        pruner.step()
+    assert model.fc1.out_features == 32 and model.fc2.out_features == 20
+    assert count_ops_and_params(model, x)[0] <= budget
+    assert model(x).shape == (1, 4)

@@ -20,6 +20,9 @@ from typing import Callable
 from torch import nn
 
 from ..graph.side import Side
+from ..importance.elementwise import ElementwiseImportance, sharing_position_sums
+from ..importance.normalizers import get_normalizer
+from ..importance.reductions import get_reduction
 from ..utils.cost_profile import CostProfile
 from ..utils.latency import cost_profile, measure_cost, profile_timer
 from .knapsack import Candidate, allocate
@@ -51,6 +54,8 @@ class BudgetState:
     pass_budget: float | None = None
     #: passes of this step planned before the current one (GReg-1's channels chosen ahead hold for the first)
     earlier_passes: int = 0
+    #: root keys of the groups the graph refused this step: the knapsack stops spending the budget on them
+    refused: set = field(default_factory=set)
     #: the knapsack's plan for this step, and the budget each step of the schedule aims at
     plan: dict | None = None
     schedule: list | None = None
@@ -104,9 +109,10 @@ class BudgetMixin:
         self._reset_shares()
         self._budget.pass_budget = None
         self._budget.earlier_passes = 0
+        self._budget.refused = set()
         metric = next(iter(self.target))
         if metric != "latency_ms":
-            yield from self._plan_local()
+            yield from self._plan_pass()
             return
         # a step re-planned towards a config's widths (config_fit.py) removes nothing after its first pass,
         # which ends the loop
@@ -116,7 +122,7 @@ class BudgetMixin:
         while (aim := loop.next_target()) is not None:
             self._budget.pass_budget = loop.profile_target(aim)
             before = self._predicted_now(profile)
-            yield from self._plan_local()
+            yield from self._plan_pass()
             predicted = self._predicted_now(profile)
             if predicted >= before * (1 - 1e-9):
                 loop.stuck()
@@ -131,6 +137,20 @@ class BudgetMixin:
             self._budget.earlier_passes += 1
         self._budget.pass_budget = None
         self._budget.earlier_passes = 0
+
+    def _plan_pass(self):
+        """One pass of the knapsack, planned again without the groups the graph refused (rotary embeddings
+        pin a head's width, a view spells out a size): the budget they were given goes to the others."""
+        while True:
+            refused = len(self._budget.refused)
+            yield from self._plan_local()
+            if len(self._budget.refused) == refused:
+                return
+
+    def _budget_refused(self, group) -> None:
+        from .planning import _root_key
+
+        self._budget.refused.add(_root_key(group))
 
     def _later_budget_pass(self) -> bool:
         """Whether this step already planned a latency pass before the current one."""
@@ -236,28 +256,30 @@ class BudgetMixin:
             if metric == "latency_ms":
                 budget = self._budget.calibration.profile_target(budget)
         bundles: dict = {}
-        for group in groups:
-            current = len(group[0].idxs)
-            blocks = self._channel_groups(group)
-            if current % blocks:
-                continue
-            imp = self._importance(group)
-            if self._unscored(group, imp):
-                continue
-            imp = imp.detach().float().cpu()
-            if blocks > 1:
-                imp = imp.view(blocks, -1).mean(0).repeat(blocks)
-            root = group[0].dep.target.module
-            field = self._field_key(group)
-            key = (field, current) if field is not None else _root_key(group)
-            entry = bundles.setdefault(key, {"groups": [], "width": current, "scores": None, "items": [],
-                                              "step": 1, "floor": 0})
-            entry["groups"].append(group)
-            ranked = imp.sort().values
-            entry["scores"] = ranked if entry["scores"] is None else entry["scores"] + ranked
-            entry["items"] += [item for item in self._group_items(group) if item[0] in profile.layers]
-            entry["step"] = math.lcm(entry["step"], blocks, self._width_step(root) or 1)
-            entry["floor"] = max(entry["floor"], self._n_keep(root, current, self.max_pruning_ratio, blocks))
+        values = comparable_values(self.importance)
+        # every group is scored again on the shared scale: each weight once, however many groups read it
+        with sharing_position_sums():
+            for group in groups:
+                current = len(group[0].idxs)
+                blocks = self._channel_groups(group)
+                if current % blocks:
+                    continue
+                if _root_key(group) in self._budget.refused:
+                    continue
+                imp = self._importance(group)
+                if self._unscored(group, imp):
+                    continue
+                ranked = _ranked_values(imp, values(group, imp), blocks)
+                root = group[0].dep.target.module
+                field = self._field_key(group)
+                key = (field, current) if field is not None else _root_key(group)
+                entry = bundles.setdefault(key, {"groups": [], "width": current, "scores": None, "items": [],
+                                                  "step": 1, "floor": 0})
+                entry["groups"].append(group)
+                entry["scores"] = ranked if entry["scores"] is None else entry["scores"] + ranked
+                entry["items"] += [item for item in self._group_items(group) if item[0] in profile.layers]
+                entry["step"] = math.lcm(entry["step"], blocks, self._width_step(root) or 1)
+                entry["floor"] = max(entry["floor"], self._n_keep(root, current, self.max_pruning_ratio, blocks))
         candidates = [Candidate(key, entry["width"], entry["floor"], entry["step"], entry["scores"].tolist(),
                                 entry["items"]) for key, entry in bundles.items()]
         counts, predicted = allocate(profile, candidates, self._layer_widths(profile), budget)
@@ -313,6 +335,41 @@ class BudgetMixin:
         if warning is not None:
             warnings.warn(warning, stacklevel=4)
         return outcome
+
+
+def comparable_values(criterion) -> Callable:
+    """``values(group, scores)``: each root channel's importance on a scale shared by all groups.
+
+    The knapsack weighs one group's channels against another's, per millisecond saved. A criterion's
+    normalizer (MagnitudeImportance's default divides each group by its own mean) and a mean over the
+    group's layers make every group's channels worth about 1, whatever they hold: the greedy then takes
+    whichever group saves most per channel, on a transformer the residual width that every block reads,
+    cut deep. So a parameter-based criterion is asked again with its scores summed over the group's layers
+    and left unnormalized: what removing the channel takes from all of them. Its own scores still order
+    the channels within the group. Any other criterion's scores are used as they are.
+    """
+    if not isinstance(criterion, ElementwiseImportance) or (
+            criterion.group_reduction == "sum" and criterion.normalizer is None):
+        return lambda group, scores: scores
+    # a fresh shallow copy per plan: a calibrated criterion may have rebound its statistics since
+    raw = copy.copy(criterion)
+    raw.group_reduction, raw._reduce = "sum", get_reduction("sum")
+    raw.normalizer, raw._normalize = None, get_normalizer(None)
+
+    def values(group, scores):
+        summed = raw(group)
+        return scores if summed is None or len(summed) != len(scores) else summed
+    return values
+
+
+def _ranked_values(scores, values, blocks: int):
+    """``values`` of the root channels in the order ``scores`` removes them (lowest first); with channel
+    groups, positions go together across the blocks, each at its mean over them."""
+    scores, values = scores.detach().float().cpu(), values.detach().float().cpu()
+    if blocks > 1:
+        scores, values = scores.view(blocks, -1).mean(0), values.view(blocks, -1).mean(0)
+    ranked = values[scores.argsort(stable=True)]
+    return ranked.repeat_interleave(blocks) if blocks > 1 else ranked
 
 
 def pick_step(profile: CostProfile, items: list, blocks: int) -> int | None:

@@ -25,7 +25,8 @@ class Candidate:
     floor: int
     #: channels a move removes (a multiple of the channel groups)
     step: int
-    #: importance of each root channel, ascending; a move removes the next ``step`` of them
+    #: importance of each root channel in the order the criterion removes them; a move removes the next
+    #: ``step`` of them
     scores: list[float]
     #: ``(layer name, "out" | "in", layer channels per root channel)`` narrowed with the root
     items: list[tuple[str, str, float]] = field(default_factory=list)

@@ -193,6 +193,8 @@ class PlanningMixin:
                 yield chosen
                 continue
             self._note_refusal(group[0].dep.target, self._planning.refusal)
+            if self.target:
+                self._budget_refused(group)
             if not self.prune_num_heads and self._is_head_group(group):
                 self._note_narrow_refused(self.DG._name(root), self._planning.refusal)
 

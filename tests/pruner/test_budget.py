@@ -293,3 +293,17 @@ def test_a_group_the_graph_refuses_does_not_take_the_budget_from_the_others():
     assert model.fc1.out_features == 32 and model.fc2.out_features == 20
     assert count_ops_and_params(model, x)[0] <= budget
     assert model(x).shape == (1, 4)
+
+
+def test_an_anchor_timed_slow_does_not_let_one_channel_steps_pass_on_noise():
+    # 256 channels cost 256; the anchor was timed 3% slow, the finest steps read the true level (a kernel
+    # that only gets faster at multiples of 8): compared with the anchor alone, every step would pass
+    side = SideCost(512, [128, 256, 384, 512], [128.0, 256.0, 384.0, 512.0], 256,
+                    {1: 256.0, 2: 256.0, 4: 256.0, 8: 248.0, 16: 240.0})
+    side.grid_cost[1] = 264.0
+    profile = CostProfile("latency_ms", "cpu", "torch.float32", 1, "k", 512.0,
+                          {"fc": LayerCost("fc", 512.0, out=side)})
+    assert side.anchor_cost() == 264.0
+    assert pick_step(profile, [("fc", "out", 1.0)], 1) == 8
+    # a finest step that is a real share of the anchor keeps the anchor as its reference
+    assert pick_step(profile, [("fc", "out", 1.0)], 8) == 8

@@ -33,6 +33,9 @@ from .latency_loop import Calibration, LatencyLoop, miss_warning
 #: other half for timing noise. (An allowance of a share of the anchor instead let a step that saves nothing
 #: pass wherever ``s / anchor`` is below it: one-channel steps on every group 50 or more channels wide.)
 PROPORTIONAL = 0.5
+#: a finest step under this fraction of the anchor (1/FINE) saves less than timing noise: a second reading
+#: of the anchor's cost
+FINE = 32
 #: a budget this share below what the floors reach is within the profile's noise of them
 NOISE = 0.02
 
@@ -382,11 +385,19 @@ def pick_step(profile: CostProfile, items: list, blocks: int) -> int | None:
         table = layer.side(side) if layer is not None else None
         if table is None or table.anchor is None or not table.steps:
             continue
-        base = table.anchor_cost() * layer.calls
-        for step, cost in table.steps.items():
+        legal = {step: cost for step, cost in table.steps.items()
+                 if float(step / per_root).is_integer() and not (step / per_root) % blocks}
+        if not legal:
+            continue
+        base = table.anchor_cost()
+        if min(legal) * FINE < table.anchor:
+            # a step this fine saves next to nothing, so its timing is a second reading of the anchor's: an
+            # anchor timed slow (a busy moment) would let every step pass on noise alone (vit_small's MLP got
+            # steps of 1 and 2 channels, and widths like 1521)
+            base = min(base, legal[min(legal)])
+        base *= layer.calls
+        for step, cost in legal.items():
             root_step = step / per_root
-            if root_step % blocks or not float(root_step).is_integer():
-                continue
             entry = below.setdefault(int(root_step), [0.0, 0.0])
             entry[0] += cost * layer.calls - base
             entry[1] += base * step / table.anchor

@@ -37,6 +37,16 @@ def test_default_mean_normalizer():
     assert close(imp.MagnitudeImportance()(group), (raw / raw.mean()).tolist())
 
 
+def test_rescored_copies_the_criterion_with_another_reduction_and_normalizer():
+    _, group = conv_bn_linear_group()
+    default = imp.MagnitudeImportance()
+    summed = default.rescored("sum", None)
+    assert close(summed(group), [39.25, 81])
+    assert (summed.group_reduction, summed.normalizer) == ("sum", None)
+    raw = torch.tensor([(4 + 0.25 + 35) / 3, (9 + 16 + 56) / 3])
+    assert close(default(group), (raw / raw.mean()).tolist())  # the original is unchanged
+
+
 def test_p1():
     _, group = conv_bn_linear_group()
     scores = imp.MagnitudeImportance(p=1, normalizer=None)(group)

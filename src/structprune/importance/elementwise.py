@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 
 import torch
 from torch import nn
@@ -44,6 +45,14 @@ class ElementwiseImportance(Importance):
         self.target_types = tuple(target_types)
         self._reduce = get_reduction(group_reduction)  # fail at construction on a bad name
         self._normalize = get_normalizer(normalizer)
+
+    def rescored(self, group_reduction: str | None, normalizer: str | None) -> "ElementwiseImportance":
+        """The same criterion (a shallow copy: calibrated statistics are shared) with another reduction over
+        a group's layers and another normalizer."""
+        other = copy.copy(self)
+        other.group_reduction, other._reduce = group_reduction, get_reduction(group_reduction)
+        other.normalizer, other._normalize = normalizer, get_normalizer(normalizer)
+        return other
 
     # -- hooks ----------------------------------------------------------------------------------------
     def element_scores(self, param: nn.Parameter, name: str) -> torch.Tensor:

@@ -21,8 +21,6 @@ from torch import nn
 
 from ..graph.side import Side
 from ..importance.elementwise import ElementwiseImportance, sharing_position_sums
-from ..importance.normalizers import get_normalizer
-from ..importance.reductions import get_reduction
 from ..utils.cost_profile import CostProfile
 from ..utils.latency import cost_profile, measure_cost, profile_timer
 from .knapsack import Candidate, allocate
@@ -354,10 +352,8 @@ def comparable_values(criterion) -> Callable:
     if not isinstance(criterion, ElementwiseImportance) or (
             criterion.group_reduction == "sum" and criterion.normalizer is None):
         return lambda group, scores: scores
-    # a fresh shallow copy per plan: a calibrated criterion may have rebound its statistics since
-    raw = copy.copy(criterion)
-    raw.group_reduction, raw._reduce = "sum", get_reduction("sum")
-    raw.normalizer, raw._normalize = None, get_normalizer(None)
+    # a fresh copy per plan: a calibrated criterion may have rebound its statistics since
+    raw = criterion.rescored("sum", None)
 
     def values(group, scores):
         summed = raw(group)

@@ -19,6 +19,8 @@ every non-embedding parameter, the same N steps for every method:
   greg1:<method>            GReg-1 (Wang et al. 2021): the channels <method> chooses get a growing decoupled L2
                             penalty while distilling for --reg-steps, then exactly they are removed and the
                             remaining N - reg-steps distillation steps follow
+  greg1:<method>+refit      GReg-1 with compensation="refit": the layers reading the chosen channels take back
+                            their fading columns' change after every step (GrowingRegPruner's compensate_fade)
   greg2:<method>            GReg-2: every channel's penalty grows alike (milder target), then <method> picks
   seed:<method>             the seed document's schedule: penalties grow by delta x standardized importance
 
@@ -180,13 +182,17 @@ def greg(bench: Bench, schedule: str, criterion: str, ratio: float, scope: str, 
         kwargs["ignored_layers"] = kwargs["ignored_layers"] + mlp
         tp.pruner.BasePruner(model, bench.example(), head_imp, compensation="refit", **kwargs).step()
         scope = "mlp"
-    imp = bench.importance(model, criterion, None)
+    # greg1:activation+refit: the refit's compensation given during the fade (GrowingRegPruner's compensate_fade)
+    criterion, _, compensation = criterion.partition("+")
+    compensation = compensation or None
+    imp = bench.importance(model, criterion, compensation)
     reg_steps = min(args.reg_steps, recovery)
     target = args.greg2_target_shrink if schedule == "greg2" else args.target_shrink
     reg_lr = args.reg_lr or args.lr  # the penalty phase's AdamW lr; the distillation after it runs at --lr
     delta = tp.pruner.delta_reg_for(reg_lr, 1, reg_steps, target_shrink=target)
     pruner = tp.pruner.GrowingRegPruner(model, bench.example(), imp, reg=0.0, delta_reg=delta, schedule=schedule,
-                                        reg_ceiling=delta * reg_steps, **bench.pruner_kwargs(model, ratio, scope))
+                                        reg_ceiling=delta * reg_steps, compensation=compensation,
+                                        **bench.pruner_kwargs(model, ratio, scope))
     pruner.update_reg()  # GReg-1 chooses its channels here, once, from the calibrated importance
     model.zero_grad(set_to_none=True)
     optimizer = bench.optimizer(model)
@@ -204,7 +210,8 @@ def greg(bench: Bench, schedule: str, criterion: str, ratio: float, scope: str, 
     pruner.step(optimizer=optimizer)
     model.zero_grad(set_to_none=True)
     lr_note = (f" at lr {reg_lr:g}" if reg_lr != args.lr else "") + (" (heads one-shot + refit first)" if heads_first else "")
-    row = dict(method=f"{schedule} ({criterion}): {reg_steps} reg{lr_note} + {recovery - reg_steps} distill",
+    faded = f" + {compensation} during the fade" if compensation else ""
+    row = dict(method=f"{schedule} ({criterion}{faded}): {reg_steps} reg{lr_note} + {recovery - reg_steps} distill",
                regularized=regularized, pruned=bench.measure(model), params=params(model), widths=widths(model))
     bench.distill(model, optimizer, reg_steps, recovery - reg_steps)
     row["final"] = bench.measure(model)

@@ -249,6 +249,10 @@ class BasePruner(ScheduleMixin, BudgetMixin, PlanningMixin, VerifyMixin, ManualP
         self._end_step_record(step_record, warn=False)  # the caller chose what to prune
         self._after_step(sizes)
 
+    def _compensation_in_use(self) -> Compensator | None:
+        """The compensator step() applies, for a schedule that compensates earlier (GReg-1's fade)."""
+        return self._compensator
+
     def _compensation_notes(self) -> list:
         """What compensation did this step, for the report."""
         return self._compensator.step_notes() if self._compensator is not None else []

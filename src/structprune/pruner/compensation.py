@@ -82,6 +82,10 @@ class Compensator:
         self.created_biases: list[str] = []
         #: module path -> why that reader got no (or only bias) compensation
         self.notes: dict[str, str] = {}
+        #: layer -> the input channels whose compensation GReg-1's fade already gave (pruner/fading.py)
+        self.faded: dict[nn.Module, torch.Tensor] = {}
+        #: module paths the fade compensated, this step
+        self.faded_names: list[str] = []
 
     def before_prune(self, group: Group) -> None:
         for item in group:
@@ -96,6 +100,10 @@ class Compensator:
                 self.notes[name] = "no calibration statistics (not run while the importance's hooks were on)"
                 continue
             removed = torch.as_tensor(item.idxs, dtype=torch.long, device=layer.weight.device)
+            if self._faded(layer, removed):
+                # a second refit on columns already faded to ~0 would only shrink the kept ones by the ridge
+                self.faded_names.append(name)
+                continue
             if getattr(layer, "groups", 1) != 1:
                 self.notes[name] = "grouped conv: not compensated"
                 continue
@@ -109,11 +117,19 @@ class Compensator:
                 self.created_biases.append(name)
             add_mean_contribution(layer, record, removed)
 
+    def _faded(self, layer: nn.Module, removed: torch.Tensor) -> bool:
+        faded = self.faded.get(layer)
+        return faded is not None and torch.equal(faded.to(removed.device), removed.sort().values)
+
     def step_notes(self) -> list[str]:
         """The step's notes for ``report()`` (then forgotten: each step reports its own)."""
         notes = [f"compensation ({self.compensation.mode}) skipped {name}: {why}" for name, why in self.notes.items()]
         notes += [f"compensation created a bias on {name} (it had none)" for name in self.created_biases]
-        self.notes, self.created_biases = {}, []
+        if self.faded_names:
+            names = ", ".join(self.faded_names[:6]) + ("..." if len(self.faded_names) > 6 else "")
+            notes.append(f"compensation ({self.compensation.mode}) was given during the fade, not at removal, on "
+                         f"{len(self.faded_names)} layer(s): {names}")
+        self.notes, self.created_biases, self.faded, self.faded_names = {}, [], {}, []
         return notes
 
     def warn(self) -> None:
@@ -145,26 +161,34 @@ def add_mean_contribution(layer: nn.Module, record, removed: torch.Tensor) -> No
     _replace(layer.bias, layer.bias.detach().double() + delta)
 
 
-def refit(layer: nn.Linear, record, removed: torch.Tensor, damping: float) -> None:
+def refit_system(layer: nn.Linear, record, removed: torch.Tensor, damping: float):
+    """The least-squares problem of refitting ``layer``'s kept columns: ``(kept, moment, system, mean)`` with
+    ``system = Sigma_KK + ridge`` and ``moment`` the input's second moment, centred (and ``mean`` its mean)
+    when the layer has a bias to take the mean, else uncentred (``mean`` None). Float64, on the layer's device."""
     device = layer.weight.device
-    width = layer.in_features
-    keep_mask = torch.ones(width, dtype=torch.bool, device=device)
+    keep_mask = torch.ones(layer.in_features, dtype=torch.bool, device=device)
     keep_mask[removed] = False
     kept = keep_mask.nonzero().squeeze(1)
-    weight = layer.weight.detach().double()
     moment = record.second_moment().to(device).double()
+    mean = None
     if layer.bias is not None:
         mean = record.in_mean().to(device).double()
         moment = moment - torch.outer(mean, mean)  # the bias absorbs the mean; fit the fluctuation
     kept_moment = moment[kept][:, kept]
     ridge = damping * kept_moment.diagonal().mean().clamp(min=1e-12)
     system = kept_moment + ridge * torch.eye(len(kept), dtype=torch.float64, device=device)
+    return kept, moment, system, mean
+
+
+def refit(layer: nn.Linear, record, removed: torch.Tensor, damping: float) -> None:
+    kept, moment, system, mean = refit_system(layer, record, removed, damping)
+    weight = layer.weight.detach().double()
     # W_K^T = (Sigma_KK + ridge)^-1 Sigma_K: W^T, for the full weight (removed columns included)
     new_kept = torch.linalg.solve(system, moment[kept] @ weight.T).T
     new_weight = weight.clone()
     new_weight[:, kept] = new_kept
     new_weight[:, removed] = 0.0  # about to be cut; zero keeps a failed step's replay honest
-    if layer.bias is not None:
+    if mean is not None:
         shift = weight @ mean - new_kept @ mean[kept]
         _replace(layer.bias, layer.bias.detach().double() + shift)
     _replace(layer.weight, new_weight)

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..utils.sharding import refuse_sharded
 from .base import BasePruner, is_loss
+from .fading import FadeCompensator
 from .norm_scale import capture_inputs, measure_scales, norms_in, rescale
 from .regularizer import EVERY_DECLARED_LAYER, RegularizerEngine
 from .schedulers import linear_scheduler
@@ -78,6 +79,7 @@ class GrowingRegPruner(BasePruner):
         reg_ceiling: float = 1.0,
         magnitude_ratio: float = 1e4,
         rescale_norms: bool = True,
+        compensate_fade: bool = True,
     ):
         """``reg``: every channel's penalty starts here (and returns here at ``update_regularizer()``).
         ``delta_reg``: what ``update_reg()`` adds, scaled by standardized importance (least important
@@ -104,6 +106,11 @@ class GrowingRegPruner(BasePruner):
         ``rescale_norms``: when ``step()`` narrows a LayerNorm/RMSNorm, its weight is multiplied by the change
         of its input's deviation measured on the example inputs, so that removing channels regularized to
         zero does not rescale every kept output (see :mod:`.norm_scale`; not in ``step(interactive=True)``).
+
+        ``compensate_fade``: with ``compensation`` and ``schedule="greg1"``, the layers reading the chosen
+        channels take back their change after every ``regularize()`` (the refit's least-squares map, or the
+        mean into the bias), instead of once at ``step()``, when the penalty has already faded the channels to
+        about zero and there is little left to hand over (see :mod:`.fading`). False compensates at step().
         """
         super().__init__(model, example_inputs, **option_values(locals()))
         if reg < 0 or delta_reg < 0:
@@ -118,6 +125,10 @@ class GrowingRegPruner(BasePruner):
         self.rescale_norms = rescale_norms
         self._engine = RegularizerEngine(reg_types)
         self._seed_warned = False
+        self._fade = None
+        compensator = self._compensation_in_use()
+        if compensate_fade and schedule == "greg1" and compensator is not None:
+            self._fade = FadeCompensator(compensator, {m: n for n, m in self.model.named_modules()})
         self.update_regularizer()
 
     __init__.__doc__ = with_options_doc(__init__.__doc__)
@@ -131,6 +142,8 @@ class GrowingRegPruner(BasePruner):
         self._selected = None  # GReg-1's channels to remove in the coming step, by root key
         self._engine.compile(self._reg_groups, self._parameter_names())
         self._scatter()
+        if self._fade is not None:
+            self._fade.reset()
 
     def _scatter(self) -> None:
         self._engine.scatter([self.group_reg[group] for group in self._reg_groups])
@@ -180,6 +193,7 @@ class GrowingRegPruner(BasePruner):
         if self._selected is None:
             self._selected = self._choose_for_next_step()
             self._attach_head_penalties()
+            self._start_fade()
         for group in self._reg_groups:
             chosen = self._chosen_in(group)
             if chosen is None or len(chosen) == 0:
@@ -188,6 +202,38 @@ class GrowingRegPruner(BasePruner):
             reg[chosen] = (reg[chosen] + self.delta_reg).clamp(max=self.reg_ceiling)
             self.group_reg[group] = reg
         self._scatter()
+
+    def _start_fade(self) -> None:
+        """The fade's readers: the IN side of each chosen channel set's removal group (whole heads' groups
+        hold their removal already)."""
+        if self._fade is None or self._selected is None:
+            return
+        groups = []
+        for group in self._reg_groups:
+            chosen = self._chosen_in(group)
+            if chosen is None or len(chosen) == 0:
+                continue
+            if _head_penalty(group) is None:
+                root = group[0]
+                group = self.DG.get_group_by_side(root.dep.target.module, root.side, chosen.tolist())
+            groups.append(group)
+        self._fade.start(groups)
+
+    def step(self, interactive: bool = False, optimizer=None):
+        if self._fade is not None and self._fade.started:
+            self._fade.transfer()
+            # the layers the fade compensated are not compensated again at removal
+            self._fade.compensator.faded = self._fade.covered()
+        return super().step(interactive=interactive, optimizer=optimizer)
+
+    step.__doc__ = BasePruner.step.__doc__
+
+    def _compensation_notes(self) -> list:
+        notes = super()._compensation_notes()
+        if self._fade is not None and self._fade.started:
+            notes += [f"compensation during the fade left out {name} ({why}); it was compensated at removal"
+                      for name, why in self._fade.skipped.items()]
+        return notes
 
     def _chosen_in(self, group) -> torch.Tensor | None:
         """GReg-1's chosen channels as positions in ``group``'s coefficients (a whole-head group holds the
@@ -342,19 +388,29 @@ class GrowingRegPruner(BasePruner):
         """
         bias = False if is_loss(bias) else bool(bias)
         model = self.model if model is None else model
+        if self._fade is not None and self._selected is not None and not self._fade.started:
+            self._start_fade()  # a checkpoint loaded mid-round: the fade goes on from the weights as they are
         if not decoupled:
             if lr is not None:
                 raise ValueError(
                     f"regularize(lr={lr}) without decoupled=True: the gradient penalty does not use a learning "
                     f"rate; pass decoupled=True to shrink the weights by lr * gamma, or drop lr"
                 )
-            return self._engine.apply(bias, model=model)
+            self._engine.apply(bias, model=model)
+            return self._after_penalty(model)
         if lr is None or not lr >= 0:
             raise ValueError(
                 f"regularize(decoupled=True) needs lr >= 0, the optimizer's current learning rate "
                 f"(optimizer.param_groups[0]['lr']), got lr={lr!r}"
             )
         self._engine.decay(float(lr), bias, model=model)
+        self._after_penalty(model)
+
+    def _after_penalty(self, model: nn.Module) -> None:
+        """Compensation during the fade: the removed columns' change since the last call (the optimizer's
+        step, a decoupled penalty) goes to the kept ones."""
+        if self._fade is not None and self._fade.started:
+            self._fade.transfer(model)
 
     # -- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -371,6 +427,8 @@ class GrowingRegPruner(BasePruner):
         self._selected = None if selected is None else {k: v.clone() for k, v in selected.items()}
         if self._selected is not None and self.schedule == "greg1":
             self._attach_head_penalties()
+        if self._fade is not None:
+            self._fade.reset()
         saved = state["group_reg"]
         for group in self._reg_groups:
             key = self._reg_key(group)

@@ -21,7 +21,8 @@ Scopes: ``ffn_heads`` prunes MLP neurons and whole attention heads by the ratio 
                  least squares on the calibration inputs at removal (the importance gathers Gram matrices).
   greg1[:<crit>] GReg-1: channels chosen once (by <crit>, default --greg1-importance), their reg grows every
                  iteration while distilling for --reg-steps, then exactly they are removed and --distill-steps
-                 follow. greg1:activation chooses by the calibrated activation norm.
+                 follow. greg1:activation chooses by the calibrated activation norm; greg1:activation+refit
+                 adds compensation="refit", given during the fade (GrowingRegPruner's compensate_fade).
   greg2          GReg-2: every channel's reg grows uniformly, then the smallest (L2) are removed.
   seed           the seed schedule: update_reg() --seed-updates times, growing by standardized L2 importance.
 
@@ -60,7 +61,8 @@ CRITERIA = ("l2", "taylor", "activation", "wanda", "fluct")
 CALIBRATED = {"activation": tp.importance.ActivationImportance, "wanda": tp.importance.WandaImportance,
               "fluct": tp.importance.FluctuationImportance}
 ONE_SHOT = CRITERIA + tuple(f"{name}+refit" for name in CALIBRATED)
-GREG = ("greg1",) + tuple(f"greg1:{name}" for name in CRITERIA) + ("greg2", "seed")
+GREG = (("greg1",) + tuple(f"greg1:{name}" for name in CRITERIA) + tuple(f"greg1:{name}+refit" for name in CALIBRATED)
+        + ("greg2", "seed"))
 METHODS = ONE_SHOT + GREG
 DEFAULT_METHODS = ONE_SHOT + ("greg1", "greg1:activation", "greg2", "seed")
 SCOPES = ("ffn_heads", "hidden")
@@ -204,19 +206,20 @@ def run_greg(setup: Setup, method: str, ratio: float, scope: str) -> list[dict]:
     schedule, _, criterion = method.partition(":")
     if schedule == "greg1":
         criterion = criterion or args.greg1_importance
+    criterion, _, compensation = criterion.partition("+")
     if schedule == "seed":
         updates, every = args.seed_updates, max(1, steps // args.seed_updates)
     else:
         updates, every = max(1, round(steps * args.fade)), 1
     # GReg-1 chooses its channels once, at the first update_reg(), by the criterion calibrated here; GReg-2
     # and the seed schedule grow by L2 magnitude
-    importance = importance_for(setup, model, criterion or "l2", generator)
+    importance = importance_for(setup, model, criterion or "l2", generator, gram=compensation == "refit")
     target = args.target_shrink if schedule == "greg1" else args.uniform_target_shrink
     delta = tp.pruner.delta_reg_for(lr, every, updates, target_shrink=target)
     # the reg stops growing after `updates` and holds there for the rest of the phase
     pruner = tp.pruner.GrowingRegPruner(model, example(setup), importance, reg=0.0, delta_reg=delta,
                                         schedule=schedule, reg_ceiling=delta * updates,
-                                        **pruner_options(model, ratio, scope))
+                                        compensation=compensation or None, **pruner_options(model, ratio, scope))
     optimizer = adamw(model, lr)
     counter = {"step": 0, "updates": 1}
 
@@ -238,7 +241,8 @@ def run_greg(setup: Setup, method: str, ratio: float, scope: str) -> list[dict]:
     distill(setup, model, args.distill_steps, generator, optimizer)
     final = setup.measure(model)
     fade = f" (grows over {updates})" if schedule != "seed" and updates < steps else ""
-    name = f"greg1 ({criterion})" if schedule == "greg1" else method
+    faded = f" + {compensation} during the fade" if compensation else ""
+    name = f"greg1 ({criterion}{faded})" if schedule == "greg1" else method
     return [dict(method=method, variant=f"{name}{fade}: {steps} reg + {args.distill_steps} distill", regularized=regularized,
                  pruned=pruned, final=final, steps=steps + args.distill_steps, params=params(model))]
 

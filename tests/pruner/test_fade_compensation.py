@@ -189,3 +189,43 @@ def test_with_the_producer_penalised_too_the_fade_loses_less_than_compensating_a
         errors[name] = (model(x) - reference(x)).square().mean().item()
     assert errors["during the fade"] < 0.5 * errors["at removal"], errors
     assert errors["at removal"] <= errors["none"] * 1.01, errors
+
+
+def test_a_llama_losing_mlp_neurons_and_query_heads_is_compensated_during_the_fade_and_round_trips(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (8, 16))
+    errors = {}
+    for fade_it in (False, True):
+        model = copy.deepcopy(reference)
+        imp = tp.importance.ActivationImportance(gram=True)
+        with imp.calibrating(model):
+            model(input_ids=ids)
+        pruner = tp.pruner.GrowingRegPruner(
+            model, {"input_ids": ids[:1]}, imp, reg=0.0, delta_reg=0.1, schedule="greg1", reg_ceiling=1.0,
+            pruning_ratio=0.5, ignored_layers=[model.lm_head, model.model.embed_tokens], prune_num_heads=True,
+            head_pruning_ratio=0.5, prune_head_dims=False, compensation="refit", compensate_fade=fade_it)
+        for _ in range(12):
+            model.zero_grad()
+            (model(input_ids=ids).logits.sum() * 0).backward()
+            pruner.update_reg()
+            pruner.regularize(model, decoupled=True, lr=1.0)
+        with torch.no_grad():
+            faded = model(input_ids=ids).logits
+        pruner.step()
+        assert model.config.num_attention_heads == 2 and model.config.intermediate_size == 32
+        with torch.no_grad():
+            pruned = model(input_ids=ids).logits
+        if fade_it:  # the fade left nothing to remove (at removal, a refit would shrink the kept columns)
+            torch.testing.assert_close(pruned, faded, rtol=0, atol=1e-4)
+        errors[fade_it] = (pruned - reference(input_ids=ids).logits).square().mean().item()
+    notes = " ".join(pruner.report().steps[0].notes)
+    assert "during the fade" in notes and "o_proj" in notes and "down_proj" in notes
+    assert errors[True] < 0.5 * errors[False], errors
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, pruned)

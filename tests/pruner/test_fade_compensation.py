@@ -50,21 +50,23 @@ def fading_pruner(model, compensation, importance=tp.importance.ActivationImport
                                       root_module_types=[nn.Embedding], compensation=compensation, **kwargs)
 
 
-def fade(model, pruner, steps=12, decoupled=True, optimizer=None):
-    """A training loop's calls, with a zero loss: only the penalty moves the weights. Returns the largest
-    output change seen after each regularize()."""
-    reference = model(TOKENS).detach()
+def fade(model, pruner, steps=12, decoupled=True, optimizer=None, output=None):
+    """A training loop's calls, with a zero loss: only the penalty moves the weights. ``output()`` runs the
+    model (default: on TOKENS). Returns the largest output change seen after each regularize()."""
+    output = output or (lambda: model(TOKENS))
+    reference = output().detach()
     seen = 0.0
     for _ in range(steps):
         model.zero_grad()
-        (model(TOKENS).sum() * 0).backward()
+        (output().sum() * 0).backward()
         pruner.update_reg()
         if decoupled:
             pruner.regularize(model, decoupled=True, lr=1.0)
         else:
             pruner.regularize(model)
             optimizer.step()
-        seen = max(seen, (model(TOKENS) - reference).abs().max().item())
+        with torch.no_grad():
+            seen = max(seen, (output() - reference).abs().max().item())
     return seen
 
 
@@ -179,11 +181,7 @@ def test_with_the_producer_penalised_too_the_fade_loses_less_than_compensating_a
         pruner = tp.pruner.GrowingRegPruner(model, x[:1], imp, reg=0.0, delta_reg=0.1, schedule="greg1",
                                             reg_ceiling=1.0, pruning_ratio=0.5, ignored_layers=[model.fc2],
                                             **options)
-        for _ in range(12):
-            model.zero_grad()
-            (model(x).sum() * 0).backward()
-            pruner.update_reg()
-            pruner.regularize(model, decoupled=True, lr=1.0)
+        fade(model, pruner, output=lambda: model(x))
         pruner.step()
         assert model.fc2.in_features == 16
         errors[name] = (model(x) - reference(x)).square().mean().item()
@@ -208,11 +206,7 @@ def test_a_llama_losing_mlp_neurons_and_query_heads_is_compensated_during_the_fa
             model, {"input_ids": ids[:1]}, imp, reg=0.0, delta_reg=0.1, schedule="greg1", reg_ceiling=1.0,
             pruning_ratio=0.5, ignored_layers=[model.lm_head, model.model.embed_tokens], prune_num_heads=True,
             head_pruning_ratio=0.5, prune_head_dims=False, compensation="refit", compensate_fade=fade_it)
-        for _ in range(12):
-            model.zero_grad()
-            (model(input_ids=ids).logits.sum() * 0).backward()
-            pruner.update_reg()
-            pruner.regularize(model, decoupled=True, lr=1.0)
+        fade(model, pruner, output=lambda: model(input_ids=ids).logits)
         with torch.no_grad():
             faded = model(input_ids=ids).logits
         pruner.step()

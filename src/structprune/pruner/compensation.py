@@ -88,13 +88,7 @@ class Compensator:
         self.faded_names: list[str] = []
 
     def before_prune(self, group: Group) -> None:
-        for item in group:
-            if item.side is not Side.IN:
-                continue
-            layer = item.dep.target.module
-            name = item.dep.target.name
-            if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                continue
+        for item, layer, name in readers(group):
             record = self.importance.statistics(layer)
             if record is None:
                 self.notes[name] = "no calibration statistics (not run while the importance's hooks were on)"
@@ -139,6 +133,15 @@ class Compensator:
                 f"compensation='bias' created a bias on {len(self.created_biases)} layer(s) that had none ({names}); "
                 f"a config that declares no such biases drops them on from_pretrained: prefer compensation='refit' "
                 f"for such models, or save with tp.save_pruned. pruner.report() lists them", stacklevel=4)
+
+
+def readers(group: Group):
+    """``(item, layer, module path)`` for each layer of ``group`` that reads its channels (the IN side of a
+    Linear or conv): the layers compensation can hand the removed channels' share to."""
+    for item in group:
+        layer = item.dep.target.module
+        if item.side is Side.IN and isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            yield item, layer, item.dep.target.name
 
 
 def _replace(param: nn.Parameter, value: torch.Tensor) -> None:

@@ -26,10 +26,9 @@ import torch
 from torch import nn
 
 from ..graph.group import Group
-from ..graph.side import Side
 from ..utils.sharding import is_sharded
 from .binding import find_parameter
-from .compensation import Compensator, refit_system
+from .compensation import Compensator, readers, refit_system
 
 
 @dataclass
@@ -48,9 +47,8 @@ class Fade:
 class FadeCompensator:
     """The fades of one pruning round: built from GReg-1's choice, updated after each ``regularize()``."""
 
-    def __init__(self, compensator: Compensator, names: dict):
+    def __init__(self, compensator: Compensator):
         self.compensator = compensator
-        self.names = names  # {module: its path}
         self.fades: list[Fade] = []
         self.started = False
         #: readers given nothing during the fade (no bias, no Gram), with why; step() compensates them
@@ -65,21 +63,18 @@ class FadeCompensator:
 
     def start(self, groups: list[Group]) -> None:
         """Build the fades for the removal ``groups`` (each reader's removed channels merged over them)."""
-        removed: dict[nn.Module, set] = {}
+        removed: dict[nn.Module, tuple[str, set]] = {}
         for group in groups:
-            for item in group:
-                layer = item.dep.target.module
-                if item.side is Side.IN and isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                    removed.setdefault(layer, set()).update(int(i) for i in item.idxs)
+            for item, layer, name in readers(group):
+                removed.setdefault(layer, (name, set()))[1].update(int(i) for i in item.idxs)
         self.reset()
         self.started = True
-        for layer, channels in removed.items():
-            fade = self._fade(layer, sorted(channels))
+        for layer, (name, channels) in removed.items():
+            fade = self._fade(layer, name, sorted(channels))
             if fade is not None:
                 self.fades.append(fade)
 
-    def _fade(self, layer: nn.Module, channels: list) -> Fade | None:
-        name = self.names.get(layer, type(layer).__name__)
+    def _fade(self, layer: nn.Module, name: str, channels: list) -> Fade | None:
         record = self.compensator.importance.statistics(layer)
         if record is None:
             self.skipped[name] = "no calibration statistics"

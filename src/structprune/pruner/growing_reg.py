@@ -128,7 +128,7 @@ class GrowingRegPruner(BasePruner):
         self._fade = None
         compensator = self._compensation_in_use()
         if compensate_fade and schedule == "greg1" and compensator is not None:
-            self._fade = FadeCompensator(compensator, {m: n for n, m in self.model.named_modules()})
+            self._fade = FadeCompensator(compensator)
         self.update_regularizer()
 
     __init__.__doc__ = with_options_doc(__init__.__doc__)
@@ -213,10 +213,7 @@ class GrowingRegPruner(BasePruner):
             chosen = self._chosen_in(group)
             if chosen is None or len(chosen) == 0:
                 continue
-            if _head_penalty(group) is None:
-                root = group[0]
-                group = self.DG.get_group_by_side(root.dep.target.module, root.side, chosen.tolist())
-            groups.append(group)
+            groups.append(group if _head_penalty(group) is not None else self._removal_group(group, chosen))
         self._fade.start(groups)
 
     def step(self, interactive: bool = False, optimizer=None):
@@ -315,9 +312,13 @@ class GrowingRegPruner(BasePruner):
                 # takes the least important of them
                 chosen = chosen[imp.detach().cpu()[chosen].argsort()[:n_prune]]
             if chosen is not None and len(chosen):
-                root = group[0]
-                return self.DG.get_group_by_side(root.dep.target.module, root.side, chosen.tolist())
+                return self._removal_group(group, chosen)
         return super()._choose(group, imp, n_prune, channel_groups)
+
+    def _removal_group(self, group, chosen: torch.Tensor):
+        """The group removing the root channels ``chosen`` of ``group``, with every coupled layer's indices."""
+        root = group[0]
+        return self.DG.get_group_by_side(root.dep.target.module, root.side, chosen.tolist())
 
     def _prune_group(self, group, optimizer=None) -> list:
         if not self.rescale_norms:
@@ -410,7 +411,8 @@ class GrowingRegPruner(BasePruner):
         """Compensation during the fade: the removed columns' change since the last call (the optimizer's
         step, a decoupled penalty) goes to the kept ones."""
         if self._fade is not None and self._fade.started:
-            self._fade.transfer(model)
+            # the pruner's own model needs no lookup of which parameters it trains
+            self._fade.transfer(None if model is self.model else model)
 
     # -- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
